@@ -1,0 +1,66 @@
+"""``stemstream`` command line: one entry point made of sub-commands.
+
+Each sub-command lives in its own module exposing ``register(subparsers)``; heavy imports stay inside
+the command bodies so ``stemstream --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from stemstream.errors import StemstreamError
+from stemstream.log import configure_logging
+
+# Modules that contribute sub-commands; each has register(subparsers) -> None.
+COMMAND_MODULES = [
+    "stemstream.commands.demo",
+    "stemstream.commands.sim",
+    "stemstream.commands.store",
+    "stemstream.commands.plane",
+    "stemstream.commands.count",
+    "stemstream.commands.catalog",
+    "stemstream.commands.keys",
+    "stemstream.commands.session",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stemstream", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ...")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except StemstreamError as exc:
+        # A user's mistake or an environment problem: one line that says what to do.
+        print(f"stemstream: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stemstream: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

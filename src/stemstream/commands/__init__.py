@@ -1,0 +1,1 @@
+"""Sub-commands of the ``stemstream`` CLI, one module each."""

@@ -1,0 +1,44 @@
+"""Logging set-up for entry points only: the library never configures logging at import."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+_FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str | int | None = None) -> None:
+    """Configure the root logger for a CLI process (level from STEMSTREAM_LOG_LEVEL, default INFO)."""
+    level = level or os.environ.get("STEMSTREAM_LOG_LEVEL", "INFO")
+    logging.basicConfig(level=level, format=_FORMAT)
+
+
+class RateLimitedLog:
+    """Log each kind of problem at most once per ``interval`` seconds, counting what was suppressed.
+
+    Long-lived services see bad input in bursts; one line per kind per interval keeps logs readable.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, kind: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(kind)
+            if last is not None and now - last < self._interval:
+                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+                return
+            suppressed = self._suppressed.pop(kind, 0)
+            self._last[kind] = now
+        if suppressed:
+            self._logger.warning(msg + " (%d more of this kind suppressed)", *args, suppressed)
+        else:
+            self._logger.warning(msg, *args)

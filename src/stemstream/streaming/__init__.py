@@ -1,0 +1,1 @@
+"""The data plane: wire protocol, Clone store, producers, aggregator, NodeGroups. Never imports Prefect."""

@@ -1,0 +1,281 @@
+"""Wire protocol of the data and info channels (see docs/protocol.md, which is the normative text).
+
+Data channel: a two-part ZeroMQ message ``[header, payload]``; the header is a msgpack map
+(:class:`SectorHeader`), the payload the sector's raw pixels, C order, little-endian.
+
+Info channel: one-part messages, a msgpack map with a ``type`` tag: ``expect`` (how many data messages
+each NodeGroup will get from one producer thread) and ``end`` (the producer thread has sent its last
+message of the scan). Decoding validates everything and raises :class:`ProtocolError`, never anything
+else. Nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from stemstream.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+# The 4D Camera: four sectors of 144 rows x 576 columns make one 576 x 576 uint16 frame.
+FRAME_SHAPE = (576, 576)
+N_SECTORS = 4
+SECTOR_SHAPE = (144, 576)
+DTYPE = "<u2"
+_DTYPE_SIZES = {"<u2": 2, "<u1": 1, "<u4": 4}
+
+# Upper bound on a header's encoded size; anything larger is rejected before unpacking.
+MAX_HEADER_BYTES = 4096
+MAX_INFO_BYTES = 1 << 20
+_UINT32_MAX = 2**32 - 1
+
+
+def _unpack_map(raw: bytes | memoryview, limit: int, what: str) -> dict[str, Any]:
+    if len(raw) > limit:
+        raise ProtocolError(f"{what}: {len(raw)} bytes is over the {limit}-byte limit")
+    try:
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError(f"{what}: not msgpack ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what}: expected a msgpack map, got {type(obj).__name__}")
+    version = obj.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"{what}: protocol version {version!r}, this build speaks {PROTOCOL_VERSION}")
+    return obj
+
+
+def _int(obj: dict[str, Any], key: str, what: str, lo: int = 0, hi: int = _UINT32_MAX) -> int:
+    if key not in obj:
+        raise ProtocolError(f"{what}: missing field {key!r}")
+    value = obj[key]
+    if type(value) is not int:
+        raise ProtocolError(f"{what}: field {key!r} must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ProtocolError(f"{what}: field {key!r}={value} outside {lo}..{hi}")
+    return value
+
+
+def _str(obj: dict[str, Any], key: str, what: str, max_len: int = 256) -> str:
+    if key not in obj:
+        raise ProtocolError(f"{what}: missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, str) or not 0 < len(value) <= max_len:
+        raise ProtocolError(f"{what}: field {key!r} must be a non-empty string of at most {max_len} chars")
+    return value
+
+
+def _pair(obj: dict[str, Any], key: str, what: str, lo: int = 1, hi: int = 65535) -> tuple[int, int]:
+    if key not in obj:
+        raise ProtocolError(f"{what}: missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, list) or len(value) != 2 or any(type(v) is not int for v in value):
+        raise ProtocolError(f"{what}: field {key!r} must be an array of two integers")
+    if not all(lo <= v <= hi for v in value):
+        raise ProtocolError(f"{what}: field {key!r}={value} outside {lo}..{hi}")
+    return value[0], value[1]
+
+
+@dataclass(frozen=True, slots=True)
+class SectorHeader:
+    """Part 1 of a data-channel message: which sector of which frame of which scan the payload is."""
+
+    scan_number: int
+    frame_number: int  # 0-based position in the scan, row-major: frame = y * scan_width + x
+    sector: int  # 0..n_sectors-1; rows sector*rows .. (sector+1)*rows-1 of the frame
+    scan_shape: tuple[int, int]  # (height, width) in probe positions
+    sector_shape: tuple[int, int] = SECTOR_SHAPE  # (rows, cols) of the payload
+    n_sectors: int = N_SECTORS
+    dtype: str = DTYPE
+    timestamp_ns: int = 0  # when the receiving server had the sector (0 = unknown)
+
+    @property
+    def payload_nbytes(self) -> int:
+        return self.sector_shape[0] * self.sector_shape[1] * _DTYPE_SIZES[self.dtype]
+
+    @property
+    def n_frames(self) -> int:
+        return self.scan_shape[0] * self.scan_shape[1]
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            {
+                "v": PROTOCOL_VERSION,
+                "scan": self.scan_number,
+                "frame": self.frame_number,
+                "sector": self.sector,
+                "nsec": self.n_sectors,
+                "scan_shape": list(self.scan_shape),
+                "shape": list(self.sector_shape),
+                "dtype": self.dtype,
+                "ts": self.timestamp_ns,
+            }
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes | memoryview) -> SectorHeader:
+        what = "data header"
+        obj = _unpack_map(raw, MAX_HEADER_BYTES, what)
+        n_sectors = _int(obj, "nsec", what, 1, 64)
+        scan_shape = _pair(obj, "scan_shape", what)
+        header = cls(
+            scan_number=_int(obj, "scan", what),
+            frame_number=_int(obj, "frame", what),
+            sector=_int(obj, "sector", what, 0, n_sectors - 1),
+            scan_shape=scan_shape,
+            sector_shape=_pair(obj, "shape", what),
+            n_sectors=n_sectors,
+            dtype=_str(obj, "dtype", what, 8),
+            timestamp_ns=_int(obj, "ts", what, 0, 2**63 - 1),
+        )
+        if header.dtype not in _DTYPE_SIZES:
+            raise ProtocolError(f"{what}: dtype {header.dtype!r} not one of {sorted(_DTYPE_SIZES)}")
+        if header.frame_number >= header.n_frames:
+            raise ProtocolError(
+                f"{what}: frame {header.frame_number} outside a {scan_shape[0]}x{scan_shape[1]} scan"
+            )
+        return header
+
+
+def decode_data_message(parts: list[Any]) -> tuple[SectorHeader, memoryview]:
+    """Validate a received ``[header, payload]`` message (bytes or zmq.Frame parts)."""
+    if len(parts) != 2:
+        raise ProtocolError(f"data message: expected 2 parts, got {len(parts)}")
+    header = SectorHeader.decode(_buffer(parts[0]))
+    payload = _buffer(parts[1])
+    if payload.nbytes != header.payload_nbytes:
+        raise ProtocolError(
+            f"data message: payload of {payload.nbytes} bytes, header says {header.payload_nbytes}"
+        )
+    return header, payload
+
+
+def peek_frame_number(raw: bytes | memoryview) -> int:
+    """The aggregator's fast path: the frame number from a header, validated as an integer."""
+    obj = _unpack_map(raw, MAX_HEADER_BYTES, "data header")
+    return _int(obj, "frame", "data header")
+
+
+def _buffer(part: Any) -> memoryview:
+    buf = getattr(part, "buffer", part)  # zmq.Frame exposes .buffer; bytes are fine as they are
+    try:
+        return memoryview(buf).cast("B")
+    except TypeError as exc:
+        raise ProtocolError(f"message part is not a buffer: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ExpectMessage:
+    """Info channel, at scan start: how many data messages each NodeGroup gets from one producer thread.
+
+    ``members`` is the ordered NodeGroup membership fixed for this scan (routing is
+    ``members[frame % len(members)]``); ``expected`` maps NodeGroup UID -> message count.
+    ``threads`` is how many producer threads of the same receiving server send an ``expect`` for
+    this scan, so that the aggregator knows how many to combine.
+    """
+
+    producer: str
+    scan_number: int
+    sector: int
+    threads: int
+    scan_shape: tuple[int, int]
+    members: tuple[str, ...]
+    expected: dict[str, int] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            {
+                "v": PROTOCOL_VERSION,
+                "type": "expect",
+                "producer": self.producer,
+                "scan": self.scan_number,
+                "sector": self.sector,
+                "threads": self.threads,
+                "scan_shape": list(self.scan_shape),
+                "members": list(self.members),
+                "expected": dict(self.expected),
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EndMessage:
+    """Info channel, after a producer thread's last data message of a scan: what it sent, and what
+    was lost upstream (sectors the receiving server never got from the detector)."""
+
+    producer: str
+    scan_number: int
+    sector: int
+    sent: dict[str, int]
+    lost_upstream: int = 0
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            {
+                "v": PROTOCOL_VERSION,
+                "type": "end",
+                "producer": self.producer,
+                "scan": self.scan_number,
+                "sector": self.sector,
+                "sent": dict(self.sent),
+                "lost": self.lost_upstream,
+            }
+        )
+
+
+InfoMessage = ExpectMessage | EndMessage
+
+
+def _count_map(obj: dict[str, Any], key: str, what: str) -> dict[str, int]:
+    value = obj.get(key)
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what}: field {key!r} must be a map of UID -> count")
+    out: dict[str, int] = {}
+    for uid, count in value.items():
+        if not isinstance(uid, str) or not uid or type(count) is not int or not 0 <= count <= _UINT32_MAX:
+            raise ProtocolError(f"{what}: field {key!r} must map non-empty strings to counts 0..2^32-1")
+        out[uid] = count
+    return out
+
+
+def decode_info(raw: bytes | memoryview) -> InfoMessage:
+    """Decode one info-channel message."""
+    obj = _unpack_map(raw, MAX_INFO_BYTES, "info message")
+    kind = obj.get("type")
+    if kind == "expect":
+        what = "info expect"
+        members = obj.get("members")
+        if not isinstance(members, list) or not all(isinstance(m, str) and m for m in members):
+            raise ProtocolError(f"{what}: field 'members' must be an array of UID strings")
+        if len(set(members)) != len(members):
+            raise ProtocolError(f"{what}: field 'members' has duplicates")
+        expected = _count_map(obj, "expected", what)
+        if not set(expected) <= set(members):
+            raise ProtocolError(f"{what}: 'expected' names NodeGroups that are not in 'members'")
+        return ExpectMessage(
+            producer=_str(obj, "producer", what),
+            scan_number=_int(obj, "scan", what),
+            sector=_int(obj, "sector", what, 0, 63),
+            threads=_int(obj, "threads", what, 1, 1024),
+            scan_shape=_pair(obj, "scan_shape", what),
+            members=tuple(members),
+            expected=expected,
+        )
+    if kind == "end":
+        what = "info end"
+        return EndMessage(
+            producer=_str(obj, "producer", what),
+            scan_number=_int(obj, "scan", what),
+            sector=_int(obj, "sector", what, 0, 63),
+            sent=_count_map(obj, "sent", what),
+            lost_upstream=_int(obj, "lost", what),
+        )
+    raise ProtocolError(f"info message: unknown type {kind!r} (expected 'expect' or 'end')")
+
+
+def route(frame_number: int, n_members: int) -> int:
+    """Index of the NodeGroup that receives ``frame_number``: all sectors of a frame meet there."""
+    return frame_number % n_members

@@ -16,7 +16,7 @@ from stemstream.config import Settings, get_settings
 
 @dataclass(frozen=True)
 class CurveKeys:
-    """CURVE keys for a socket: a server needs its secret key; a client its own pair and the server's public."""
+    """CURVE keys: a server needs its own pair; a client its own pair and the server's public key."""
 
     public: bytes
     secret: bytes

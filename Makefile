@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(BIN)/stemstream demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks deployments
-	$(BIN)/ruff format --check src tests benchmarks deployments
+	$(BIN)/ruff check src tests benchmarks $(wildcard deployments)
+	$(BIN)/ruff format --check src tests benchmarks $(wildcard deployments)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q

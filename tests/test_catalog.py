@@ -46,9 +46,7 @@ def test_bad_url_is_one_line():
 def test_cli_lists_scans(tmp_path):
     url = f"sqlite:///{tmp_path}/cat.sqlite"
     cat = Catalog(url)
-    cat.upsert_scan(
-        3, route="disk", status="on_disk", raw_paths=["/fallback/data_scan0000000003_module0.data"]
-    )
+    cat.upsert_scan(3, route="disk", status="on_disk", raw_paths=["/fallback/data_scan0000000003_module0.data"])
     cat.close()
     out = subprocess.run(
         [sys.executable, "-m", "stemstream.cli", "catalog", "--url", url, "list"],

@@ -108,9 +108,7 @@ class Catalog:
         with self._session() as db:
             row = db.scalar(select(SessionRow).where(SessionRow.uid == uid))
             if row is None:
-                row = SessionRow(
-                    uid=uid, machine=machine, n_nodes=n_nodes, background_n_sigma=background_n_sigma
-                )
+                row = SessionRow(uid=uid, machine=machine, n_nodes=n_nodes, background_n_sigma=background_n_sigma)
                 db.add(row)
             row.status = "running"
             db.flush()
@@ -153,9 +151,7 @@ class Catalog:
         with self._session() as db:
             query = select(ScanRow).order_by(ScanRow.scan_number)
             if session_uid is not None:
-                query = query.join(SessionRow, ScanRow.session_id == SessionRow.id).where(
-                    SessionRow.uid == session_uid
-                )
+                query = query.join(SessionRow, ScanRow.session_id == SessionRow.id).where(SessionRow.uid == session_uid)
             return list(db.scalars(query))
 
     def list_sessions(self) -> list[SessionRow]:

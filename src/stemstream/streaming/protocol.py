@@ -34,8 +34,12 @@ _UINT32_MAX = 2**32 - 1
 
 
 def _unpack_map(raw: bytes | memoryview, limit: int, what: str) -> dict[str, Any]:
-    if len(raw) > limit:
-        raise ProtocolError(f"{what}: {len(raw)} bytes is over the {limit}-byte limit")
+    try:
+        size = memoryview(raw).nbytes  # len() of a non-byte memoryview counts items, not bytes
+    except TypeError:
+        raise ProtocolError(f"{what}: a {type(raw).__name__} is not a buffer") from None
+    if size > limit:
+        raise ProtocolError(f"{what}: {size} bytes is over the {limit}-byte limit")
     try:
         obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
@@ -43,7 +47,7 @@ def _unpack_map(raw: bytes | memoryview, limit: int, what: str) -> dict[str, Any
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what}: expected a msgpack map, got {type(obj).__name__}")
     version = obj.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # True and 1.0 compare equal to 1
         raise ProtocolError(f"{what}: protocol version {version!r}, this build speaks {PROTOCOL_VERSION}")
     return obj
 
@@ -134,22 +138,22 @@ class SectorHeader:
         if header.dtype not in _DTYPE_SIZES:
             raise ProtocolError(f"{what}: dtype {header.dtype!r} not one of {sorted(_DTYPE_SIZES)}")
         if header.frame_number >= header.n_frames:
-            raise ProtocolError(
-                f"{what}: frame {header.frame_number} outside a {scan_shape[0]}x{scan_shape[1]} scan"
-            )
+            shape = f"{scan_shape[0]}x{scan_shape[1]}"
+            raise ProtocolError(f"{what}: frame {header.frame_number} outside a {shape} scan")
         return header
 
 
 def decode_data_message(parts: list[Any]) -> tuple[SectorHeader, memoryview]:
     """Validate a received ``[header, payload]`` message (bytes or zmq.Frame parts)."""
+    if not isinstance(parts, list | tuple):
+        raise ProtocolError(f"data message: expected a list of parts, got {type(parts).__name__}")
     if len(parts) != 2:
         raise ProtocolError(f"data message: expected 2 parts, got {len(parts)}")
     header = SectorHeader.decode(_buffer(parts[0]))
     payload = _buffer(parts[1])
     if payload.nbytes != header.payload_nbytes:
-        raise ProtocolError(
-            f"data message: payload of {payload.nbytes} bytes, header says {header.payload_nbytes}"
-        )
+        expected = header.payload_nbytes
+        raise ProtocolError(f"data message: payload of {payload.nbytes} bytes, header says {expected}")
     return header, payload
 
 
@@ -163,7 +167,7 @@ def _buffer(part: Any) -> memoryview:
     buf = getattr(part, "buffer", part)  # zmq.Frame exposes .buffer; bytes are fine as they are
     try:
         return memoryview(buf).cast("B")
-    except TypeError as exc:
+    except (TypeError, ValueError, NotImplementedError) as exc:  # not a buffer, not contiguous, odd format
         raise ProtocolError(f"message part is not a buffer: {exc}") from None
 
 
@@ -250,6 +254,8 @@ def decode_info(raw: bytes | memoryview) -> InfoMessage:
         members = obj.get("members")
         if not isinstance(members, list) or not all(isinstance(m, str) and m for m in members):
             raise ProtocolError(f"{what}: field 'members' must be an array of UID strings")
+        if not members:  # route() divides by len(members)
+            raise ProtocolError(f"{what}: field 'members' is empty")
         if len(set(members)) != len(members):
             raise ProtocolError(f"{what}: field 'members' has duplicates")
         expected = _count_map(obj, "expected", what)

@@ -1,0 +1,190 @@
+"""Counting throughput: stempy (in RAM, from raw files, per frame) against our engines, on the same frames.
+
+    python benchmarks/count.py [--frames 2000] [--engines stempy,cpu,gpu] [--batch 64]
+
+Frames come from the 4D Camera simulator (``stemstream.sim``), all in RAM before any timing starts. Every
+engine counts them in batches, as a NodeGroup would, with the same thresholds and dark reference; every
+engine's events are checked against the stempy engine's before its rate is printed. Ratios are to the
+stempy engine (``electron_count_frame`` per frame). "per core" is frames per CPU-second of this process
+(all its threads), which stays meaningful on a machine shared with other work, where wall-clock rates
+do not. Note: stempy's in-RAM ``electron_count`` (PyReader, its "classic" path) needs a dark reference
+(it dereferences a null pointer without one) and subtracts it differently from every other path (see
+docs/counting.md): its events are not compared here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stemstream.counting import compute_thresholds, get_engine, gpu_available
+from stemstream.counting.thresholds import Thresholds
+from stemstream.sim.camera import FourDCameraSim
+from stemstream.streaming.rawfile import write_scan
+
+SHAPE = (576, 576)
+
+
+@dataclass
+class Result:
+    name: str
+    frames: int
+    seconds: float
+    cpu_seconds: float
+    cores: int
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.frames / self.seconds
+
+    @property
+    def per_core(self) -> float:
+        return self.frames / max(self.cpu_seconds, 1e-9)
+
+
+class Clock:
+    """Wall and process CPU time of a block."""
+
+    def __enter__(self) -> Clock:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
+
+
+def make_frames(n: int) -> tuple[FourDCameraSim, np.ndarray]:
+    cols = 50
+    rows = -(-n // cols)
+    sim = FourDCameraSim((rows, cols), seed=1, loss_rate=0.0, pool_size=16)
+    frames = np.empty((n, *SHAPE), np.uint16)
+    for i in range(n):
+        frames[i] = sim.frame(i)
+    return sim, frames
+
+
+def bench_engine(
+    name: str,
+    threads: int | None,
+    frames: np.ndarray,
+    thresholds: Thresholds,
+    dark: np.ndarray,
+    batch: int,
+    reference: list[np.ndarray] | None,
+) -> tuple[Result, list[np.ndarray]]:
+    engine = get_engine(name, threads=threads)
+    engine.count(frames[:batch], thresholds, dark=dark)  # warm-up: compilation, buffers, caches
+    events: list[np.ndarray] = []
+    with Clock() as clock:
+        for i in range(0, len(frames), batch):
+            events += engine.count(frames[i : i + batch], thresholds, dark=dark)
+    if reference is not None:
+        same = all(np.array_equal(a, b) for a, b in zip(events, reference, strict=True))
+        assert same, f"{name} (threads={threads}) disagrees with stempy"
+    cores = getattr(engine, "threads", 1) if name == "cpu" else 1
+    label = f"{name} engine" + (f", {cores} thread{'s' if cores > 1 else ''}" if name == "cpu" else "")
+    note = "incl. H2D/D2H" if name == "gpu" else ""
+    return Result(label, len(frames), clock.wall, clock.cpu, cores, note), events
+
+
+def bench_stempy_in_ram(frames: np.ndarray, dark: np.ndarray) -> Result:
+    """stempy.image.electron_count on a PyReader over the frames (thresholds included, as stempy does)."""
+    import stempy.image as simage
+    import stempy.io as sio
+
+    n = len(frames)
+    reader = sio.PyReader(frames, list(range(n)), (n, 1), 32, n)
+    with Clock() as clock, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        simage.electron_count(reader, darkreference=dark, scan_dimensions=(n, 1))
+    return Result("stempy electron_count, frames in RAM", n, clock.wall, clock.cpu, 1, "incl. thresholds")
+
+
+def bench_stempy_files(sim: FourDCameraSim, n: int, dark: np.ndarray, workdir: Path) -> Result:
+    """stempy.image.electron_count on the raw files of the same scan, multi-pass reader, all cores."""
+    import stempy.image as simage
+    import stempy.io as sio
+
+    files = write_scan(sim, workdir / "raw")
+    cores = os.cpu_count() or 1
+    names = [str(f) for f in files]
+    reader = sio.reader(names, version=sio.FileVersion.VERSION5, backend="multi-pass", threads=cores)
+    with Clock() as clock:
+        simage.electron_count(reader, darkreference=dark)
+    note = f"{sim.n_frames} frames, page cache, incl. thresholds"
+    return Result("stempy electron_count, raw files", sim.n_frames, clock.wall, clock.cpu, cores, note)
+
+
+def bench_streaming_path() -> None:
+    """STUB for the lead: the NodeGroup streaming path (producer -> aggregator -> NodeGroup -> engine)."""
+    print("streaming path: see benchmarks/plane.py")
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=2000, help="frames to count (default 2000)")
+    parser.add_argument("--engines", default="stempy,cpu,gpu", help="comma-separated: stempy,cpu,gpu")
+    parser.add_argument("--batch", type=int, default=64, help="frames per engine call (default 64)")
+    parser.add_argument("--no-readers", action="store_true", help="skip stempy's PyReader and raw-file runs")
+    args = parser.parse_args()
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    cores = os.cpu_count() or 1
+
+    print(f"making {args.frames} simulated frames ...", flush=True)
+    sim, frames = make_frames(args.frames)
+    # The simulator's dark is its mean background; lowered so that stempy's uint16 subtraction never wraps.
+    dark = sim.dark_reference() - 11.0
+    thresholds: Thresholds = compute_thresholds(frames[:: max(1, args.frames // 40)][:40], dark=dark)
+    print(f"thresholds: background {thresholds.background:.2f}, x-ray {thresholds.xray:.2f}; {cores} cores\n")
+
+    results: list[Result] = []
+    reference = None
+    if "stempy" in engines or not engines:
+        result, reference = bench_engine("stempy", None, frames, thresholds, dark, args.batch, None)
+        results.append(result)
+    if "cpu" in engines:
+        for threads in sorted({1, cores}):
+            result, _ = bench_engine("cpu", threads, frames, thresholds, dark, args.batch, reference)
+            results.append(result)
+    if "gpu" in engines:
+        if gpu_available():
+            result, _ = bench_engine("gpu", None, frames, thresholds, dark, args.batch, reference)
+            results.append(result)
+        else:
+            print("gpu: no CUDA device with cupy here, skipped")
+    if not args.no_readers:
+        results.append(bench_stempy_in_ram(frames, dark))
+        workdir = Path(tempfile.mkdtemp(prefix="stemstream-bench-"))
+        try:
+            results.append(bench_stempy_files(sim, args.frames, dark, workdir))
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    base = next((r.rate for r in results if r.name == "stempy engine"), None)
+    base_core = next((r.per_core for r in results if r.name == "stempy engine"), None)
+    widths = {"frames/s": 9, "x stempy": 8, "threads": 7, "per core": 9}
+    cells = [f"{c:>{widths[c]}s}" for c in ("frames/s", "x stempy", "threads", "per core", "x stempy")]
+    print(f"{'method':38s} {' '.join(cells)}  note")
+    for r in results:
+        ratio = f"{r.rate / base:8.1f}" if base else f"{'-':>8s}"
+        core_ratio = f"{r.per_core / base_core:8.1f}" if base_core else f"{'-':>8s}"
+        row = f"{r.name:38s} {r.rate:9.0f} {ratio} {r.cores:7d} {r.per_core:9.0f} {core_ratio}"
+        print(f"{row}  {r.note}")
+    print("(frames/s: wall clock; per core: frames per CPU-second of this process)")
+    print()
+    bench_streaming_path()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""``stemstream producer | aggregator | nodegroup``: the data-plane processes.
+
+Each needs only the store's address (``--store``, default from STEMSTREAM_STORE_HOST/PORT); everything
+else is found in the store. They run until SIGTERM/SIGINT (or, for ``producer --scans N``, until done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("producer", help="a detector-sector producer fed by the simulator")
+    _store_arg(p)
+    p.add_argument("--sector", type=int, required=True, help="detector sector / receiving server, 0..3")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="sender threads (default STEMSTREAM_PRODUCER_THREADS)",
+    )
+    p.add_argument(
+        "--scans",
+        type=int,
+        default=None,
+        help="acquire N scans and exit; without it, serve /control/scan requests",
+    )
+    p.add_argument("--first-scan", type=int, default=1, help="scan number of the first of --scans")
+    p.add_argument("--scan-shape", type=int, nargs=2, default=[64, 64], metavar=("H", "W"))
+    p.add_argument("--seed", type=int, default=0, help="simulator seed (a request's 'seed' wins)")
+    p.add_argument("--loss-rate", type=float, default=0.001, help="sectors lost upstream (a request's wins)")
+    p.add_argument("--interval", type=float, default=0.0, help="seconds between --scans scans")
+    p.add_argument(
+        "--pregen",
+        type=int,
+        default=0,
+        help="send K pre-generated sector buffers in turn (benchmarks)",
+    )
+    p.add_argument("--fallback-dir", type=Path, default=None, help="default STEMSTREAM_FALLBACK_DIR")
+    p.add_argument("--uid", default=None)
+    p.add_argument(
+        "--max-skew",
+        type=int,
+        default=64,
+        help="frames a sender thread may run ahead of its siblings",
+    )
+    p.set_defaults(func=_producer)
+
+    a = subparsers.add_parser("aggregator", help="route sector messages from the producers to the NodeGroups")
+    _store_arg(a)
+    a.add_argument("--sectors", type=int, default=4)
+    a.add_argument("--uid", default=None)
+    a.add_argument(
+        "--host",
+        default=None,
+        help="address to bind and advertise (default STEMSTREAM_BIND_HOST)",
+    )
+    a.add_argument(
+        "--pending-limit",
+        type=int,
+        default=64,
+        help="data messages held per sector before an expect",
+    )
+    a.add_argument("--scan-timeout", type=float, default=None, help="default STEMSTREAM_SCAN_TIMEOUT_S")
+    a.set_defaults(func=_aggregator)
+
+    n = subparsers.add_parser("nodegroup", help="receive and assemble frames on a compute node")
+    _store_arg(n)
+    n.add_argument("--consumer", choices=["checksum", "collect", "null"], default="checksum")
+    n.add_argument("--count", type=int, default=1, help="NodeGroups in this process")
+    n.add_argument("--uid", default=None, help="UID (with --count N: the prefix, -0 .. -N-1 appended)")
+    n.add_argument("--results", type=Path, default=None, help="write <uid>_scan<N>.json per scan here")
+    n.add_argument("--delay", type=float, default=0.0, help="seconds of simulated work per frame")
+    n.add_argument(
+        "--host",
+        default=None,
+        help="address to bind and advertise (default STEMSTREAM_BIND_HOST)",
+    )
+    n.add_argument("--expect-timeout", type=float, default=None, help="how long data waits for its expect")
+    n.add_argument("--scan-timeout", type=float, default=None, help="default STEMSTREAM_SCAN_TIMEOUT_S")
+    n.add_argument("--max-lag", type=int, default=64, help="messages a sector may run ahead of the slowest")
+    n.set_defaults(func=_nodegroup)
+
+
+def _store_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        default=None,
+        help="tcp://host:port of the store (default from the settings)",
+    )
+
+
+def _store_client(args: argparse.Namespace) -> Any:
+    from stemstream.config import get_settings
+    from stemstream.streaming.store import StoreClient
+
+    s = get_settings()
+    backup = f"tcp://{s.store_backup_host}:{s.store_backup_port}" if s.store_backup_host else None
+    return StoreClient(args.store or s.store_address, backup=backup).start()
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        logger.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def _serve(components: list[Any], stop: threading.Event) -> int:
+    """Wait for a signal, re-raising a component thread's error; then stop every component."""
+    try:
+        while not stop.wait(0.5):
+            for c in components:
+                c.maybe_raise()
+    finally:
+        for c in components:
+            c.stop()
+    return 0
+
+
+def _producer(args: argparse.Namespace) -> int:
+    from stemstream.streaming.simproducer import serve
+
+    stop = _stop_on_signals()
+    client = _store_client(args)
+    try:
+        serve(
+            client,
+            args.sector,
+            threads=args.threads,
+            scans=args.scans,
+            first_scan=args.first_scan,
+            scan_shape=(args.scan_shape[0], args.scan_shape[1]),
+            seed=args.seed,
+            loss_rate=args.loss_rate,
+            interval=args.interval,
+            pregen=args.pregen,
+            fallback_dir=args.fallback_dir,
+            uid=args.uid,
+            stop=stop,
+            max_skew=args.max_skew,
+        )
+    finally:
+        client.close()
+    return 0
+
+
+def _aggregator(args: argparse.Namespace) -> int:
+    from stemstream.streaming.aggregator import Aggregator
+
+    stop = _stop_on_signals()
+    client = _store_client(args)
+    try:
+        agg = Aggregator(
+            client,
+            n_sectors=args.sectors,
+            uid=args.uid,
+            host=args.host,
+            pending_limit=args.pending_limit,
+            scan_timeout_s=args.scan_timeout,
+        ).start()
+        return _serve([agg], stop)
+    finally:
+        client.close()
+
+
+def _nodegroup(args: argparse.Namespace) -> int:
+    import os
+    import socket
+
+    from stemstream.streaming.consumer import ChecksumConsumer, CollectingConsumer, NullConsumer, SlowConsumer
+    from stemstream.streaming.nodegroup import NodeGroup
+
+    stop = _stop_on_signals()
+    client = _store_client(args)
+    base = args.uid or f"nodegroup-{socket.gethostname()}-{os.getpid()}"
+    groups: list[NodeGroup] = []
+    try:
+        for i in range(args.count):
+            uid = base if args.count == 1 else f"{base}-{i}"
+            consumer: Any
+            if args.consumer == "null":
+                consumer = NullConsumer()
+            elif args.consumer == "collect":
+                consumer = CollectingConsumer(results_dir=args.results, name=uid)
+            else:
+                consumer = ChecksumConsumer(results_dir=args.results, name=uid)
+            if args.delay > 0:
+                consumer = SlowConsumer(consumer, args.delay)
+            group = NodeGroup(
+                consumer,
+                client,
+                uid=uid,
+                host=args.host,
+                expect_timeout=args.expect_timeout,
+                scan_timeout_s=args.scan_timeout,
+                max_lag=args.max_lag,
+            )
+            groups.append(group)
+            group.start()
+    except BaseException:
+        for group in groups:
+            group.stop()
+        client.close()
+        raise
+    try:
+        return _serve(groups, stop)
+    finally:
+        client.close()

@@ -1,0 +1,131 @@
+"""``stemstream store``: run a Clone store server, or read keys from one (see docs/store.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("store", help="run the Clone store, or read keys from it")
+    sub = parser.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run a store server until SIGINT/SIGTERM",
+        description="Serve the Clone store on ports P..P+2 (P+3 too with a Binary Star peer). Run alone, or "
+        "as a pair: `serve --primary-with-backup tcp://B:P2` on one host and `serve --backup-of tcp://A:P1` "
+        "on the other.",
+    )
+    serve.add_argument("--host", default=None, help="interface to bind (default: STEMSTREAM_STORE_HOST)")
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="base port, 0 = any free ones (default: STEMSTREAM_STORE_PORT, or STORE_BACKUP_PORT if backup)",
+    )
+    pair = serve.add_mutually_exclusive_group()
+    pair.add_argument("--backup-of", metavar="ADDRESS", help="run as the backup of the primary at ADDRESS")
+    pair.add_argument("--primary-with-backup", metavar="ADDRESS", help="run as primary, backup at ADDRESS")
+    serve.add_argument("--heartbeat", type=float, default=None, help="seconds (default: STORE_HEARTBEAT_S)")
+    serve.add_argument("--max-body", type=int, default=None, help="largest value in bytes (default 1 MiB)")
+    serve.add_argument("--stats-interval", type=float, default=5.0, help="seconds between stats updates")
+    serve.set_defaults(func=_serve)
+
+    get = sub.add_parser("get", help="print the value of one key")
+    get.add_argument("key")
+    _client_options(get)
+    get.set_defaults(func=_get)
+
+    ls = sub.add_parser("ls", help="print the keys and values under a prefix")
+    ls.add_argument("prefix", nargs="?", default="/")
+    _client_options(ls)
+    ls.set_defaults(func=_ls)
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None, help="tcp://HOST:PORT (default: STORE_HOST/PORT)")
+    parser.add_argument("--backup", default=None, help="the backup's address (default: STORE_BACKUP_*)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the store")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from stemstream.config import get_settings
+    from stemstream.streaming.store.kvmsg import DEFAULT_MAX_BODY
+    from stemstream.streaming.store.server import StoreServer
+
+    settings = get_settings()
+    role = "backup" if args.backup_of else "primary"
+    peer = args.backup_of or args.primary_with_backup
+    if role == "backup":
+        host = args.host or settings.store_backup_host or settings.store_host
+        port = args.port if args.port is not None else settings.store_backup_port
+    else:
+        host = args.host or settings.store_host
+        port = args.port if args.port is not None else settings.store_port
+    server = StoreServer(
+        host,
+        port or None,
+        role=role,
+        peer=peer,
+        heartbeat_s=args.heartbeat,
+        max_body=args.max_body or DEFAULT_MAX_BODY,
+        stats_interval_s=args.stats_interval,
+        settings=settings,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    server.start()
+    # The one line on stdout: scripts and tests read the address from it (port 0 picks it here).
+    print(f"stemstream store: {role} serving at {server.address}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            server.maybe_raise()
+    finally:
+        server.stop()
+        logging.getLogger(__name__).info("store %s at %s stopped", role, server.address)
+    return 0
+
+
+def _client(args: argparse.Namespace, subtree: str):  # -> StoreClient, imported lazily
+    from stemstream.config import get_settings
+    from stemstream.streaming.store.client import StoreClient, store_addresses
+
+    # Only the subtree asked for is fetched: `get` on a large store stays cheap.
+    subtree = subtree if subtree.startswith("/") else "/"
+    address, backup = store_addresses(get_settings())
+    if args.address is not None:
+        address, backup = args.address, None  # the settings' backup belongs to the settings' primary
+    return StoreClient(address, backup=args.backup or backup, subtree=subtree, timeout=args.timeout)
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, default=lambda v: v.hex() if isinstance(v, bytes) else repr(v), sort_keys=True)
+
+
+def _get(args: argparse.Namespace) -> int:
+    from stemstream.errors import StoreError
+
+    missing = object()
+    with _client(args, args.key) as client:
+        value = client.get(args.key, missing)
+        if value is missing:
+            raise StoreError(f"no key {args.key!r} in the store at {client.server}")
+    print(_show(value))
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    with _client(args, args.prefix) as client:
+        items = client.items(args.prefix)
+    for key in sorted(items):
+        print(f"{key}  {_show(items[key])}")
+    if not items:
+        print(f"(no keys under {args.prefix})")
+    return 0

@@ -1,0 +1,750 @@
+"""NodeGroups: the receiving end on the compute nodes, assembling frames for a :class:`FrameConsumer`.
+
+A NodeGroup binds one data PULL per sector (registry endpoints ``data_0`` .. ``data_<n-1>``, one per
+aggregator router thread) and one info PULL (``info``), and registers ``/nodegroups/<uid>`` with status
+"ready". One receiving thread per data socket, one info thread.
+
+Assembly: the first sector of a frame to arrive asks the consumer for the frame's buffer
+(:meth:`FrameConsumer.frame_buffer`, which may block: back-pressure); every sector payload is copied once,
+straight from the ZeroMQ message into its rows of that buffer. The sector that completes a frame hands
+it over (:meth:`FrameConsumer.frame_ready`). A scan is *all in* when, for every sector, the aggregator's
+``expect`` and ``end`` have arrived and as many messages were received as the ``end`` says were sent;
+then the frames still being assembled (sectors lost upstream) are zero-filled where missing and handed
+over with their missing sectors, frames of this NodeGroup's share that never appeared at all likewise,
+and :meth:`FrameConsumer.end_scan` gets the :class:`ScanSummary`.
+
+Memory is bounded by what is being assembled: frames leave as soon as they are complete, and a sector
+thread that is more than ``max_lag`` messages ahead of the slowest sector (progress = received / expected)
+waits before it starts a new frame, so the sectors of one NodeGroup advance together and a slow consumer
+holds every sector back (and, through the HWMs, the producers); the wait is bounded by ``lag_wait_s``
+(counted as ``lag_timeouts``) so that it can never deadlock. Frames with sectors lost upstream stay
+until the scan's end (about ``loss rate x 4 x frames``). A data message whose scan has no ``expect`` yet is
+held by its receiving thread (which stops reading meanwhile, so the sender blocks) until the expect comes
+or ``expect_timeout`` passes.
+
+Bad input (malformed, wrong size or shape, wrong sector, not this NodeGroup's frame, duplicate, late) is
+rejected, counted per kind (registry counts ``rejected.<kind>``) and logged, rate-limited.
+
+Several NodeGroups can run in one process (each has its own context, sockets and threads).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket as _socket
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+from stemstream.config import Settings, get_settings
+from stemstream.errors import ProtocolError
+from stemstream.log import RateLimitedLog
+from stemstream.streaming.actor import POLL_MS, Publisher, Worker
+from stemstream.streaming.consumer import FrameConsumer, ScanInfo, ScanSummary
+from stemstream.streaming.fallback import nodegroup_scan_key
+from stemstream.streaming.protocol import (
+    DTYPE,
+    MAX_HEADER_BYTES,
+    N_SECTORS,
+    PROTOCOL_VERSION,
+    SECTOR_SHAPE,
+    EndMessage,
+    ExpectMessage,
+    decode_data_message,
+    decode_info,
+)
+from stemstream.streaming.sockets import bind_random, make_socket
+
+logger = logging.getLogger(__name__)
+_rlog = RateLimitedLog(logger)
+
+BURST = 256
+_FINISHED_KEPT = 256
+_INCOMPLETE_IN_STORE = 1000  # at most this many (frame, missing) pairs in /scans/<n>/nodegroups/<uid>
+
+
+def _same(value: Any, want: int) -> bool:
+    """``value == want`` for integers only (``True == 1`` and ``4.0 == 4`` in Python; not on the wire)."""
+    return type(value) is int and value == want
+
+
+def _same_pair(value: Any, want: list[int]) -> bool:
+    return type(value) is list and len(value) == 2 and _same(value[0], want[0]) and _same(value[1], want[1])
+
+
+class _Assembly:
+    """A frame being assembled: its buffer (set once its first sector is in it) and how many sectors are in.
+
+    The first sector's thread gets the buffer from the consumer (which may block) and copies its sector
+    before publishing the buffer; the other sectors' threads wait for it on the NodeGroup's condition.
+    """
+
+    __slots__ = ("buffer", "failed", "have")
+
+    def __init__(self) -> None:
+        self.buffer: np.ndarray | None = None
+        self.have = 0
+        self.failed = False  # the consumer raised instead of giving a buffer
+
+
+class _Scan:
+    """One scan on one NodeGroup. Mutable fields are guarded by the NodeGroup's lock."""
+
+    def __init__(self, msg: ExpectMessage, uid: str, n_sectors: int, frame_shape: tuple[int, int]) -> None:
+        self.number = msg.scan_number
+        self.scan_shape = msg.scan_shape
+        self.scan_shape_list = list(msg.scan_shape)  # as a header carries it
+        self.members = msg.members
+        self.n_members = len(msg.members)
+        self.my_index = msg.members.index(uid)
+        self.n_frames = msg.scan_shape[0] * msg.scan_shape[1]
+        self.info = ScanInfo(
+            self.number,
+            self.scan_shape,
+            frame_shape,
+            n_sectors,
+            self.members,
+            self.my_index,
+        )
+        self.expected: list[int | None] = [None] * n_sectors  # this NodeGroup's share, per sector
+        self.sent: list[int | None] = [None] * n_sectors  # from the aggregator's end
+        self.received = [0] * n_sectors
+        self.rejected: dict[str, int] = {}
+        self.mask = np.zeros(
+            self.n_frames,
+            dtype=np.uint8 if n_sectors <= 8 else np.uint64,
+        )  # sectors claimed
+        self.assembling: dict[int, _Assembly] = {}
+        self.n_complete = 0
+        self.in_flight = 0  # frame_ready calls under way
+        self.begun = False  # consumer.begin_scan has returned
+        self.closing = False
+        self.first_ts: float | None = None
+        self.last_ts: float | None = None
+        self.touched = time.monotonic()
+
+    def all_in(self) -> bool:
+        for m, sent in enumerate(self.sent):
+            if sent is None or self.expected[m] is None or self.received[m] < sent:
+                return False
+        return True
+
+
+class NodeGroup:
+    """Receives its share of every scan's frames and hands them, assembled, to ``consumer``."""
+
+    def __init__(
+        self,
+        consumer: FrameConsumer,
+        store: Any,
+        *,
+        uid: str | None = None,
+        registry: Any = None,
+        host: str | None = None,
+        settings: Settings | None = None,
+        n_sectors: int = N_SECTORS,
+        sector_shape: tuple[int, int] = SECTOR_SHAPE,
+        expect_timeout: float | None = None,
+        scan_timeout_s: float | None = None,
+        max_lag: int = 64,
+        lag_wait_s: float = 1.0,
+        publish_interval: float = 0.5,
+    ) -> None:
+        self.settings = settings or get_settings()
+        self.consumer = consumer
+        self.max_lag = max_lag
+        self.lag_wait_s = lag_wait_s
+        self.store = store
+        self.n_sectors = n_sectors
+        self.sector_shape = (int(sector_shape[0]), int(sector_shape[1]))
+        self.frame_shape = (self.sector_shape[0] * n_sectors, self.sector_shape[1])
+        self._shape_list = list(self.sector_shape)
+        self._sector_nbytes = self.sector_shape[0] * self.sector_shape[1] * np.dtype(DTYPE).itemsize
+        self.host = host or self.settings.bind_host
+        self.scan_timeout_s = scan_timeout_s or self.settings.scan_timeout_s
+        self.expect_timeout = expect_timeout or self.scan_timeout_s
+        self._uid = uid or f"nodegroup-{_socket.gethostname()}-{os.getpid()}-{id(self) & 0xFFFF:04x}"
+        self._registry = registry
+        self._registration: Any = None
+        self._ctx = zmq.Context()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._scans: dict[int, _Scan] = {}
+        self._finished: OrderedDict[int, ScanSummary] = OrderedDict()
+        self._endpoints: dict[str, str] = {}
+        self._bound = [threading.Event() for _ in range(n_sectors + 1)]
+        self._rejected: dict[str, int] = {}
+        self._totals = {
+            "received": 0,
+            "frames_complete": 0,
+            "frames_incomplete": 0,
+            "lost_upstream": 0,
+            "scans": 0,
+        }
+        self._last_scan: int | None = None
+        self._peak = 0  # most frames ever in assembly at once (all scans)
+        self._lag_timeouts = 0
+        self._workers = [Worker(f"ng-data-{m}", lambda m=m: self._receive(m)) for m in range(n_sectors)]
+        self._workers.append(Worker("ng-info", self._info_loop))
+        self._publisher = Publisher(
+            store,
+            None,
+            self._snapshot,
+            interval=publish_interval,
+            name="ng-publisher",
+        )
+        self._started = False
+
+    @property
+    def uid(self) -> str:
+        return self._uid
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        return dict(self._endpoints)
+
+    # ---- life cycle
+
+    def start(self, timeout: float = 10.0) -> NodeGroup:
+        """Bind the sockets, then register ``/nodegroups/<uid>`` with its endpoints, status "ready"."""
+        if self._registry is None:
+            from stemstream.streaming.store import Registry
+
+            self._registry = Registry(self.store, ttl=self.settings.store_ttl_s)
+        for w in self._workers:
+            w.start()
+        deadline = time.monotonic() + timeout
+        for event in self._bound:
+            while not event.wait(0.1):
+                self.maybe_raise()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"NodeGroup {self._uid}: sockets not bound within {timeout:.0f} s")
+        self._started = True
+        self._registration = self._registry.register(
+            "nodegroup", self._uid, status="ready", endpoints=self.endpoints, sectors=self.n_sectors
+        )
+        self._publisher._registration = self._registration
+        self._publisher.start()
+        logger.info("NodeGroup %s ready: %s", self._uid, self._endpoints)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Deregister, stop the threads, close the sockets."""
+        if self._registration is not None:
+            self._registration.update(status="stopping")
+        self._stop.set()
+        for w in self._workers:
+            if w.is_alive():
+                w.join(timeout)
+        if self._started:
+            self._publisher.flush(timeout)
+            self._publisher.stop(timeout)
+        if self._registration is not None:
+            self._registration.close()
+            self._registration = None
+        self._ctx.term()
+
+    def maybe_raise(self) -> None:
+        """Re-raise, on the calling thread, the exception that ended a worker thread."""
+        for w in self._workers:
+            w.maybe_raise()
+        self._publisher.maybe_raise()
+
+    def wait_scan(self, scan_number: int, timeout: float) -> ScanSummary:
+        """Block until ``scan_number`` is handed over completely; its summary (raises TimeoutError)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                summary = self._finished.get(scan_number)
+                left = deadline - time.monotonic()
+                if summary is None and left > 0:
+                    self._cond.wait(min(left, 0.2))
+                    summary = self._finished.get(scan_number)
+            if summary is not None:
+                return summary
+            self.maybe_raise()
+            if left <= 0:
+                raise TimeoutError(f"NodeGroup {self._uid}: scan {scan_number} not in within {timeout:.1f} s")
+
+    def counts(self) -> dict[str, int]:
+        """Totals: received, frames_complete, frames_incomplete, lost_upstream, scans, rejected(.<kind>),
+        assembling (frames in assembly now) and assembling_peak (the most at once)."""
+        with self._lock:
+            out = dict(self._totals)
+            for scan in self._scans.values():
+                out["received"] += sum(scan.received)
+                out["frames_complete"] += scan.n_complete
+            out["assembling"] = sum(len(s.assembling) for s in self._scans.values())
+            out["assembling_peak"] = self._peak
+            out["lag_timeouts"] = self._lag_timeouts
+            out["rejected"] = sum(self._rejected.values())
+            out.update({f"rejected.{k}": v for k, v in self._rejected.items()})
+        return out
+
+    def _snapshot(self) -> dict[str, Any]:
+        snap: dict[str, Any] = {"counts": self.counts()}
+        if self._last_scan is not None:
+            snap["scan_number"] = self._last_scan
+        return snap
+
+    def __enter__(self) -> NodeGroup:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- receiving threads
+
+    def _bind(self, name: str, index: int) -> zmq.Socket:
+        sock = make_socket(self._ctx, zmq.PULL, settings=self.settings)
+        try:
+            self._endpoints[name] = bind_random(sock, self.host)
+        except BaseException:
+            sock.close()
+            raise
+        self._bound[index].set()
+        return sock
+
+    def _receive(self, m: int) -> None:
+        sock = self._bind(f"data_{m}", m)
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(POLL_MS):
+                    continue
+                for _ in range(BURST):
+                    try:
+                        parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._on_data(m, parts)
+        finally:
+            sock.close()
+
+    def _info_loop(self) -> None:
+        sock = self._bind("info", self.n_sectors)
+        try:
+            housekeeping = time.monotonic() + 0.5
+            while not self._stop.is_set():
+                if sock.poll(POLL_MS):
+                    for _ in range(BURST):
+                        try:
+                            parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_info(parts)
+                now = time.monotonic()
+                if now >= housekeeping:
+                    self._housekeeping(now)
+                    housekeeping = now + 0.5
+        finally:
+            sock.close()
+
+    # ---- data
+
+    def _on_data(self, m: int, parts: list[zmq.Frame]) -> None:
+        checked = self._fast_check(m, parts) or self._full_check(m, parts)
+        if checked is not None:
+            self._assemble(m, *checked)
+
+    def _fast_check(self, m: int, parts: list[Any]) -> tuple[_Scan, int, memoryview] | None:
+        """The common case in a few microseconds: a header whose fixed fields equal those of a scan that
+        has begun. Anything else (None) goes through :meth:`_full_check`, where the protocol's decoder
+        validates it and says what is wrong; what passes here would pass there."""
+        if len(parts) != 2:
+            return None
+        raw = getattr(parts[0], "buffer", parts[0])
+        if len(raw) > MAX_HEADER_BYTES:
+            return None
+        try:
+            obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+            scan_number, f, sector, ts = obj["scan"], obj["frame"], obj["sector"], obj["ts"]
+        except Exception:  # garbage of any kind: the full check names it
+            return None
+        if not all(type(v) is int for v in (scan_number, f, sector, ts)):
+            return None
+        scan = self._scans.get(scan_number)
+        if scan is None or not scan.begun or sector != m or not 0 <= ts < 2**63:
+            return None
+        if not 0 <= f < scan.n_frames or f % scan.n_members != scan.my_index:
+            return None
+        if not (
+            _same(obj.get("v"), PROTOCOL_VERSION)
+            and _same(obj.get("nsec"), self.n_sectors)
+            and _same_pair(obj.get("shape"), self._shape_list)
+            and obj.get("dtype") == DTYPE
+            and _same_pair(obj.get("scan_shape"), scan.scan_shape_list)
+        ):
+            return None
+        payload = memoryview(getattr(parts[1], "buffer", parts[1])).cast("B")
+        if payload.nbytes != self._sector_nbytes:
+            return None
+        return scan, f, payload
+
+    def _full_check(self, m: int, parts: list[zmq.Frame]) -> tuple[_Scan, int, memoryview] | None:
+        """Decode and check a data message with the protocol's decoder; reject (and count) what is wrong.
+        Waits, bounded, for the expect of a scan that has not begun yet."""
+        try:
+            header, payload = decode_data_message(parts)
+        except ProtocolError as exc:
+            self._reject(None, "malformed", "%s", exc)
+            return None
+        if header.sector != m:
+            self._reject(None, "wrong_sector", "sector %d on the socket of sector %d", header.sector, m)
+            return None
+        geometry = (header.sector_shape, header.n_sectors, header.dtype)
+        if geometry != (self.sector_shape, self.n_sectors, DTYPE):
+            self._reject(
+                None,
+                "wrong_shape",
+                "sector of %s %s x%d, expected %s %s x%d",
+                header.sector_shape,
+                header.dtype,
+                header.n_sectors,
+                self.sector_shape,
+                DTYPE,
+                self.n_sectors,
+            )
+            return None
+        scan = self._scan_for(header.scan_number)
+        if scan is None:
+            return None
+        f = header.frame_number
+        if header.scan_shape != scan.scan_shape:
+            what = "scan %d is %s, header says %s"
+            self._reject(scan, "wrong_shape", what, scan.number, scan.scan_shape, header.scan_shape)
+            return None
+        if f % scan.n_members != scan.my_index:
+            owner = scan.members[f % scan.n_members]
+            self._reject(scan, "not_mine", "scan %d frame %d belongs to NodeGroup %s", scan.number, f, owner)
+            return None
+        return scan, f, payload
+
+    def _assemble(self, m: int, scan: _Scan, f: int, payload: memoryview) -> None:
+        """Copy sector ``m`` of frame ``f`` into the frame's buffer; hand the frame over if it is whole."""
+        bit = 1 << m
+        problem = None
+        buf: np.ndarray | None = None
+        with self._cond:
+            # Bounded assembly: a sector that is ahead of the slowest one waits before starting a new frame
+            # (the slowest never waits). The wait is bounded (lag_wait_s), so that no cycle of waits through
+            # the aggregator's shared sector threads can hold the data plane still.
+            give_up = None
+            while f not in scan.assembling and not scan.closing and self._ahead(scan, m):
+                now = time.monotonic()
+                give_up = give_up or now + self.lag_wait_s
+                if self._stop.is_set():
+                    return
+                if now >= give_up:
+                    self._lag_timeouts += 1
+                    _rlog.warning("lag", "NodeGroup %s: sector %d waited %.1f s for the others; going on",
+                                  self._uid, m, self.lag_wait_s)  # fmt: skip
+                    break
+                self._cond.wait(min(POLL_MS / 1000, give_up - now))
+            bits = int(scan.mask[f])
+            if scan.closing:
+                problem = "late"
+            elif bits & bit:
+                problem = "duplicate"
+            else:
+                scan.mask[f] = bits | bit
+                asm = scan.assembling.get(f)
+                creator = asm is None
+                if asm is None:
+                    asm = scan.assembling[f] = _Assembly()
+                    self._peak = max(self._peak, len(scan.assembling))
+                else:
+                    while asm.buffer is None:  # its first sector's thread is still getting the buffer
+                        if asm.failed or self._stop.is_set():
+                            return
+                        self._cond.wait(POLL_MS / 1000)
+                    buf = asm.buffer
+        if problem == "late":
+            self._reject(scan, "late", "scan %d frame %d sector %d after the scan closed", scan.number, f, m)
+            return
+        if problem == "duplicate":
+            self._reject(scan, "duplicate", "scan %d frame %d sector %d received twice", scan.number, f, m)
+            return
+        if buf is None:
+            try:
+                buf = self.consumer.frame_buffer(scan.number, f)
+                if buf.shape != self.frame_shape or buf.dtype != np.uint16 or not buf.flags.c_contiguous:
+                    need = f"C-contiguous {self.frame_shape} uint16"
+                    raise ValueError(f"frame_buffer gave {buf.shape} {buf.dtype}; need {need}")
+            except BaseException:
+                with self._cond:
+                    asm.failed = True
+                    self._cond.notify_all()
+                raise
+        rows = self.sector_shape[0]
+        buf[m * rows : (m + 1) * rows] = np.frombuffer(payload, dtype=DTYPE).reshape(self.sector_shape)
+        now = time.time()
+        with self._cond:
+            if creator:
+                asm.buffer = buf
+            asm.have += 1
+            scan.received[m] += 1
+            self._cond.notify_all()  # the buffer is there; a sector waiting in _ahead may go on
+            if scan.first_ts is None:
+                scan.first_ts = now
+            scan.last_ts = now
+            scan.touched = time.monotonic()
+            complete = asm.have == self.n_sectors
+            if complete:
+                del scan.assembling[f]
+                scan.n_complete += 1
+                scan.in_flight += 1
+        if complete:
+            try:
+                self.consumer.frame_ready(scan.number, f, ())
+            finally:
+                with self._lock:
+                    scan.in_flight -= 1
+        self._maybe_finish(scan)
+
+    def _ahead(self, scan: _Scan, m: int) -> bool:
+        """Whether sector ``m`` is more than ``max_lag`` messages ahead of the slowest sector, progress being
+        received / expected (a sector whose expect is not in yet is at 0). Caller holds the lock."""
+        expected_m = scan.expected[m]
+        if not expected_m:
+            return False
+        slowest = 1.0
+        for k, expected in enumerate(scan.expected):
+            if k != m:
+                progress = 0.0 if expected is None else 1.0 if expected == 0 else scan.received[k] / expected
+                slowest = min(slowest, progress)
+        return scan.received[m] - slowest * expected_m > self.max_lag
+
+    def _scan_for(self, scan_number: int) -> _Scan | None:
+        """The scan of a data message once its consumer scan has begun; waits for the expect (bounded)."""
+        deadline: float | None = None
+        with self._cond:
+            while True:
+                scan = self._scans.get(scan_number)
+                if scan is not None and scan.begun:
+                    return scan
+                if scan_number in self._finished:
+                    late = True
+                    break
+                if self._stop.is_set():
+                    return None
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.expect_timeout
+                if now >= deadline:
+                    late = False
+                    break
+                self._cond.wait(min(deadline - now, POLL_MS / 1000))
+        if late:
+            self._reject(None, "late", "data for scan %d, which is closed", scan_number)
+        else:
+            self._reject(
+                None,
+                "no_expect",
+                "data for scan %d, no expect in %.0f s",
+                scan_number,
+                self.expect_timeout,
+            )
+        return None
+
+    # ---- info
+
+    def _on_info(self, parts: list[zmq.Frame]) -> None:
+        if len(parts) != 1:
+            self._reject(None, "info_malformed", "info message of %d parts", len(parts))
+            return
+        try:
+            msg = decode_info(parts[0].buffer)
+        except ProtocolError as exc:
+            self._reject(None, "info_malformed", "%s", exc)
+            return
+        if msg.sector >= self.n_sectors:
+            self._reject(None, "info_wrong_sector", "info for sector %d", msg.sector)
+        elif isinstance(msg, ExpectMessage):
+            self._on_expect(msg)
+        else:
+            self._on_end(msg)
+
+    def _on_expect(self, msg: ExpectMessage) -> None:
+        n, m = msg.scan_number, msg.sector
+        begin: _Scan | None = None
+        problem: tuple[str, str] | None = None
+        with self._cond:
+            scan = self._scans.get(n)
+            if n in self._finished:
+                problem = ("info_late", f"expect for scan {n}, which is closed")
+            elif self._uid not in msg.members:
+                problem = (
+                    "info_not_member",
+                    f"expect for scan {n}, whose members do not include this NodeGroup",
+                )
+            elif scan is None:
+                scan = begin = self._scans[n] = _Scan(msg, self._uid, self.n_sectors, self.frame_shape)
+                self._last_scan = n
+            elif (scan.members, scan.scan_shape) != (msg.members, msg.scan_shape):
+                problem = (
+                    "info_inconsistent",
+                    f"scan {n}: sector {m}'s expect disagrees on members or shape",
+                )
+            if problem is None and scan is not None:
+                if scan.expected[m] is not None:
+                    problem = ("info_duplicate", f"scan {n}: a second expect for sector {m}")
+                else:
+                    scan.expected[m] = msg.expected.get(self._uid, 0)
+                    scan.touched = time.monotonic()
+                    self._cond.notify_all()
+        if problem is not None:
+            self._reject(scan if problem[0] != "info_late" else None, problem[0], "%s", problem[1])
+            return
+        if begin is not None:
+            self.consumer.begin_scan(begin.info)
+            with self._cond:
+                begin.begun = True
+                self._cond.notify_all()
+            logger.info(
+                "scan %d: %dx%d, NodeGroup %d of %d",
+                n,
+                *begin.scan_shape,
+                begin.my_index + 1,
+                begin.n_members,
+            )
+        assert scan is not None
+        self._maybe_finish(scan)
+
+    def _on_end(self, msg: EndMessage) -> None:
+        n, m = msg.scan_number, msg.sector
+        with self._lock:
+            scan = self._scans.get(n)
+            if scan is None:
+                problem = (
+                    "info_late",
+                    f"end for scan {n}, which is {'closed' if n in self._finished else 'unknown'}",
+                )
+            elif scan.sent[m] is not None:
+                problem = ("info_duplicate", f"scan {n}: a second end for sector {m}")
+            else:
+                problem = None
+                scan.sent[m] = msg.sent.get(self._uid, 0)
+                scan.touched = time.monotonic()
+                if scan.expected[m] is not None and scan.sent[m] != scan.expected[m]:
+                    logger.warning(
+                        "scan %d sector %d: %d announced, %d sent",
+                        n,
+                        m,
+                        scan.expected[m],
+                        scan.sent[m],
+                    )
+        if problem is not None:
+            self._reject(scan, problem[0], "%s", problem[1])
+            return
+        assert scan is not None
+        self._maybe_finish(scan)
+
+    # ---- closing a scan
+
+    def _maybe_finish(self, scan: _Scan) -> None:
+        with self._lock:
+            if scan.closing or not scan.begun or scan.in_flight or not scan.all_in():
+                return
+            scan.closing = True
+        self._finalize(scan, "received")
+
+    def _finalize(self, scan: _Scan, status: str) -> None:
+        """Hand over the incomplete frames and the summary; called once per scan (``closing`` set)."""
+        n, rows = scan.number, self.sector_shape[0]
+        all_sectors = tuple(range(self.n_sectors))
+        with self._lock:
+            leftovers = sorted(scan.assembling.items())
+            scan.assembling = {}
+        incomplete: list[tuple[int, tuple[int, ...]]] = []
+        for f, asm in leftovers:
+            if asm.buffer is None:
+                continue  # its first sector never got a buffer (consumer failure, or stopping)
+            bits = int(scan.mask[f])
+            missing = tuple(s for s in all_sectors if not bits >> s & 1)
+            for s in missing:
+                asm.buffer[s * rows : (s + 1) * rows] = 0
+            self.consumer.frame_ready(n, f, missing)
+            incomplete.append((f, missing))
+        mine = np.arange(scan.my_index, scan.n_frames, scan.n_members)
+        for f in mine[scan.mask[mine] == 0].tolist():
+            buf = self.consumer.frame_buffer(n, f)
+            buf[...] = 0
+            self.consumer.frame_ready(n, f, all_sectors)
+            incomplete.append((f, all_sectors))
+        incomplete.sort()
+        sent = [s if s is not None else (e or 0) for s, e in zip(scan.sent, scan.expected, strict=True)]
+        summary = ScanSummary(
+            expected=sum(e or 0 for e in scan.expected),
+            received=sum(scan.received),
+            frames_complete=scan.n_complete,
+            frames_incomplete=len(incomplete),
+            incomplete=incomplete,
+            lost_upstream=len(mine) * self.n_sectors - sum(sent),
+            rejected=dict(scan.rejected),
+            first_ts=scan.first_ts,
+            last_ts=scan.last_ts,
+            status=status,
+        )
+        self.consumer.end_scan(n, summary)
+        record = summary.to_dict()
+        record["incomplete"] = record["incomplete"][:_INCOMPLETE_IN_STORE]
+        record.update(
+            uid=self._uid,
+            index=scan.my_index,
+            members=list(scan.members),
+            sent=sum(sent),
+            closed_at=time.time(),
+        )
+        self._publisher.put(nodegroup_scan_key(n, self._uid), record)
+        self._publisher.put("", None)
+        with self._cond:
+            self._totals["received"] += summary.received
+            self._totals["frames_complete"] += summary.frames_complete
+            self._totals["frames_incomplete"] += summary.frames_incomplete
+            self._totals["lost_upstream"] += summary.lost_upstream
+            self._totals["scans"] += 1
+            del self._scans[n]
+            self._finished[n] = summary
+            while len(self._finished) > _FINISHED_KEPT:
+                self._finished.popitem(last=False)
+            self._cond.notify_all()
+        log = logger.info if status == "received" else logger.error
+        log(
+            "scan %d %s: %d frames complete, %d incomplete, %d of %d messages, %d rejected",
+            n,
+            status,
+            summary.frames_complete,
+            summary.frames_incomplete,
+            summary.received,
+            sum(sent),
+            summary.n_rejected,
+        )
+
+    def _housekeeping(self, now: float) -> None:
+        stale: list[_Scan] = []
+        with self._lock:
+            for scan in self._scans.values():
+                if scan.begun and not scan.closing and now - scan.touched > self.scan_timeout_s:
+                    scan.closing = True
+                    stale.append(scan)
+        for scan in stale:
+            logger.error(
+                "scan %d: nothing for %.0f s; closing it with what came",
+                scan.number,
+                self.scan_timeout_s,
+            )
+            self._finalize(scan, "timeout")
+
+    def _reject(self, scan: _Scan | None, kind: str, msg: str, *args: object) -> None:
+        with self._lock:
+            self._rejected[kind] = self._rejected.get(kind, 0) + 1
+            if scan is not None:
+                scan.rejected[kind] = scan.rejected.get(kind, 0) + 1
+        _rlog.warning(kind, "NodeGroup %s: rejected (%s): " + msg, self._uid, kind, *args)

@@ -1,0 +1,160 @@
+"""The simulator-driven producer process: a :class:`Producer` fed by ``stemstream.sim.FourDCameraSim``.
+
+The only runtime module that touches the simulator, and only inside functions. Thread slot ``t`` sends
+the frames of its share (``f % T == t``) in order, skipping the sectors the simulator lost upstream. The
+simulator is shared by the sender threads under a lock (it caches one frame at a time).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from stemstream.errors import StemstreamError
+from stemstream.streaming.actor import Worker
+from stemstream.streaming.fallback import producer_scan_key
+from stemstream.streaming.producer import Producer, ProducerScanResult, ScanRequest, ScanRequests
+
+logger = logging.getLogger(__name__)
+
+
+def run_scan(
+    producer: Producer,
+    request: ScanRequest,
+    *,
+    seed: int = 0,
+    loss_rate: float = 0.001,
+    pregen: int = 0,
+    stop: threading.Event | None = None,
+) -> ProducerScanResult:
+    """Acquire one simulated scan: plan it, send (or write) this producer's sector, finish it.
+
+    ``pregen > 0`` sends ``pregen`` pre-generated sector buffers in turn instead of each frame's own
+    pixels, so that generating data is not what limits a benchmark.
+    """
+    from stemstream.sim import FourDCameraSim
+
+    seed = int(request.extra.get("seed", seed))
+    loss_rate = float(request.extra.get("loss_rate", loss_rate))
+    m = producer.sector
+    sim = FourDCameraSim(request.scan_shape, scan_number=request.scan_number, seed=seed, loss_rate=loss_rate)
+    lost = {f for f, s in sim.lost_sectors() if s == m}
+    pool = [sim.sector(i, m) for i in range(min(pregen, sim.n_frames))] if pregen > 0 else None
+    session = producer.begin_scan(request.scan_number, request.scan_shape, fallback_dir=request.fallback_dir)
+    stop = stop or threading.Event()
+    sim_lock = threading.Lock()  # the simulator caches one frame: one caller at a time
+
+    def send(t: int) -> None:
+        frames = [f for f in session.share(t) if f not in lost]
+        with session.sender(t, frames) as tx:
+            for f in frames:
+                if stop.is_set():
+                    return
+                if pool:
+                    buf = pool[f % len(pool)]
+                else:
+                    with sim_lock:
+                        buf = sim.sector(f, m)  # a view the simulator never writes again: safe to send
+                tx.send(f, buf)
+
+    started = time.perf_counter()
+    workers = [Worker(f"sender-{t}", lambda t=t: send(t)) for t in range(producer.threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        while w.is_alive():
+            w.join(0.2)
+        w.maybe_raise()
+    result = session.finish()
+    logger.info(
+        "scan %d sector %d: %s %d sectors (%d lost upstream) in %.2f s",
+        request.scan_number,
+        m,
+        "streamed" if result.route == "stream" else "wrote",
+        result.sent_total,
+        result.lost_upstream,
+        time.perf_counter() - started,
+    )
+    return result
+
+
+def serve(
+    store: Any,
+    sector: int,
+    *,
+    threads: int | None = None,
+    scans: int | None = None,
+    first_scan: int = 1,
+    scan_shape: tuple[int, int] = (64, 64),
+    seed: int = 0,
+    loss_rate: float = 0.001,
+    interval: float = 0.0,
+    pregen: int = 0,
+    fallback_dir: Path | None = None,
+    uid: str | None = None,
+    stop: threading.Event | None = None,
+    drain_timeout: float | None = None,
+    max_skew: int | None = 64,
+) -> list[ProducerScanResult]:
+    """Run a simulated receiving server: ``scans`` scans now, or (``scans=None``) every scan requested
+    through ``/control/scan`` until ``stop`` is set."""
+    stop = stop or threading.Event()
+    results: list[ProducerScanResult] = []
+    requests = ScanRequests(store).start() if scans is None else None  # watch before registering "ready"
+    producer = Producer(
+        store,
+        sector,
+        threads=threads,
+        uid=uid,
+        fallback_dir=fallback_dir,
+        max_skew=max_skew,
+    ).start()
+    try:
+        if requests is None:
+            for k in range(scans or 0):
+                if stop.is_set():
+                    break
+                req = ScanRequest(first_scan + k, scan_shape)
+                results.append(
+                    run_scan(
+                        producer,
+                        req,
+                        seed=seed,
+                        loss_rate=loss_rate,
+                        pregen=pregen,
+                        stop=stop,
+                    )
+                )
+                if interval > 0 and k + 1 < (scans or 0):
+                    stop.wait(interval)  # pacing between scans, as a microscope would
+        else:
+            logger.info("producer %s (sector %d) waiting for scan requests", producer.uid, sector)
+            while not stop.is_set():
+                req = requests.get(timeout=0.2)
+                if req is None:
+                    continue
+                try:
+                    results.append(
+                        run_scan(
+                            producer,
+                            req,
+                            seed=seed,
+                            loss_rate=loss_rate,
+                            pregen=pregen,
+                            stop=stop,
+                        )
+                    )
+                except StemstreamError as exc:  # this scan failed (disk full, no plan...): say so, serve on
+                    logger.error("scan %d: %s", req.scan_number, exc)
+                    store.set(
+                        producer_scan_key(req.scan_number, producer.uid),
+                        {"producer": producer.uid, "sector": sector, "status": "failed", "error": str(exc)},
+                    )
+    finally:
+        if requests is not None:
+            requests.close()
+        producer.close(drain_timeout=0.0 if stop.is_set() else drain_timeout)
+    return results

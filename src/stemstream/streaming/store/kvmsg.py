@@ -1,0 +1,190 @@
+"""Key-value messages of the Clone store, wire-compatible with the zguide's ``kvmsg`` (chapter 5).
+
+One message is five ZeroMQ frames::
+
+    [key, sequence (8 bytes, big-endian signed), uuid (16 bytes, or empty), properties, body]
+
+``properties`` is UTF-8 text of ``name=value`` lines, each ended by ``\\n``; the only property the store
+interprets is ``ttl`` (seconds, decimal text). An empty body means "delete the key". The store never looks
+inside bodies; :func:`encode_value` / :func:`decode_value` are the msgpack convention our clients use.
+
+Decoding validates every frame and raises :class:`KVMsgError` (a ``ProtocolError``) whose ``kind`` names
+what was wrong, so a server can count rejects by kind without parsing messages.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import zmq
+
+from stemstream.errors import ProtocolError, StoreError
+
+# Control keys of the protocol; data keys are paths starting with "/", so the two never collide.
+HUGZ = "HUGZ"
+KTHXBAI = "KTHXBAI"
+ICANHAZ = b"ICANHAZ?"
+
+N_FRAMES = 5
+UUID_BYTES = 16
+MAX_KEY_BYTES = 1024
+MAX_PROPERTIES_BYTES = 4096
+DEFAULT_MAX_BODY = 1 << 20
+# A month: long enough for anything ephemeral, short enough that a typo (ms for s) is caught.
+MAX_TTL_S = 30 * 24 * 3600.0
+
+_SEQ = struct.Struct(">q")  # the zguide's int64_t in network order
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class KVMsgError(ProtocolError):
+    """A kvmsg that cannot be accepted; ``kind`` is the stats counter it is counted under."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def new_uuid() -> bytes:
+    """16 random bytes: all the store needs of a UUID is that it is unique (the hot path: no UUID object)."""
+    return os.urandom(UUID_BYTES)
+
+
+@dataclass(slots=True)
+class KVMsg:
+    """One key-value update (or snapshot entry, or control message) of the Clone protocol."""
+
+    key: str
+    sequence: int = 0
+    body: bytes = b""
+    properties: dict[str, str] = field(default_factory=dict)
+    uuid: bytes = field(default_factory=new_uuid)
+
+    @property
+    def is_delete(self) -> bool:
+        return not self.body
+
+    @property
+    def ttl(self) -> float | None:
+        """The ``ttl`` property in seconds, or None; raises KVMsgError if it is not a positive number."""
+        text = self.properties.get("ttl")
+        return None if text is None else parse_ttl(text)
+
+    def frames(self) -> list[bytes]:
+        return [
+            self.key.encode(),
+            _SEQ.pack(self.sequence),
+            self.uuid,
+            encode_properties(self.properties),
+            self.body,
+        ]
+
+    def send(self, sock: zmq.Socket, flags: int = 0, prefix: Sequence[bytes] = ()) -> None:
+        """Send as one multipart message, after ``prefix`` frames (a ROUTER's routing identity)."""
+        # Large bodies go zero-copy: they are immutable bytes kept in the server's state anyway.
+        copy = len(self.body) < 65536
+        sock.send_multipart([*prefix, *self.frames()], flags=flags, copy=copy)
+
+    @classmethod
+    def from_frames(cls, frames: Sequence[bytes], *, max_body: int | None = DEFAULT_MAX_BODY) -> KVMsg:
+        """Decode and validate five frames; ``max_body=None`` accepts any size (trusted senders)."""
+        if len(frames) != N_FRAMES:
+            raise KVMsgError("bad_frames", f"kvmsg has {len(frames)} frames, expected {N_FRAMES}")
+        raw_key, raw_seq, raw_uuid, raw_props, body = (bytes(f) for f in frames)
+        key = decode_key(raw_key)
+        if len(raw_seq) != _SEQ.size:
+            raise KVMsgError("bad_sequence", f"sequence frame is {len(raw_seq)} bytes, expected {_SEQ.size}")
+        (sequence,) = _SEQ.unpack(raw_seq)
+        if sequence < 0:
+            raise KVMsgError("bad_sequence", f"negative sequence {sequence}")
+        if len(raw_uuid) not in (0, UUID_BYTES):
+            raise KVMsgError("bad_uuid", f"uuid frame is {len(raw_uuid)} bytes, expected {UUID_BYTES} or 0")
+        if max_body is not None and len(body) > max_body:
+            raise KVMsgError("oversized", f"body of {key!r} is {len(body)} bytes, over {max_body}")
+        return cls(key, sequence, body, decode_properties(raw_props), raw_uuid)
+
+    def __repr__(self) -> str:
+        return f"KVMsg({self.key!r}, seq={self.sequence}, {len(self.body)} bytes, {self.properties})"
+
+
+def decode_key(raw: bytes) -> str:
+    if len(raw) > MAX_KEY_BYTES:
+        raise KVMsgError("bad_key", f"key is {len(raw)} bytes, over the {MAX_KEY_BYTES}-byte limit")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise KVMsgError("bad_key", "key is not UTF-8") from None
+
+
+def check_path(key: str) -> None:
+    """Data keys are paths: start with "/", no control characters (they would break ``ls`` output)."""
+    if not key.startswith("/"):
+        raise KVMsgError("bad_key", f"key {key[:64]!r} does not start with '/'")
+    if _CONTROL.search(key):
+        raise KVMsgError("bad_key", f"key {key[:64]!r} contains control characters")
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise KVMsgError("bad_key", f"key is over the {MAX_KEY_BYTES}-byte limit")
+
+
+def encode_properties(props: dict[str, str]) -> bytes:
+    return "".join(f"{name}={value}\n" for name, value in props.items()).encode()
+
+
+def decode_properties(raw: bytes) -> dict[str, str]:
+    if len(raw) > MAX_PROPERTIES_BYTES:
+        raise KVMsgError("bad_properties", f"properties are {len(raw)} bytes, over {MAX_PROPERTIES_BYTES}")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise KVMsgError("bad_properties", "properties are not UTF-8") from None
+    props: dict[str, str] = {}
+    for line in text.split("\n"):
+        if not line:
+            continue
+        name, eq, value = line.partition("=")
+        if not eq or not name:
+            raise KVMsgError("bad_properties", f"property line {line[:64]!r} is not name=value")
+        props[name] = value
+    return props
+
+
+def parse_ttl(text: str) -> float:
+    try:
+        ttl = float(text)
+    except ValueError:
+        raise KVMsgError("bad_ttl", f"ttl {text[:32]!r} is not a number") from None
+    if not (math.isfinite(ttl) and 0 < ttl <= MAX_TTL_S):
+        raise KVMsgError("bad_ttl", f"ttl {text[:32]!r} is outside (0, {MAX_TTL_S:g}] seconds")
+    return ttl
+
+
+def format_ttl(ttl: float) -> str:
+    """Whole seconds as integers, as the zguide's C clients (which parse with atoi) expect."""
+    parse_ttl(repr(float(ttl)))  # same validation as the server's
+    return str(int(ttl)) if float(ttl).is_integer() else repr(float(ttl))
+
+
+def encode_value(value: Any, *, max_body: int = DEFAULT_MAX_BODY, key: str = "") -> bytes:
+    """msgpack-encode ``value``; raises StoreError if it cannot be encoded or is over ``max_body``."""
+    try:
+        body = msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise StoreError(f"value for {key!r} cannot be msgpack-encoded: {exc}") from None
+    if len(body) > max_body:
+        raise StoreError(f"value for {key!r} is {len(body)} bytes encoded, over the {max_body}-byte limit")
+    return body
+
+
+def decode_value(body: bytes) -> Any:
+    """The msgpack value of ``body``; bodies written by non-msgpack clients come back as raw bytes."""
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception:  # msgpack raises several unrelated types for foreign bodies
+        return body

@@ -1,0 +1,702 @@
+"""The Clone store server (zguide chapter 5, model six): full state in memory, sequenced updates, Binary Star.
+
+Ports, from a base port P (the address ``tcp://host:P``):
+
+* P   ROUTER: snapshots. ``[ICANHAZ?, subtree]`` -> every kvmsg under ``subtree``, then ``KTHXBAI``.
+* P+1 XPUB: sequenced updates (topic = key) and ``HUGZ`` heartbeats. An XPUB rather than a PUB so a new
+  subscriber gets a ``HUGZ`` at once: it then knows its subscription is live before asking for a snapshot.
+* P+2 PULL: updates from clients; the active server applies each, numbers it and republishes it.
+* P+3 PUB: Binary Star state, to the peer (only with a peer).
+
+With a peer (``role="backup"`` requires one) the pair runs Binary Star: the passive server follows the
+active one's updates, holds the updates clients send it directly on a pending list, and applies that list
+when it takes over. See docs/store.md for the wire protocol and the failover timing.
+
+Bad input never stops the server: it is rejected, counted in :attr:`StoreServer.stats` (by kind, also
+published as ``/store/<role>/stats``) and logged once per kind per interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import os
+import random
+import secrets
+import socket
+import threading
+import time
+from collections import Counter, OrderedDict
+from typing import Any
+
+import msgpack
+import zmq
+
+from stemstream.config import Settings, get_settings
+from stemstream.errors import StoreError
+from stemstream.log import RateLimitedLog
+from stemstream.streaming.sockets import make_socket
+from stemstream.streaming.store.bstar import BinaryStar, Event, State
+from stemstream.streaming.store.kvmsg import (
+    DEFAULT_MAX_BODY,
+    HUGZ,
+    ICANHAZ,
+    KTHXBAI,
+    MAX_KEY_BYTES,
+    KVMsg,
+    KVMsgError,
+    check_path,
+    format_ttl,
+)
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("primary", "backup")
+_WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "")
+# PUB drops at the HWM and a dropped update costs every subscriber a resync: be generous.
+PUB_HWM = 100_000
+# A snapshot that hits this HWM is abandoned (no KTHXBAI) rather than silently truncated.
+SNAPSHOT_HWM = 1_000_000
+# uuids of applied updates remembered to drop duplicates (clients resend unacknowledged updates).
+SEEN_UUIDS = 100_000
+# How many messages to take from one socket before looking at the others (fairness under floods).
+_BATCH = 500
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``tcp://host:port`` -> (host, port); raises StoreError for anything else."""
+    prefix = "tcp://"
+    host, _, port = address[len(prefix) :].rpartition(":") if address.startswith(prefix) else ("", "", "")
+    if not host or not port.isdigit() or not 0 < int(port) < 65533:
+        raise StoreError(f"store address {address!r} is not tcp://HOST:PORT")
+    return host, int(port)
+
+
+def endpoint(host: str, port: int) -> str:
+    return f"tcp://{host}:{port}"
+
+
+class StoreServer:
+    """A Clone store server; ``start()`` runs it in a background thread, ``stop()`` ends it.
+
+    ``port=None`` picks free consecutive ports (read :attr:`address` after ``start()``). ``peer`` is the
+    other server's address for Binary Star. ``stats_interval_s`` is how often ``/store/<role>/stats`` is
+    published (with a TTL of three intervals, so a dead server's stats disappear).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        *,
+        role: str = "primary",
+        peer: str | None = None,
+        heartbeat_s: float | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
+        stats_interval_s: float = 5.0,
+        max_pending: int = 100_000,
+        settings: Settings | None = None,
+    ) -> None:
+        if role not in ROLES:
+            raise StoreError(f"store role {role!r}: expected one of {', '.join(ROLES)}")
+        if role == "backup" and peer is None:
+            raise StoreError("a backup store server needs the primary's address (peer)")
+        self._settings = settings or get_settings()
+        self.host = host
+        self.role = role
+        self.peer = peer
+        self._peer_host, self._peer_port = split_address(peer) if peer else ("", 0)
+        self.heartbeat_s = heartbeat_s or self._settings.store_heartbeat_s
+        self.max_body = max_body
+        self.stats_interval_s = stats_interval_s
+        self.max_pending = max_pending
+        self.epoch = secrets.token_hex(8)  # tells clients a restarted server from the one they synced with
+        self._requested_port = port
+        self._port: int | None = None
+        self._rlog = RateLimitedLog(logger)
+        self._stats: Counter[str] = Counter()
+        self._stats_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._ctx: zmq.Context | None = None
+        self._pipe: zmq.Socket | None = None
+        self._bstar = BinaryStar(role == "primary", self.heartbeat_s) if peer else None
+        # State below is owned by the server thread.
+        self._kvmap: dict[str, KVMsg] = {}
+        self._expiries: list[tuple[float, str, bytes]] = []  # heap of (deadline, key, uuid)
+        self._sequence = 0
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._pending: OrderedDict[bytes, tuple[KVMsg, int]] = OrderedDict()  # uuid -> (update, our seq)
+        self._sockets: dict[str, zmq.Socket] = {}
+        self._poller_stale = True
+        self._hugz_due = False
+        self._sync: _PeerSync | None = None
+
+    # ------------------------------------------------------------------ public, any thread
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise StoreError("the store server is not started")
+        return self._port
+
+    @property
+    def address(self) -> str:
+        host = socket.gethostname() if self.host in _WILDCARD_HOSTS else self.host
+        return endpoint(host, self.port)
+
+    @property
+    def state(self) -> str:
+        """``active``, ``passive``, or ``primary`` / ``backup`` while waiting for the peer."""
+        return self._state().name.lower()
+
+    @property
+    def sequence(self) -> int:
+        return self._sequence
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters by kind: updates, snapshots, expired, duplicates, and one per kind of rejected input."""
+        with self._stats_lock:
+            return dict(self._stats)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, timeout: float = 10.0) -> StoreServer:
+        """Bind and start serving in a background thread; raises StoreError if binding fails."""
+        if self._thread is not None:
+            raise StoreError("the store server is already started")
+        self._ctx = zmq.Context()
+        url = f"inproc://store-server-{id(self):x}"
+        self._pipe = self._ctx.socket(zmq.PAIR)
+        self._pipe.linger = 0
+        self._pipe.bind(url)
+        loop_end = self._ctx.socket(zmq.PAIR)
+        loop_end.linger = 0
+        loop_end.connect(url)
+        name = f"store-{self.role}"
+        self._thread = threading.Thread(target=self._main, args=(loop_end,), name=name, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise StoreError(f"the store server did not start within {timeout} s")
+        if self._error is not None:
+            error = self._error
+            self.stop()
+            raise StoreError(f"store server: {error}") from error
+        logger.info("store %s serving at %s (heartbeat %g s)", self.role, self.address, self.heartbeat_s)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving and release the ports; safe to call twice."""
+        if self._pipe is not None:
+            with contextlib.suppress(zmq.ZMQError):  # the loop has already gone
+                self._pipe.send(b"TERMINATE", zmq.NOBLOCK)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.error("store server thread did not stop within %s s", timeout)
+                return
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    def maybe_raise(self) -> None:
+        """Re-raise, on the caller's thread, what ended the server thread, if anything did."""
+        if self._error is not None:
+            raise StoreError(f"store server died: {self._error}") from self._error
+
+    def __enter__(self) -> StoreServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        where = self.address if self._port is not None else "not started"
+        return f"StoreServer({self.role}, {where}, {self.state}, seq={self._sequence})"
+
+    # ------------------------------------------------------------------ server thread
+
+    def _main(self, pipe: zmq.Socket) -> None:
+        try:
+            self._bind()
+        except Exception as exc:
+            self._error = exc
+            pipe.close()
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._loop(pipe)
+        except Exception as exc:
+            logger.exception("store server %s died", self.role)
+            self._error = exc
+        finally:
+            pipe.close()
+            self._close_sockets()
+
+    def _bind(self) -> None:
+        n_ports = 4 if self.peer else 3
+        if self._requested_port:
+            self._bind_at(self._requested_port)
+            return
+        # Free consecutive ports: try random bases and keep the first that binds (no check-then-bind race).
+        for _ in range(100):
+            base = random.randrange(20000, 60000 - n_ports)
+            try:
+                self._bind_at(base)
+                return
+            except StoreError:
+                continue
+        raise StoreError(f"found no {n_ports} free consecutive ports on {self.host}")
+
+    def _bind_at(self, base: int) -> None:
+        assert self._ctx is not None
+        s, ctx = self._settings, self._ctx
+        inbound_cap = 4 * self.max_body + 65536  # larger than this: peer disconnected, not even counted
+        router = make_socket(ctx, zmq.ROUTER, settings=s, sndhwm=SNAPSHOT_HWM)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.MAXMSGSIZE, 65536)
+        publisher = make_socket(ctx, zmq.XPUB, settings=s, sndhwm=PUB_HWM)
+        publisher.setsockopt(zmq.XPUB_VERBOSE, 1)
+        publisher.setsockopt(zmq.MAXMSGSIZE, MAX_KEY_BYTES + 64)
+        collector = make_socket(ctx, zmq.PULL, settings=s)
+        collector.setsockopt(zmq.MAXMSGSIZE, inbound_cap)
+        self._sockets = {"router": router, "publisher": publisher, "collector": collector}
+        if self.peer:
+            self._sockets["statepub"] = make_socket(ctx, zmq.PUB, settings=s)
+        bind_host = "*" if self.host in _WILDCARD_HOSTS else self.host
+        try:
+            for offset, name in enumerate(("router", "publisher", "collector", "statepub")):
+                if name in self._sockets:
+                    self._sockets[name].bind(endpoint(bind_host, base + offset))
+        except zmq.ZMQError as exc:
+            self._close_sockets()
+            raise StoreError(f"cannot bind ports {base}..{base + 3} on {self.host}: {exc}") from None
+        if self.peer:
+            statesub = make_socket(ctx, zmq.SUB, settings=s)
+            statesub.setsockopt(zmq.SUBSCRIBE, b"")
+            statesub.setsockopt(zmq.MAXMSGSIZE, 64)
+            statesub.connect(endpoint(self._peer_host, self._peer_port + 3))
+            self._sockets["statesub"] = statesub
+        self._port = base
+
+    def _close_sockets(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+        for sock in self._sockets.values():
+            sock.close(linger=0)
+        self._sockets = {}
+
+    def _state(self) -> State:
+        return self._bstar.state if self._bstar else State.ACTIVE
+
+    def _loop(self, pipe: zmq.Socket) -> None:
+        now = time.monotonic()
+        timers = {"hugz": now, "state": now, "stats": now + self.stats_interval_s}
+        poller = zmq.Poller()
+        handlers: dict[zmq.Socket, Any] = {}
+        while True:
+            if self._poller_stale:
+                poller, handlers = self._make_poller(pipe)
+            timeout = self._next_timeout(timers, time.monotonic())
+            events = dict(poller.poll(timeout))
+            if pipe in events:
+                return  # TERMINATE is the only message
+            for sock in events:
+                handler = handlers[sock]
+                for _ in range(_BATCH):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    handler(frames)
+                    if self._poller_stale:
+                        break  # a state change replaced sockets: poll again before reading more
+                if self._poller_stale:
+                    break
+            self._tick(timers, time.monotonic())
+
+    def _make_poller(self, pipe: zmq.Socket) -> tuple[zmq.Poller, dict[zmq.Socket, Any]]:
+        handlers: dict[zmq.Socket, Any] = {
+            self._sockets["router"]: self._on_request,
+            self._sockets["publisher"]: self._on_subscription,
+            self._sockets["collector"]: self._on_collect,
+        }
+        if "statesub" in self._sockets:
+            handlers[self._sockets["statesub"]] = self._on_peer_state
+        if self._sync is not None:
+            handlers[self._sync.sub] = self._on_peer_update
+            handlers[self._sync.dealer] = self._on_peer_snapshot
+        poller = zmq.Poller()
+        poller.register(pipe, zmq.POLLIN)
+        for sock in handlers:
+            poller.register(sock, zmq.POLLIN)
+        self._poller_stale = False
+        return poller, handlers
+
+    def _next_timeout(self, timers: dict[str, float], now: float) -> int:
+        deadlines = [now + 1.0, timers["stats"]]
+        if self._state() is State.ACTIVE:
+            deadlines.append(timers["hugz"])
+            if self._expiries:
+                deadlines.append(self._expiries[0][0])
+        if self._bstar:
+            deadlines.append(timers["state"])
+        if self._sync is not None:
+            deadlines.append(self._sync.next_deadline())
+        if self._hugz_due:
+            deadlines.append(now)
+        return max(0, int(1000 * (min(deadlines) - now)) + 1)
+
+    def _tick(self, timers: dict[str, float], now: float) -> None:
+        active = self._state() is State.ACTIVE
+        if self._hugz_due or (active and now >= timers["hugz"]):
+            self._send_hugz()
+            timers["hugz"] = now + self.heartbeat_s
+        if active:
+            self._expire(now)
+        if self._bstar and now >= timers["state"]:
+            self._sockets["statepub"].send_string(str(int(self._bstar.state)))
+            timers["state"] = now + self.heartbeat_s
+        if self._sync is not None and not self._sync.tick(now):
+            logger.warning("store %s: no snapshot from the active %s; asking again", self.role, self.peer)
+            self._start_peer_sync()
+        if now >= timers["stats"]:
+            self._publish_stats()
+            timers["stats"] = now + self.stats_interval_s
+
+    # ------------------------------------------------------------------ handlers
+
+    def _count(self, kind: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self._stats[kind] += n
+
+    def _reject(self, kind: str, where: str, why: object) -> None:
+        self._count(kind)
+        self._rlog.warning(kind, "store %s: rejected input on the %s (%s): %s", self.role, where, kind, why)
+
+    def _on_request(self, frames: list[bytes]) -> None:
+        if len(frames) < 2 or len(frames) > 3:
+            self._reject("bad_request", "snapshot port", f"{len(frames) - 1} frames, expected 1 or 2")
+            return
+        identity, command = frames[0], frames[1]
+        if command != ICANHAZ:
+            self._reject("bad_command", "snapshot port", f"unknown command {command[:32]!r}")
+            return
+        raw_subtree = frames[2] if len(frames) == 3 else b""
+        try:
+            subtree = raw_subtree.decode()
+        except UnicodeDecodeError:
+            self._reject("bad_request", "snapshot port", "subtree is not UTF-8")
+            return
+        if len(raw_subtree) > MAX_KEY_BYTES:
+            self._reject("bad_request", "snapshot port", "subtree too long")
+            return
+        if self._bstar is not None and not self._vote():
+            self._count("refused")  # passive, or not sure yet: the client will try the other server
+            return
+        self._send_snapshot(identity, subtree)
+
+    def _vote(self) -> bool:
+        assert self._bstar is not None
+        before = self._bstar.state
+        accept = self._bstar.handle(Event.CLIENT_REQUEST)
+        if self._bstar.state is not before:
+            self._on_state_change(before)
+        return accept
+
+    def _send_snapshot(self, identity: bytes, subtree: str) -> None:
+        router = self._sockets["router"]
+        prefix = (identity,)
+        try:
+            for key, msg in self._kvmap.items():
+                if key.startswith(subtree):
+                    msg.send(router, zmq.NOBLOCK, prefix)
+            done = KVMsg(KTHXBAI, self._sequence, subtree.encode(), self._control_properties(), b"")
+            done.send(router, zmq.NOBLOCK, prefix)
+        except zmq.Again:
+            self._reject("snapshot_aborted", "snapshot port", "client not reading (HWM); it will ask again")
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self._count("snapshot_aborted")  # the client went away mid-snapshot
+            return
+        self._count("snapshots")
+
+    def _on_subscription(self, frames: list[bytes]) -> None:
+        frame = frames[0] if len(frames) == 1 else b""
+        if frame[:1] == b"\x01":
+            self._hugz_due = True  # coalesced: at most one HUGZ per loop iteration
+        elif frame[:1] != b"\x00":
+            self._reject("bad_subscription", "update port", f"{len(frames)} frames that are no subscription")
+
+    def _on_collect(self, frames: list[bytes]) -> None:
+        try:
+            msg = KVMsg.from_frames(frames, max_body=self.max_body)
+            check_path(msg.key)
+            _ = msg.ttl  # validates
+        except KVMsgError as exc:
+            self._reject(exc.kind, "collector", exc)
+            return
+        if msg.uuid and msg.uuid in self._seen:
+            self._count("duplicates")  # a client resending after failover what we already applied
+            return
+        if self._state() is State.ACTIVE:
+            self._apply(msg)
+        elif msg.uuid:
+            # Passive (or not sure yet): hold it until the active server publishes it, or we take over.
+            self._pending[msg.uuid] = (msg, self._sequence)
+            if len(self._pending) > self.max_pending:
+                self._pending.popitem(last=False)
+                self._count("pending_dropped")
+        else:
+            self._count("unmatchable")  # no uuid: a passive server could never match it to the active's copy
+
+    def _on_peer_state(self, frames: list[bytes]) -> None:
+        assert self._bstar is not None
+        try:
+            state = int(frames[0]) if len(frames) == 1 and len(frames[0]) == 1 else 0
+            before = self._bstar.state
+            self._bstar.peer_state(state)
+        except ValueError:
+            self._reject("bad_peer", "peer state port", f"{frames[0][:16]!r} is not a Binary Star state")
+            return
+        if self._bstar.state is not before:
+            self._on_state_change(before)
+
+    def _on_peer_update(self, frames: list[bytes]) -> None:
+        assert self._sync is not None
+        try:
+            msg = KVMsg.from_frames(frames, max_body=None)
+        except KVMsgError as exc:
+            self._reject(exc.kind, "peer's update port", exc)
+            return
+        if not self._sync.synced:
+            self._sync.backlog.append(msg)
+            self._sync.ready = True
+            return
+        self._follow(msg)
+
+    def _on_peer_snapshot(self, frames: list[bytes]) -> None:
+        sync = self._sync
+        assert sync is not None
+        try:
+            msg = KVMsg.from_frames(frames, max_body=None)
+        except KVMsgError as exc:
+            self._reject(exc.kind, "peer's snapshot port", exc)
+            return
+        if sync.synced:
+            return
+        if msg.key != KTHXBAI:
+            sync.snapshot[msg.key] = msg
+            sync.touch()
+            return
+        now = time.monotonic()
+        self._kvmap, self._expiries = {}, []
+        for entry in sync.snapshot.values():
+            self._store(entry, now)
+            self._remember(entry.uuid)
+            self._pending.pop(entry.uuid, None)
+        self._sequence = msg.sequence
+        sync.synced = True
+        sync.snapshot = {}
+        backlog, sync.backlog = sync.backlog, []
+        logger.info(
+            "store %s: synced %d keys at sequence %d from %s",
+            self.role,
+            len(self._kvmap),
+            msg.sequence,
+            self.peer,
+        )
+        for update in backlog:
+            if self._sync is sync:
+                self._follow(update)
+
+    def _follow(self, msg: KVMsg) -> None:
+        """Passive: apply an update published by the active server."""
+        if msg.key == HUGZ:
+            if msg.sequence > self._sequence:
+                self._resync("the active server is ahead of us (missed updates)")
+            return
+        if msg.sequence <= self._sequence:
+            return
+        if msg.sequence != self._sequence + 1:
+            self._resync(f"gap in the active server's updates ({self._sequence} -> {msg.sequence})")
+            return
+        self._sequence = msg.sequence
+        self._store(msg, time.monotonic())
+        self._remember(msg.uuid)
+        self._pending.pop(msg.uuid, None)
+
+    def _resync(self, why: str) -> None:
+        logger.warning("store %s: resyncing from %s: %s", self.role, self.peer, why)
+        self._count("resyncs")
+        self._start_peer_sync()
+
+    # ------------------------------------------------------------------ state
+
+    def _apply(self, msg: KVMsg, *, count: bool = True) -> None:
+        """Active: number the update, apply it, publish it."""
+        self._sequence += 1
+        msg.sequence = self._sequence
+        self._store(msg, time.monotonic())
+        self._remember(msg.uuid)
+        msg.send(self._sockets["publisher"])
+        if count:
+            self._count("deletes" if msg.is_delete else "updates")
+
+    def _store(self, msg: KVMsg, now: float) -> None:
+        if msg.is_delete:
+            self._kvmap.pop(msg.key, None)
+            return
+        self._kvmap[msg.key] = msg
+        try:
+            ttl = msg.ttl
+        except KVMsgError:
+            ttl = None  # only reachable for updates from the peer, which validated them already
+        if ttl is not None:
+            heapq.heappush(self._expiries, (now + ttl, msg.key, msg.uuid))
+
+    def _remember(self, uuid: bytes) -> None:
+        if uuid:
+            self._seen[uuid] = None
+            if len(self._seen) > SEEN_UUIDS:
+                self._seen.popitem(last=False)
+
+    def _expire(self, now: float) -> None:
+        while self._expiries and self._expiries[0][0] <= now:
+            _, key, uuid = heapq.heappop(self._expiries)
+            current = self._kvmap.get(key)
+            if current is not None and current.uuid == uuid:  # else it was re-set since: not expired
+                self._apply(KVMsg(key), count=False)
+                self._count("expired")
+
+    def _send_hugz(self) -> None:
+        self._hugz_due = False
+        KVMsg(HUGZ, self._sequence, b"", self._control_properties(), b"").send(self._sockets["publisher"])
+
+    def _control_properties(self) -> dict[str, str]:
+        return {"epoch": self.epoch, "heartbeat": repr(self.heartbeat_s), "state": self.state}
+
+    def _on_state_change(self, before: State) -> None:
+        after = self._state()
+        self._count("state_changes")
+        if after is State.ACTIVE:
+            if self._sync is not None:
+                if not self._sync.synced:
+                    logger.warning("store %s: taking over before the state sync finished", self.role)
+                self._sync.close()
+                self._sync = None
+                self._poller_stale = True
+            self._take_over()
+        elif after is State.PASSIVE:
+            self._start_peer_sync()
+        logger.info("store %s: %s -> %s at sequence %d", self.role, before.name, after.name, self._sequence)
+
+    def _take_over(self) -> None:
+        """Apply the pending list: updates clients sent us that the old active never published."""
+        applied = superseded = 0
+        pending, self._pending = self._pending, OrderedDict()
+        for msg, our_sequence in pending.values():
+            current = self._kvmap.get(msg.key)
+            if current is not None and current.sequence > our_sequence:
+                superseded += 1  # the key changed after this arrived: it is older than what we hold
+                continue
+            self._apply(msg)
+            applied += 1
+        if applied or superseded:
+            logger.info("store %s: applied %d pending updates, %d superseded", self.role, applied, superseded)
+        self._hugz_due = True
+
+    def _start_peer_sync(self) -> None:
+        """Passive: drop our state and take the active peer's (snapshot, then its update stream)."""
+        if self._sync is not None:
+            self._sync.close()
+        self._kvmap, self._expiries, self._sequence = {}, [], 0
+        assert self._ctx is not None
+        self._sync = _PeerSync(self._ctx, self._settings, self._peer_host, self._peer_port, self.heartbeat_s)
+        self._poller_stale = True
+
+    def _publish_stats(self) -> None:
+        record = {
+            "role": self.role,
+            "state": self.state,
+            "address": self.address,
+            "pid": os.getpid(),
+            "epoch": self.epoch,
+            "sequence": self._sequence,
+            "keys": len(self._kvmap),
+            "pending": len(self._pending),
+            "counters": self.stats,
+            "time": time.time(),
+        }
+        ttl = format_ttl(round(3 * self.stats_interval_s, 3))
+        msg = KVMsg(f"/store/{self.role}/stats", 0, msgpack.packb(record), {"ttl": ttl})
+        if self._state() is State.ACTIVE:
+            self._apply(msg, count=False)
+        elif self._bstar is not None and self._bstar.state is State.PASSIVE:
+            # Only the active server numbers updates: a passive one hands its stats to it like a client.
+            if "peer_push" not in self._sockets:
+                push = make_socket(self._ctx, zmq.PUSH, settings=self._settings)  # type: ignore[arg-type]
+                push.connect(endpoint(self._peer_host, self._peer_port + 2))
+                self._sockets["peer_push"] = push
+            with contextlib.suppress(zmq.Again):  # the active server is not there: nobody to tell
+                msg.send(self._sockets["peer_push"], zmq.NOBLOCK)
+
+
+class _PeerSync:
+    """A passive server's link to the active one: its update stream and, until synced, a snapshot request."""
+
+    def __init__(self, ctx: zmq.Context, settings: Settings, host: str, port: int, hb: float) -> None:
+        self.sub = make_socket(ctx, zmq.SUB, settings=settings, rcvhwm=PUB_HWM)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(endpoint(host, port + 1))
+        self.dealer = make_socket(ctx, zmq.DEALER, settings=settings)
+        self.dealer.connect(endpoint(host, port))
+        self.heartbeat_s = hb
+        self.synced = False
+        self.ready = False  # our subscription is live (we got something on it): safe to ask for a snapshot
+        self.requested = False
+        self.backlog: list[KVMsg] = []
+        self.snapshot: dict[str, KVMsg] = {}
+        now = time.monotonic()
+        self.ask_by = now + 2 * hb  # ask anyway after this, even if the stream is silent
+        self.touch(now)
+
+    def touch(self, now: float | None = None) -> None:
+        self.give_up_at = (now or time.monotonic()) + max(10 * self.heartbeat_s, 2.0)
+
+    def next_deadline(self) -> float:
+        if self.synced:
+            return time.monotonic() + 1.0
+        return self.give_up_at if self.requested else min(self.ask_by, self.give_up_at)
+
+    def tick(self, now: float) -> bool:
+        """Ask for the snapshot when it is time; False if the active server never answered (start over)."""
+        if self.synced:
+            return True
+        if now >= self.give_up_at:
+            return False
+        if not self.requested and (self.ready or now >= self.ask_by):
+            try:
+                self.dealer.send_multipart([ICANHAZ, b""], zmq.NOBLOCK)
+                self.requested = True
+                self.touch(now)
+            except zmq.Again:
+                pass  # not connected yet: the next tick tries again
+        return True
+
+    def close(self) -> None:
+        self.sub.close(linger=0)
+        self.dealer.close(linger=0)

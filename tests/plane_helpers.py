@@ -57,7 +57,10 @@ class ProcessTree:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, *args: Any, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "stemstream.cli", *(str(a) for a in args)]
+        return self.start_argv(name, [sys.executable, "-m", "stemstream.cli", *(str(a) for a in args)], env=env)
+
+    def start_argv(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start any command line (e.g. ``mpiexec -n 2 python -m stemstream.cli ...``) as ``name``."""
         with open(self.log_dir / f"{name}.log", "ab") as out:
             proc = subprocess.Popen(
                 argv,

@@ -73,7 +73,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     n = subparsers.add_parser("nodegroup", help="receive and assemble frames on a compute node")
     _store_arg(n)
-    n.add_argument("--consumer", choices=["checksum", "collect", "null"], default="checksum")
+    n.add_argument(
+        "--consumer",
+        choices=["count", "checksum", "collect", "null"],
+        default="checksum",
+        help="count: electron-count and write one HDF5 per scan (rank 0); the others are for tests",
+    )
     n.add_argument("--count", type=int, default=1, help="NodeGroups in this process")
     n.add_argument("--uid", default=None, help="UID (with --count N: the prefix, -0 .. -N-1 appended)")
     n.add_argument("--results", type=Path, default=None, help="write <uid>_scan<N>.json per scan here")
@@ -86,6 +91,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     n.add_argument("--expect-timeout", type=float, default=None, help="how long data waits for its expect")
     n.add_argument("--scan-timeout", type=float, default=None, help="default STEMSTREAM_SCAN_TIMEOUT_S")
     n.add_argument("--max-lag", type=int, default=64, help="messages a sector may run ahead of the slowest")
+    c = n.add_argument_group("counting (--consumer count)")
+    c.add_argument("--output-dir", type=Path, default=None, help="counted files (default STEMSTREAM_OUTPUT_DIR)")
+    c.add_argument("--engine", default=None, help="stempy | cpu | gpu | auto (default STEMSTREAM_ENGINE)")
+    c.add_argument("--n-sigma", type=float, default=None, help="background threshold, sigmas above the mean")
+    c.add_argument("--xray-n-sigma", type=float, default=None, help="x-ray threshold, sigmas above the mean")
+    c.add_argument("--threshold-frames", type=int, default=None, help="frames in the threshold sample")
+    c.add_argument("--dark", type=Path, default=None, help="dark reference, a .npy of one 576x576 frame")
+    c.add_argument("--batch", type=int, default=None, help="frames per engine call (default by engine)")
+    c.add_argument("--buffer-frames", type=int, default=1024, help="frames held for counting before waiting")
     n.set_defaults(func=_nodegroup)
 
 
@@ -184,14 +198,23 @@ def _nodegroup(args: argparse.Namespace) -> int:
     from stemstream.streaming.nodegroup import NodeGroup
 
     stop = _stop_on_signals()
-    client = _store_client(args)
+    service = _counting_service(args) if args.consumer == "count" else None
     base = args.uid or f"nodegroup-{socket.gethostname()}-{os.getpid()}"
+    if service is not None and service.transport.size > 1 and args.uid:
+        base = f"{args.uid}-r{service.transport.rank}"
+    uids = [base if args.count == 1 else f"{base}-{i}" for i in range(args.count)]
+    client = _store_client(args)
     groups: list[NodeGroup] = []
     try:
-        for i in range(args.count):
-            uid = base if args.count == 1 else f"{base}-{i}"
+        if service is not None:
+            service.uids = uids
+            service.store = client
+            service.start()
+        for uid in uids:
             consumer: Any
-            if args.consumer == "null":
+            if service is not None:
+                consumer = service.consumer(uid)
+            elif args.consumer == "null":
                 consumer = NullConsumer()
             elif args.consumer == "collect":
                 consumer = CollectingConsumer(results_dir=args.results, name=uid)
@@ -213,9 +236,41 @@ def _nodegroup(args: argparse.Namespace) -> int:
     except BaseException:
         for group in groups:
             group.stop()
+        if service is not None:
+            service.stop()
         client.close()
         raise
     try:
-        return _serve(groups, stop)
+        return _serve([*groups, *([service] if service is not None else [])], stop)
     finally:
         client.close()
+
+
+def _counting_service(args: argparse.Namespace) -> Any:
+    """The rank's counting service (MPI when run under mpiexec); NodeGroup UIDs are filled in after."""
+    import numpy as np
+
+    from stemstream.config import get_settings
+    from stemstream.errors import CountingError
+    from stemstream.streaming.counting import CountingConfig, CountingService
+    from stemstream.streaming.ranks import make_transport
+
+    s = get_settings()
+    dark = None
+    if args.dark is not None:
+        try:
+            dark = np.load(args.dark)
+        except (OSError, ValueError) as exc:
+            raise CountingError(f"cannot read the dark reference {args.dark}: {exc}; give a .npy file") from None
+    config = CountingConfig(
+        output_dir=args.output_dir or s.output_dir,
+        engine=args.engine or s.engine,
+        background_n_sigma=args.n_sigma if args.n_sigma is not None else s.background_n_sigma,
+        xray_n_sigma=args.xray_n_sigma if args.xray_n_sigma is not None else s.xray_n_sigma,
+        threshold_frames=args.threshold_frames or s.threshold_samples,
+        dark=dark,
+        batch=args.batch,
+        max_buffered_frames=args.buffer_frames,
+        scan_timeout_s=args.scan_timeout or s.scan_timeout_s,
+    )
+    return CountingService(config, transport=make_transport(), uids=[])

@@ -192,18 +192,21 @@ def run_raw(n_frames: int, groups: int) -> dict[str, float]:
 
 
 class _Processes:
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, cpus: str | None = None) -> None:
         self.log_dir = log_dir
+        self.cpus = cpus  # run every process on these cores (taskset -c), None: anywhere
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, *args: Any) -> None:
-        env = {**os.environ, "STEMSTREAM_LOG_LEVEL": "WARNING"}
+    def start(self, name: str, *args: Any, cpus: str | None = None) -> None:
+        env = {**os.environ, "STEMSTREAM_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING")}
         root = Path(__file__).resolve().parents[1]
         env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
+        cpus = cpus or self.cpus
+        pin = ["taskset", "-c", cpus] if cpus else []
         with open(self.log_dir / f"{name}.log", "ab") as log:
             self.procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "stemstream.cli", *(str(a) for a in args)],
+                    [*pin, sys.executable, "-m", "stemstream.cli", *(str(a) for a in args)],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=env,
@@ -227,17 +230,30 @@ class _Processes:
 class StreamingPlane:
     """The streaming path, started once: store (here), aggregator, NodeGroups and producers (processes)."""
 
-    def __init__(self, groups: int, threads: int, log_dir: Path) -> None:
+    def __init__(
+        self,
+        groups: int,
+        threads: int,
+        log_dir: Path,
+        consumer_args: tuple[Any, ...] = ("--consumer", "null"),
+        warm_up: int = 256,
+        cpus: str | None = None,
+        nodegroup_cpus: str | None = None,
+    ) -> None:
+        self.cpus = cpus
+        self.nodegroup_cpus = nodegroup_cpus
         self.groups = groups
         self.threads = threads
         self.log_dir = log_dir
+        self.consumer_args = consumer_args
+        self.warm_up = warm_up
         self.scan = 0
 
     def __enter__(self) -> StreamingPlane:
         from stemstream.streaming.store import Registry, StoreClient, StoreServer
 
         self.server = StoreServer(host="127.0.0.1", port=None).start()
-        self.procs = _Processes(self.log_dir)
+        self.procs = _Processes(self.log_dir, self.cpus)
         try:
             self.client = StoreClient(self.server.address, timeout=10).start()
             address = self.server.address
@@ -245,14 +261,15 @@ class StreamingPlane:
             self.procs.start("aggregator", "aggregator", "--store", address)
             for g in range(self.groups):
                 self.procs.start(f"ng-{g}", "nodegroup", "--store", address, "--uid", f"ng-{g}",
-                                 "--consumer", "null")  # fmt: skip
+                                 *self.consumer_args, cpus=self.nodegroup_cpus)  # fmt: skip
             registry.wait_for_members("aggregator", 1, status="ready", timeout=60)
             registry.wait_for_members("nodegroup", self.groups, status="ready", timeout=60)
             for m in range(N_SECTORS):
                 self.procs.start(f"producer-{m}", "producer", "--store", address, "--sector", m,
                                  "--threads", self.threads, "--pregen", 16, "--loss-rate", 0)  # fmt: skip
             registry.wait_for_members("producer", N_SECTORS, status="ready", timeout=60)
-            self.measure(256)  # warm-up: connections made, buffers touched
+            if self.warm_up:
+                self.measure(self.warm_up)  # warm-up: connections made, buffers touched
         except BaseException:
             self.__exit__()
             raise
@@ -284,6 +301,22 @@ class StreamingPlane:
         nbytes = d["scan"]["received"] * SECTOR_BYTES
         return {"bytes": nbytes, "seconds": end - start, "gbps": nbytes / (end - start) / 1e9,
                 "steady_gbps": nbytes / (end - first) / 1e9}  # fmt: skip
+
+    def count(self, n_frames: int, seed: int = 1) -> dict[str, Any]:
+        """Stream one scan to counting NodeGroups; the ``/scans/<n>/counted`` record, plus ``started``
+        (first sector sent) and ``seconds`` (first sector sent .. counted file written)."""
+        from stemstream.streaming.counting import counted_key
+        from stemstream.streaming.fallback import scan_details
+        from stemstream.streaming.producer import request_scan
+
+        self.scan += 1
+        key = counted_key(self.scan)
+        request_scan(self.client, self.scan, _scan_shape(n_frames), loss_rate=0.0, seed=seed)
+        record = self.client.wait_for(lambda items: key in items, key, timeout=1200)[key]
+        assert record["status"] == "counted", record
+        d = scan_details(self.client, self.scan)
+        started = min(p["started"] for p in d["producers"].values())
+        return {**record, "started": started, "seconds": record["written_at"] - started}
 
 
 def _scan_shape(n_frames: int) -> tuple[int, int]:

@@ -99,7 +99,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--threshold-frames", type=int, default=None, help="frames in the threshold sample")
     c.add_argument("--dark", type=Path, default=None, help="dark reference, a .npy of one 576x576 frame")
     c.add_argument("--batch", type=int, default=None, help="frames per engine call (default by engine)")
-    c.add_argument("--buffer-frames", type=int, default=1024, help="frames held for counting before waiting")
+    c.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="counting processes over shared memory (default 1 for stempy, which holds the GIL; 0 for cpu/gpu)",
+    )
+    c.add_argument(
+        "--worker-cpus",
+        default=None,
+        help="pin the counting processes to these cores, comma-separated (e.g. 2,3,4,5)",
+    )
+    c.add_argument("--buffer-frames", type=int, default=512, help="frames held for counting before waiting")
     n.set_defaults(func=_nodegroup)
 
 
@@ -246,6 +257,17 @@ def _nodegroup(args: argparse.Namespace) -> int:
         client.close()
 
 
+def _cpu_list(text: str | None) -> list[int] | None:
+    from stemstream.errors import ConfigError
+
+    if not text:
+        return None
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--worker-cpus {text!r}: give core numbers separated by commas, e.g. 2,3") from None
+
+
 def _counting_service(args: argparse.Namespace) -> Any:
     """The rank's counting service (MPI when run under mpiexec); NodeGroup UIDs are filled in after."""
     import numpy as np
@@ -270,6 +292,8 @@ def _counting_service(args: argparse.Namespace) -> Any:
         threshold_frames=args.threshold_frames or s.threshold_samples,
         dark=dark,
         batch=args.batch,
+        workers=args.workers,
+        worker_cpus=_cpu_list(args.worker_cpus),
         max_buffered_frames=args.buffer_frames,
         scan_timeout_s=args.scan_timeout or s.scan_timeout_s,
     )

@@ -38,6 +38,7 @@ import queue
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from stemstream.counting import CountingEngine, Thresholds, compute_thresholds, 
 from stemstream.errors import CountingError, StemstreamError
 from stemstream.log import RateLimitedLog
 from stemstream.streaming.consumer import ScanInfo, ScanSummary
+from stemstream.streaming.countworkers import ProcessCounter, SharedBatch, unpack
 from stemstream.streaming.fallback import KeyValue
 from stemstream.streaming.protocol import FRAME_SHAPE, N_SECTORS
 from stemstream.streaming.ranks import RankTransport
@@ -55,7 +57,7 @@ from stemstream.streaming.ranks import RankTransport
 logger = logging.getLogger(__name__)
 _rlog = RateLimitedLog(logger)
 
-DEFAULT_BATCH = {"stempy": 1, "cpu": 16, "gpu": 64}
+DEFAULT_BATCH = {"stempy": 4, "cpu": 16, "gpu": 64}
 BF_RADIUS = 60.0  # pixels around the frame centre counted as bright field in the live preview
 PREVIEW_MAX_SIDE = 256  # the preview image is binned down to at most this many positions a side
 _IDLE_FLUSH_S = 0.02  # a batch whose filling paused this long is counted as far as it is ready
@@ -89,7 +91,9 @@ class CountingConfig:
     dark: np.ndarray | None = None
     gain: np.ndarray | None = None
     batch: int | None = None  # frames per engine call (default by engine)
-    max_buffered_frames: int = 1024  # frames in batch buffers before frame_buffer waits (soft: see above)
+    workers: int | None = None  # counting processes over shared memory (default: 1 for stempy, else 0)
+    worker_cpus: list[int] | None = None  # pin the counting processes to these cores
+    max_buffered_frames: int = 512  # frames in batch buffers before frame_buffer waits (soft: see above)
     sample_grace_s: float = 2.0
     scan_timeout_s: float = 60.0  # rank 0 writes what it has when a scan makes no progress this long
     preview_interval_s: float = 1.0
@@ -103,13 +107,16 @@ class CountingConfig:
             raise CountingError(f"threshold_frames must be >= 1, got {self.threshold_frames}")
         if self.batch is not None and self.batch < 1:
             raise CountingError(f"batch must be >= 1, got {self.batch}")
+        if self.workers is not None and not 0 <= self.workers <= 1024:
+            raise CountingError(f"workers must be 0 (count in this process) .. 1024, got {self.workers}")
 
 
 class _Batch:
     """A batch buffer and the state of each of its slots."""
 
-    def __init__(self, size: int, frame_shape: tuple[int, int]) -> None:
-        self.data = np.empty((size, *frame_shape), dtype=np.uint16)
+    def __init__(self, size: int, frame_shape: tuple[int, int], shared: bool = False) -> None:
+        self.shared = SharedBatch(size, frame_shape) if shared else None
+        self.data = self.shared.array if self.shared else np.empty((size, *frame_shape), dtype=np.uint16)
         self.size = size
         self.reset(-1)
 
@@ -119,6 +126,7 @@ class _Batch:
         self.state = [_FREE] * self.size
         self.n_assigned = 0
         self.last_assign = time.monotonic()
+        self.queued = False
 
     def ready_runs(self) -> list[tuple[int, int]]:
         """Contiguous runs ``[i, j)`` of ready slots."""
@@ -153,9 +161,13 @@ class _LocalScan:
     failed: str | None = None
     events: dict[int, np.ndarray] = field(default_factory=dict)
     incomplete: dict[int, tuple[int, ...]] = field(default_factory=dict)
-    batches: list[_Batch] = field(default_factory=list)
+    batches: set[_Batch] = field(default_factory=set)  # holding slots of this scan
+    queue: deque[_Batch] = field(default_factory=deque)  # batches with ready slots, oldest first
     outstanding: int = 0  # slots handed out and not yet done
     counted: int = 0
+    engine_s: float = 0.0  # seconds inside the engine
+    first_count: float | None = None  # time.time() of the first and last engine call
+    last_count: float | None = None
     share: int = 0  # frames of this scan routed to this rank's NodeGroups
     reported: bool = False
     all_ended_at: float | None = None
@@ -188,6 +200,7 @@ class _CoordScan:
     sample_frames: list[int] = field(default_factory=list)
     failed: str | None = None
     decided: bool = False
+    first_sample_at: float | None = None
     given_up: set[int] = field(default_factory=set)
     stall: tuple[int, float] | None = None  # (frame the sample waits for, since when)
     touched: float = field(default_factory=time.monotonic)
@@ -213,6 +226,11 @@ class CountingService:
         self.store = store
         self.engine = engine if engine is not None else get_engine(config.engine)
         self.batch_size = config.batch or DEFAULT_BATCH.get(self.engine.name, 16)
+        # stempy holds the GIL while counting: count it in worker processes unless told otherwise.
+        self.workers = config.workers if config.workers is not None else (1 if self.engine.name == "stempy" else 0)
+        self._counter: ProcessCounter | None = None
+        self._in_flight = 0
+        self._all_batches: list[_Batch] = []
         self._cap = max(2, math.ceil(config.max_buffered_frames / self.batch_size))
         self._cond = threading.Condition()
         self._free: list[_Batch] = []
@@ -235,6 +253,22 @@ class CountingService:
     # ---- life cycle
 
     def start(self) -> CountingService:
+        if self.workers:
+            self._counter = ProcessCounter(
+                self.engine.name,
+                self.workers,
+                dark=self.config.dark,
+                gain=self.config.gain,
+                frame_shape=self.config.frame_shape,
+                cpus=self.config.worker_cpus,
+            )
+        # Allocate and touch every buffer now: first-touch page faults cost ~200 us per sector copy on the
+        # receiving threads (measured), which is more than the copy itself.
+        with self._cond:
+            while self._n_batches < self._cap:
+                b = self._new_batch()
+                b.data.fill(0)
+                self._free.append(b)
         self.transport.start(self._inbox.put)
         for name, target in (("count", self._count_loop), ("control", self._control_loop)):
             t = threading.Thread(target=self._guard(target), name=f"counting-{name}-{self.rank}", daemon=True)
@@ -258,6 +292,12 @@ class CountingService:
         for t in self._threads:
             t.join(10)
         self.transport.close()
+        if self._counter is not None:
+            self._counter.close()
+        for b in self._all_batches:
+            if b.shared is not None:
+                b.shared.release()
+        self._all_batches.clear()
 
     def maybe_raise(self) -> None:
         if self._error is not None:
@@ -337,7 +377,7 @@ class CountingService:
                 fresh = self._take_batch(scan_number)
                 if self._filling is None:
                     self._filling = fresh
-                    ls.batches.append(fresh)
+                    ls.batches.add(fresh)
                 else:  # another thread installed one while we waited
                     self._free.append(fresh)
 
@@ -354,12 +394,14 @@ class CountingService:
                 )
                 break
             self._cond.wait(left)
-        if self._free:
-            b = self._free.pop()
-        else:
-            b = _Batch(self.batch_size, self.config.frame_shape)
-            self._n_batches += 1
+        b = self._free.pop() if self._free else self._new_batch()
         b.reset(scan_number)
+        return b
+
+    def _new_batch(self) -> _Batch:
+        b = _Batch(self.batch_size, self.config.frame_shape, shared=self.workers > 0)
+        self._all_batches.append(b)
+        self._n_batches += 1
         return b
 
     def _frame_ready(self, scan_number: int, frame: int, missing: tuple[int, ...]) -> None:
@@ -374,6 +416,9 @@ class CountingService:
                 self._slots_done(ls, b, 1)
             else:
                 b.state[k] = _READY
+                if not b.queued:
+                    b.queued = True
+                    ls.queue.append(b)
                 if not missing and ls.thresholds is None and ls.failed is None and frame < ls.window:
                     sample = b.data[k].tobytes()  # under the lock: the slot cannot be reused meanwhile
             self._cond.notify_all()
@@ -409,40 +454,45 @@ class CountingService:
             self._release(ls, b)
 
     def _release(self, ls: _LocalScan, b: _Batch) -> None:
-        if b in ls.batches:
-            ls.batches.remove(b)
+        ls.batches.discard(b)
+        if b.queued:
+            ls.queue.remove(b)
         b.reset(-1)
         self._free.append(b)
         self._cond.notify_all()
 
     def _pick_work(self, now: float) -> tuple[_LocalScan, _Batch, list[tuple[int, int]]] | None:
+        """The oldest batch with ready slots that is due: full, or no longer filling, or idle, or its
+        scan has ended here. Its ready runs are marked as being counted."""
         for ls in self._scans.values():
             if ls.thresholds is None and ls.failed is None:
                 continue
-            for b in list(ls.batches):
-                if b is self._filling and ls.all_ended:
-                    self._filling = None  # nothing more comes for this scan
-                full = b.n_assigned == b.size or b is not self._filling
-                if not (full or ls.all_ended or now - b.last_assign > _IDLE_FLUSH_S):
+            if ls.all_ended and self._filling is not None and self._filling.scan == ls.number:
+                self._filling = None  # nothing more comes for this scan
+            for b in ls.queue:
+                due = b is not self._filling or b.n_assigned == b.size or now - b.last_assign > _IDLE_FLUSH_S
+                if not due:
                     continue
+                ls.queue.remove(b)
+                b.queued = False
                 runs = b.ready_runs()
-                if runs:
-                    for i, j in runs:
-                        for k in range(i, j):
-                            b.state[k] = _COUNTING
-                    return ls, b, runs
-                if b.finished() and b is not self._filling:
-                    self._release(ls, b)
+                for i, j in runs:
+                    for k in range(i, j):
+                        b.state[k] = _COUNTING
+                return ls, b, runs
         return None
 
     def _count_loop(self) -> None:
         last_preview = 0.0
+        most = max(1, self.workers) * 2  # keep every worker busy, and one more batch queued for each
         while not self._stop.is_set():
             now = time.monotonic()
             with self._cond:
-                work = self._pick_work(now)
+                work = self._pick_work(now) if self._in_flight < most else None
                 if work is None:
                     self._cond.wait(_IDLE_FLUSH_S / 2)
+                else:
+                    self._in_flight += 1
             if now - last_preview >= self.config.preview_interval_s:
                 last_preview = now
                 self._publish_previews()
@@ -450,35 +500,68 @@ class CountingService:
             if work is None:
                 continue
             ls, b, runs = work
+            if ls.failed is not None:
+                self._counted(ls, b, runs, [], ls.failed, 0.0)
+                continue
+            assert ls.thresholds is not None
+            t0 = time.perf_counter()
+            if self._counter is not None and b.shared is not None:
+                future = self._counter.submit(b.shared, runs, ls.thresholds)
+                future.add_done_callback(lambda fut, ls=ls, b=b, runs=runs, t0=t0: self._collect(fut, ls, b, runs, t0))
+                continue
             results: list[tuple[int, list[np.ndarray]]] = []
-            error = ls.failed
-            if error is None:
-                assert ls.thresholds is not None
-                try:
-                    for i, j in runs:
-                        ev = self.engine.count(b.data[i:j], ls.thresholds, dark=self.config.dark, gain=self.config.gain)
-                        results.append((i, ev))
-                except StemstreamError as exc:
-                    error = f"counting failed: {exc}"
-                    logger.error("scan %d: %s", ls.number, error)
-            with self._cond:
-                if error is not None and ls.failed is None:
-                    ls.failed = error
-                for i, ev in results:
-                    for k, e in enumerate(ev, start=i):
-                        f = b.frames[k]
-                        ls.events[f] = e
-                        if ls.bf is not None and e.size:
-                            ls.bf[f] = int(np.count_nonzero(self._inside[e]))
-                n = 0
+            error = None
+            try:
                 for i, j in runs:
-                    for k in range(i, j):
-                        b.state[k] = _DONE
-                    n += j - i
-                ls.counted += n
-                ls.preview_dirty = True
-                self._slots_done(ls, b, n)
-            self._maybe_report(ls.number)
+                    ev = self.engine.count(b.data[i:j], ls.thresholds, dark=self.config.dark, gain=self.config.gain)
+                    results.append((i, ev))
+            except StemstreamError as exc:
+                error = f"counting failed: {exc}"
+            self._counted(ls, b, runs, results, error, time.perf_counter() - t0)
+
+    def _collect(self, future: Any, ls: _LocalScan, b: _Batch, runs: list[tuple[int, int]], t0: float) -> None:
+        """A worker process's answer (called on the pool's result thread)."""
+        try:
+            results, error = unpack(future.result()), None
+        except Exception as exc:  # a worker's error, or a worker that died
+            results, error = [], f"counting failed in a worker process: {exc}"
+        self._counted(ls, b, runs, results, error, time.perf_counter() - t0)
+
+    def _counted(
+        self,
+        ls: _LocalScan,
+        b: _Batch,
+        runs: list[tuple[int, int]],
+        results: list[tuple[int, list[np.ndarray]]],
+        error: str | None,
+        spent: float,
+    ) -> None:
+        if error is not None and error != ls.failed:
+            logger.error("scan %d: %s", ls.number, error)
+        with self._cond:
+            self._in_flight -= 1
+            if error is None:
+                ls.engine_s += spent
+                ls.last_count = time.time()
+                ls.first_count = ls.first_count or ls.last_count - spent
+            elif ls.failed is None:
+                ls.failed = error
+            for i, ev in results:
+                for k, e in enumerate(ev, start=i):
+                    f = b.frames[k]
+                    ls.events[f] = e
+                    if ls.bf is not None and e.size:
+                        ls.bf[f] = int(np.count_nonzero(self._inside[e]))
+            n = 0
+            for i, j in runs:
+                for k in range(i, j):
+                    b.state[k] = _DONE
+                n += j - i
+            ls.counted += n
+            ls.preview_dirty = True
+            self._slots_done(ls, b, n)
+            self._cond.notify_all()
+        self._maybe_report(ls.number)
 
     def _check_stalled(self, now: float) -> None:
         """A rank whose scan ended but whose thresholds never came gives up (rank 0 lost?)."""
@@ -525,6 +608,9 @@ class CountingService:
                 "summaries": ls.summaries,
                 "failed": ls.failed,
                 "counted_at": time.time(),
+                "engine_s": ls.engine_s,
+                "first_count": ls.first_count,
+                "last_count": ls.last_count,
             },
         )
         logger.info(
@@ -594,6 +680,10 @@ class CountingService:
             return
         n = int(message["scan"])
         cs = self._coord.get(n)
+        if kind == "_decided":  # from our own thresholds worker
+            if cs is not None:
+                self._decided(cs, message["thresholds"], message["error"])
+            return
         if cs is None:
             if kind != "begin":
                 logger.error("scan %d: %r before its begin; ignored", n, kind)
@@ -607,6 +697,7 @@ class CountingService:
             )
         cs.touched = time.monotonic()
         if kind == "sample":
+            cs.first_sample_at = cs.first_sample_at or time.time()
             if not cs.decided:
                 cs.samples.setdefault(int(message["frame"]), message["data"])
         elif kind == "ended":
@@ -676,30 +767,56 @@ class CountingService:
         cs.decided = True
         cs.sample_frames = chosen
         if not chosen:
-            cs.failed = f"no complete frame among the first {cs.window} of the scan to compute thresholds from"
-        else:
-            shape = self.config.frame_shape
-            frames = np.stack([np.frombuffer(cs.samples[f], np.uint16).reshape(shape) for f in chosen])
-            try:
-                cs.thresholds = compute_thresholds(
-                    frames,
-                    dark=self.config.dark,
-                    gain=self.config.gain,
-                    background_n_sigma=self.config.background_n_sigma,
-                    xray_n_sigma=self.config.xray_n_sigma,
-                )
-            except CountingError as exc:
-                cs.failed = str(exc)
+            error = f"no complete frame among the first {cs.window} of the scan to compute thresholds from"
+            self._decided(cs, None, error)
+            return
+        shape = self.config.frame_shape
+        settings = (self.config.background_n_sigma, self.config.xray_n_sigma)
+        if self._counter is not None:
+            # On a counting core, not on this process's (which receives): ~0.1 s of CPU per scan.
+            sample = SharedBatch(len(chosen), shape)
+            for k, f in enumerate(chosen):
+                sample.array[k] = np.frombuffer(cs.samples[f], np.uint16).reshape(shape)
+            cs.samples.clear()
+            future = self._counter.thresholds(sample, *settings)
+
+            def done(fut: Any, cs: _CoordScan = cs, sample: SharedBatch = sample) -> None:
+                sample.release()
+                try:
+                    result, error = Thresholds.from_dict(fut.result()), None
+                except CountingError as exc:
+                    result, error = None, str(exc)
+                except Exception as exc:  # a worker that died
+                    result, error = None, f"thresholds: the counting worker failed: {exc}"
+                self._inbox.put({"kind": "_decided", "scan": cs.number, "thresholds": result, "error": error})
+
+            future.add_done_callback(done)
+            return
+        frames = np.stack([np.frombuffer(cs.samples[f], np.uint16).reshape(shape) for f in chosen])
         cs.samples.clear()
+        try:
+            thresholds = compute_thresholds(
+                frames, dark=self.config.dark, gain=self.config.gain, background_n_sigma=settings[0],
+                xray_n_sigma=settings[1],
+            )  # fmt: skip
+        except CountingError as exc:
+            self._decided(cs, None, str(exc))
+        else:
+            self._decided(cs, thresholds, None)
+
+    def _decided(self, cs: _CoordScan, thresholds: Thresholds | None, error: str | None) -> None:
+        """The scan's thresholds (or why there are none): sent to every rank of the scan."""
+        cs.thresholds, cs.failed = thresholds, error
         cs.thresholds_at = time.time()
         if cs.failed:
             logger.error("scan %d: %s", cs.number, cs.failed)
         else:
             assert cs.thresholds is not None
             logger.info(
-                "scan %d: thresholds from %d frames: background %.2f, x-ray %.2f",
+                "scan %d: thresholds from %d frames (%.2f s after the first came): background %.2f, x-ray %.2f",
                 cs.number,
-                len(chosen),
+                len(cs.sample_frames),
+                cs.thresholds_at - (cs.first_sample_at or cs.thresholds_at),
                 cs.thresholds.background,
                 cs.thresholds.xray,
             )
@@ -709,8 +826,9 @@ class CountingService:
             "thresholds": cs.thresholds.to_dict() if cs.thresholds else None,
             "error": cs.failed,
         }
-        for r in sorted(ranks):
+        for r in sorted(self._ranks_of(cs) or ()):
             self.transport.send(r, reply)
+        self._try_write(cs)
 
     def _coordinate_timers(self, now: float) -> None:
         for cs in list(self._coord.values()):
@@ -729,7 +847,7 @@ class CountingService:
 
     def _try_write(self, cs: _CoordScan) -> None:
         ranks = self._ranks_of(cs)
-        if cs.written or ranks is None or not ranks <= set(cs.events):
+        if cs.written or ranks is None or not ranks <= set(cs.events) or cs.thresholds_at is None:
             return
         self._write(cs, partial=[])
 
@@ -756,6 +874,8 @@ class CountingService:
             if msg.get("failed") and msg["failed"] not in failures:
                 failures.append(msg["failed"])
             counted_at = max(counted_at, float(msg.get("counted_at") or 0))
+        engine_s = sum(float(m.get("engine_s") or 0) for m in cs.events.values())
+        count_span = [t for m in cs.events.values() for t in (m.get("first_count"), m.get("last_count")) if t]
         firsts = [s["first_ts"] for s in summaries.values() if s.get("first_ts")]
         lasts = [s["last_ts"] for s in summaries.values() if s.get("last_ts")]
         messages = {
@@ -778,6 +898,10 @@ class CountingService:
             "first_frame": min(firsts) if firsts else None,
             "last_frame": max(lasts) if lasts else None,
             "messages": messages,
+            "engine_seconds": engine_s,
+            "first_count": min(count_span) if count_span else None,
+            "last_count": max(count_span) if count_span else None,
+            "thresholds_at": cs.thresholds_at,
             "host": socket.gethostname(),
         }
         if failures:

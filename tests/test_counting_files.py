@@ -100,3 +100,27 @@ def test_bad_inputs_raise_counting_error(tmp_path: Path):
         count_raw_files([truncated], tmp_path / "o.h5", scan_number=1)
     with pytest.raises(CountingError, match="no raw files"):
         count_raw_files([], tmp_path / "o.h5", scan_number=1)
+
+
+def test_count_command_writes_the_same_file_as_the_library(scan, tmp_path: Path, capsys):
+    from stemstream.cli import main
+
+    _sim, directory, _frames, lost = scan
+    out = tmp_path / "cli.h5"
+    assert main(["count", str(directory), "--scan", "3", "--engine", "cpu", "--output", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    sparse, meta = read_counted(out)
+    direct = count_raw_files(directory, tmp_path / "lib.h5", scan_number=3, engine="cpu")
+    sparse_lib, meta_lib = read_counted(direct)
+    assert meta["thresholds"] == meta_lib["thresholds"]
+    for a, b in zip(np.asarray(sparse.data).ravel(), np.asarray(sparse_lib.data).ravel(), strict=True):
+        assert np.array_equal(a, b)
+    assert sorted(map(tuple, meta["missing_sectors"].tolist())) == sorted(lost)
+
+
+def test_count_command_errors_are_one_line(tmp_path: Path, capsys):
+    from stemstream.cli import main
+
+    assert main(["count", str(tmp_path / "nowhere"), "--scan", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stemstream: error:") and "\n" not in err

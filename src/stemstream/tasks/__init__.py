@@ -1,0 +1,2 @@
+"""Prefect tasks: each a small typed function around one library call (``stemstream.streaming``,
+``allocation``, ``archive``, ``catalog``, ``counting``). Retries only on I/O."""

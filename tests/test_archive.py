@@ -11,7 +11,6 @@ import base64
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -20,15 +19,11 @@ import globus_sdk
 import pytest
 import responses
 from globus_sdk.testing import (
-    RegisteredResponse,
-    ResponseList,
-    ResponseSet,
     get_last_request,
-    get_response_set,
     load_response,
-    register_response_set,
 )
 
+from globus_mock import DST_EP, SRC_EP, SUBMISSION_ID, TASK_ID
 from stemstream.archive import ArchiveResult, get_archiver, sha256_file
 from stemstream.archive.globus import GlobusArchiver
 from stemstream.archive.local import LocalArchiver
@@ -97,72 +92,6 @@ def test_get_archiver(tmp_path):
 
 
 # -- Globus --------------------------------------------------------------------------------------------------
-
-SRC_EP = "aaaaaaaa-0000-4000-8000-000000000001"
-DST_EP = "bbbbbbbb-0000-4000-8000-000000000002"
-TASK_ID = get_response_set(globus_sdk.TransferClient.submit_transfer).metadata["task_id"]
-SUBMISSION_ID = get_response_set(globus_sdk.TransferClient.submit_transfer).metadata["submission_id"]
-
-
-def _task(status: str, **fields: Any) -> RegisteredResponse:
-    """A Transfer task document (GET /v0.10/task/<id>) as the Transfer API documents it."""
-    doc = {
-        "DATA_TYPE": "task",
-        "task_id": TASK_ID,
-        "type": "TRANSFER",
-        "status": status,
-        "label": "stemstream scan 42",
-        "source_endpoint_id": SRC_EP,
-        "destination_endpoint_id": DST_EP,
-        "sync_level": 3,
-        "verify_checksum": True,
-        "files": 1,
-        "files_transferred": 1 if status == "SUCCEEDED" else 0,
-        "bytes_transferred": 300_000 if status == "SUCCEEDED" else 0,
-        "faults": 0,
-        "fatal_error": None,
-        "nice_status": None,
-        "nice_status_short_description": None,
-        "is_ok": None,
-        **fields,
-    }
-    return RegisteredResponse(service="transfer", path=f"/v0.10/task/{TASK_ID}", json=doc)
-
-
-register_response_set(
-    "stemstream.get_task",
-    ResponseSet(
-        metadata={"task_id": TASK_ID},
-        succeeds=ResponseList(_task("ACTIVE", nice_status="Queued", is_ok=True), _task("SUCCEEDED")),
-        fails=ResponseList(
-            _task("ACTIVE", nice_status="PERMISSION_DENIED", is_ok=False, faults=3),
-            _task("FAILED", fatal_error={"code": "PERMISSION_DENIED", "description": "permission denied"}),
-        ),
-        stuck=_task("ACTIVE", nice_status="CONNECTION_FAILED", is_ok=False),
-        inactive=_task("INACTIVE", nice_status="CREDENTIAL_EXPIRED"),
-        cancel=RegisteredResponse(
-            service="transfer",
-            method="POST",
-            path=f"/v0.10/task/{TASK_ID}/cancel",
-            json={
-                "DATA_TYPE": "result",
-                "code": "Canceled",
-                "message": "The task has been cancelled successfully.",
-            },
-        ),
-    ),
-)
-
-
-@pytest.fixture
-def mocked_responses() -> Iterator[None]:
-    """Activate ``responses`` for the test (what globus_sdk.testing registers into)."""
-    responses.start()
-    try:
-        yield
-    finally:
-        responses.stop()
-        responses.reset()
 
 
 def _archiver(**kw: Any) -> GlobusArchiver:

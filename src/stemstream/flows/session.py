@@ -86,8 +86,8 @@ def streaming_session(
     )  # fmt: skip
     store = store or s.store_address
     catalog_url = catalog_url or s.catalog_url
-    check_store_task(store)
     allocator = check_machine(params, allocator_options)
+    check_store_task(store)
 
     from stemstream.streaming.store import StoreClient
 

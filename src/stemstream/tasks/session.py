@@ -76,7 +76,8 @@ def wait_for_nodegroups(
         state = allocator.state(allocation)
         if state.finished:
             raise AllocationError(
-                f"job {allocation.job_id} is {state.value} before its NodeGroups came up; see its log"
+                f"NodeGroup job {allocation.job_id} on {allocation.request.machine} ended ({state.value}) before its "
+                f"NodeGroups came up; see the job's log in {allocation.request.output_dir}"
             )
         if time.monotonic() > deadline:
             raise AllocationError(

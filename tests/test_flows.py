@@ -331,3 +331,26 @@ def test_bad_session_input_is_one_line(tmp_path, kw, error, words):
     assert "\n" not in message
     for word in words:
         assert word in message
+
+
+def test_deployments_register_with_parameters_and_a_schedule():
+    import sys as _sys
+
+    from prefect.client.orchestration import get_client
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deployments"))
+    import serve
+
+    ids = [d.apply() for d in serve.deployments()]
+    with get_client(sync_client=True) as client:
+        found = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in map(client.read_deployment, ids)}
+    assert set(found) == {
+        "streaming-session/local",
+        "streaming-session/perlmutter",
+        "process-scan/on-demand",
+        "count-fallback-scan/on-demand",
+        "multi-scan-experiment/stability-series",
+    }
+    assert found["streaming-session/perlmutter"].parameters["backend"] == "sfapi"
+    series = found["multi-scan-experiment/stability-series"]
+    assert series.parameters["n_scans"] == 60 and series.schedules and series.schedules[0].schedule.cron

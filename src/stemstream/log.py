@@ -14,6 +14,9 @@ def configure_logging(level: str | int | None = None) -> None:
     """Configure the root logger for a CLI process (level from STEMSTREAM_LOG_LEVEL, default INFO)."""
     level = level or os.environ.get("STEMSTREAM_LOG_LEVEL", "INFO")
     logging.basicConfig(level=level, format=_FORMAT)
+    # HTTP clients log every request at INFO (Prefect's API calls among them): only their problems here.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class RateLimitedLog:

@@ -1,96 +1,131 @@
-"""``stemstream demo``: the pipeline end to end on one machine, as far as it is built.
+"""``stemstream demo``: a whole streaming session on this machine, on the embedded defaults.
 
-Stage 1: simulate a scan, write it as 4D Camera raw files, read them back with stempy's multi-pass reader,
-electron-count them with stempy, and compare the events with the simulator's ground truth.
+A Prefect server (embedded SQLite), the Clone store, four simulated receiving-server producers; then a
+``multi_scan_experiment`` starts a ``streaming_session`` (aggregator + NodeGroups as MPI ranks), streams
+a few scans, each counted, archived (locally) and catalogued; the session ends, one more scan falls back
+to disk and ``count_fallback_scan`` counts it. A summary table and where to look at the end. Everything
+it started is stopped, also on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+import time
 from pathlib import Path
-
-from stemstream.commands.sim import add_sim_arguments, clear_scan_files, make_sim
-from stemstream.errors import CountingError
 
 logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="simulate, write, read back and count a small scan")
-    add_sim_arguments(parser, scan_shape=(32, 32))
-    parser.add_argument("--out", type=Path, default=Path("data/demo"), help="raw files go here")
-    parser.add_argument("--threads", type=int, default=2, help="stempy reader threads (default: 2)")
-    parser.set_defaults(func=_demo)
+    p = subparsers.add_parser("demo", help="run a whole streaming session here: stream, count, archive, catalogue")
+    p.add_argument("--dir", type=Path, default=Path("data/demo"), help="everything goes here (default data/demo)")
+    p.add_argument("--scans", type=int, default=3, help="streamed scans (default 3)")
+    p.add_argument("--scan-shape", type=int, nargs=2, default=[32, 32], metavar=("ROWS", "COLS"))
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between scan starts (default 2)")
+    p.add_argument("--nodegroups", type=int, default=2, help="NodeGroups, each an MPI rank (default 2)")
+    p.add_argument("--engine", default="stempy", help="counting engine: stempy (default), cpu, gpu, auto")
+    p.add_argument("--keep-ui", action="store_true", help="keep the Prefect UI up at the end until Ctrl-C")
+    p.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import time
-    import warnings
+    from stemstream.errors import ConfigError
+    from stemstream.localsite import LocalSite
 
-    import numpy as np
+    if args.scans < 1 or min(args.scan_shape) < 1 or args.nodegroups < 1:
+        raise ConfigError("--scans, --scan-shape and --nodegroups must be at least 1")
+    root = args.dir.absolute()
+    if root.exists():
+        shutil.rmtree(root)  # a demo starts from nothing: scan numbers, catalog and files are its own
+    catalog_url = f"sqlite:///{root / 'catalog.sqlite'}"
+    session = {
+        "nodegroups_per_node": args.nodegroups,
+        "engine": args.engine,
+        "output_dir": str(root / "counted"),
+        "archive_dir": str(root / "archive"),
+        "uid": f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
+    }
+    started = time.monotonic()
+    print(f"stemstream demo: everything under {root}")
+    with LocalSite(root) as site:
+        print(f"  Prefect UI    {site.prefect_url}  (server on embedded SQLite)")
+        print(f"  Clone store   {site.store};  4 simulated producers ready")
+        # Prefect is imported only now, so that it reports to the server just started.
+        from stemstream.catalog import Catalog
+        from stemstream.flows import count_fallback_scan, multi_scan_experiment
 
-    from stemstream.streaming.rawfile import write_scan
-
-    try:
-        import stempy.image as stempy_image
-        import stempy.io as stempy_io
-    except ImportError as exc:
-        raise CountingError(f"the demo counts with stempy, which does not import: {exc}") from None
-
-    sim = make_sim(args)
-    out: Path = args.out
-    clear_scan_files(out, sim.scan_number)  # an earlier demo's files: the writer never overwrites
-
-    t0 = time.perf_counter()
-    paths = write_scan(sim, out)
-    t_write = time.perf_counter() - t0
-    nbytes = sum(p.stat().st_size for p in paths)
-    lost = sim.lost_sectors()
-
-    t0 = time.perf_counter()
-    reader = stempy_io.reader(
-        [str(p) for p in paths],
-        version=stempy_io.FileVersion.VERSION5,
-        backend="multi-pass",
-        threads=args.threads,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        counted = stempy_image.electron_count(reader)
-    t_count = time.perf_counter() - t0
-
-    rows = sim.sector_shape[0]
-    hits = events = strikes = 0
-    for i in range(sim.n_frames):
-        truth = sim.ground_truth(i)
-        # Strikes whose centre fell in a lost sector cannot be found: score the received ones only.
-        sectors = truth // (rows * sim.frame_shape[1])
-        received = np.array([(i, int(m)) not in lost for m in sectors], dtype=bool)
-        truth = truth[received]
-        found = np.asarray(counted.data[i, 0])
-        hits += np.intersect1d(truth, found).size
-        events += found.size
-        strikes += truth.size
-
-    n_sectors = sim.n_frames * sim.n_sectors
-    table = [
-        (
-            "scan",
-            f"{sim.scan_shape[0]} x {sim.scan_shape[1]} ({sim.n_frames:,} frames), number {sim.scan_number}",
-        ),
-        ("sectors lost", f"{len(lost):,} of {n_sectors:,} ({len(lost) / n_sectors:.2%})"),
-        ("written", f"{nbytes / 1e9:.3f} GB in {len(paths)} files under {out}"),
-        ("write rate", f"{nbytes / 1e9 / t_write:.2f} GB/s ({t_write:.2f} s)"),
-        (
-            "counted (stempy)",
-            f"{sim.n_frames / t_count:,.0f} frames/s ({t_count:.2f} s, {args.threads} threads)",
-        ),
-        ("events", f"{events:,} ({events / sim.n_frames:.1f} per frame)"),
-        ("recall", f"{hits / max(strikes, 1):.2%} of {strikes:,} strikes in received sectors"),
-        ("precision", f"{hits / max(events, 1):.2%}"),
-    ]
-    print("stemstream demo, stage 1: simulate -> raw files -> stempy read -> stempy count")
-    for name, value in table:
-        print(f"  {name:<18} {value}")
+        multi_scan_experiment(
+            n_scans=args.scans,
+            interval_s=args.interval,
+            scan_shape=tuple(args.scan_shape),
+            store=site.store,
+            catalog_url=catalog_url,
+            session=session,
+            timeout_s=600,
+        )
+        fallback = _one_scan_to_disk(site.store, args.scans + 1, tuple(args.scan_shape))
+        count_fallback_scan(fallback, store=site.store, session=session, catalog_url=catalog_url)
+        catalog = Catalog(catalog_url)
+        rows = catalog.list_scans()
+        catalog.close()
+        _summary(rows, root, site.prefect_url, time.monotonic() - started)
+        _flush_prefect_logs()
+        if args.keep_ui:
+            print(f"\nThe Prefect UI stays up at {site.prefect_url}; Ctrl-C to stop everything.")
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
     return 0
+
+
+def _flush_prefect_logs() -> None:
+    """Send the runs' last log lines to the server before it stops (else the exit waits on retries)."""
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+
+
+def _one_scan_to_disk(store: str, scan_number: int, shape: tuple[int, int]) -> int:
+    """With the session over (no NodeGroup registered), one more scan: the producers write it to disk."""
+    from stemstream.streaming.producer import request_scan
+    from stemstream.streaming.store import Registry, StoreClient
+
+    with StoreClient(store, timeout=10) as client:
+        registry = Registry(client)
+        deadline = time.monotonic() + 60
+        while registry.members("nodegroup") and time.monotonic() < deadline:
+            time.sleep(0.5)  # the session released its nodes; their records expire within the TTL
+        request_scan(client, scan_number, shape, seed=scan_number)
+        key = f"/scans/{scan_number}"
+        client.wait_for(
+            lambda items: (items.get(key) or {}).get("status") in ("on_disk", "incomplete"), prefix=key, timeout=120
+        )
+    print(f"  scan {scan_number}: no NodeGroups registered any more, so the producers wrote it to disk")
+    return scan_number
+
+
+def _summary(rows: list, root: Path, prefect_url: str, seconds: float) -> None:
+    print()
+    print(f"{'scan':>4}  {'went':6}  {'status':9}  {'frames':>6}  {'incompl.':>8}  {'events':>8}  {'to file':>8}")
+    for r in rows:
+        turnaround = f"{r.turnaround_s:7.2f}s" if r.turnaround_s is not None else "       -"
+        went = "stream" if r.route == "stream" else "disk"
+        print(
+            f"{r.scan_number:>4}  {went:6}  {r.status:9}  {r.frames:>6}  {r.frames_incomplete:>8}  "
+            f"{r.events:>8}  {turnaround}"
+        )
+    print("('to file': seconds from the scan's last frame to its counted HDF5 file)")
+    print()
+    print("Where to look:")
+    print(f"  counted HDF5   {root / 'counted'}/scan_<n>_counted.h5  (stempy.io.load_electron_counts opens them)")
+    print(f"  pictures       {root / 'counted'}/scan_<n>_vbf.png  (virtual bright field)")
+    print(f"  archive        {root / 'archive'}")
+    print(f"  catalog        stemstream catalog --url sqlite:///{root / 'catalog.sqlite'} list")
+    print(f"  Prefect runs   PREFECT_HOME={root / 'prefect'} prefect server start  -> open http://127.0.0.1:4200")
+    print(f"                 (the demo's server was at {prefect_url}; it stops with the demo)")
+    print(f"  logs           {root / 'logs'}, {root / 'counted' / 'logs'}")
+    print(f"demo finished in {seconds:.0f} s")

@@ -7,7 +7,9 @@ A frame is ``background + electron strikes + x-ray spikes``:
   generated lazily, once per pool entry);
 * electron strikes: ``Poisson(electrons_per_frame)`` per frame, each a centre pixel plus smaller charge in
   its 8 neighbours, the centre a strict local maximum; strikes are at least 3 pixels apart (Chebyshev) so
-  that their footprints never touch and every centre is a resolvable event;
+  that their footprints never touch and every centre is a resolvable event; a share of them, set by a
+  simulated crystal at the probe position (:meth:`FourDCameraSim.bright_field_share`), falls in the
+  bright-field disk around the frame centre, so a virtual bright-field image shows a lattice;
 * x-ray spikes: ``Poisson(xray_rate)`` very bright single pixels per frame, not part of the ground truth.
 
 Sector loss is a transport matter: :meth:`FourDCameraSim.frame` is the same whether or not a sector is lost,
@@ -43,6 +45,8 @@ _CENTRE_JITTER = 0.04  # centre charge is electron_signal * U(1 - j, 1 + j)
 _MIN_SEPARATION = 3  # Chebyshev distance between strike centres
 _XRAY_COUNTS = (4000, 16000)
 _BLOCK = 256  # frames whose strikes come from one random stream
+BF_DISK_RADIUS = 55.0  # pixels: the unscattered beam's disk around the frame centre
+_LATTICE = 8.0  # probe positions between the simulated sample's atomic columns
 
 _W = FRAME_SHAPE[1]
 # Flat offsets of a strike's footprint: centre, 4 edge neighbours, 4 corners.
@@ -151,6 +155,15 @@ class FourDCameraSim:
         block = self._strike_block(i // _BLOCK)
         lo, hi = block.span(i % _BLOCK)
         return np.sort(block.centres[lo:hi]).astype(np.uint32)
+
+    def bright_field_share(self, frames: np.ndarray) -> np.ndarray:
+        """The share of electrons in the bright-field disk at these frames' probe positions: a lattice of
+        atomic columns channels them (0.9 on a column, 0.1 between), so that a virtual bright-field
+        image of the scan shows the lattice."""
+        y, x = np.divmod(np.asarray(frames) % self.n_frames, self.scan_shape[1])
+        dy = (y + _LATTICE / 2) % _LATTICE - _LATTICE / 2  # to the nearest column
+        dx = (x + _LATTICE / 2) % _LATTICE - _LATTICE / 2
+        return 0.1 + 0.8 * np.exp(-(dy**2 + dx**2) / (2 * (_LATTICE / 5) ** 2))
 
     def dark_reference(self) -> np.ndarray:
         """The per-pixel dark offset the simulator adds, (576, 576) float32 (a copy)."""
@@ -272,10 +285,16 @@ class _StrikeBlock:
         pool_index = rng.integers(0, sim.pool_size, size=n)
         counts = rng.poisson(sim.electrons_per_frame, size=n)
         total = int(counts.sum())
-        # Centres stay one pixel off the border so that the whole 3x3 footprint is in the frame.
+        frame_of = np.repeat(np.arange(n), counts)
+        # Centres stay one pixel off the border so that the whole 3x3 footprint is in the frame. A share of
+        # them, set by the sample at the probe position, falls in the bright-field disk; the rest anywhere.
         rows = rng.integers(1, h - 1, size=total)
         cols = rng.integers(1, w - 1, size=total)
-        frame_of = np.repeat(np.arange(n), counts)
+        in_disk = rng.random(total) < sim.bright_field_share(b * _BLOCK + frame_of)
+        radius = BF_DISK_RADIUS * np.sqrt(rng.random(total))
+        angle = rng.uniform(0, 2 * np.pi, size=total)
+        rows = np.where(in_disk, np.rint((h - 1) / 2 + radius * np.sin(angle)).astype(np.int64), rows)
+        cols = np.where(in_disk, np.rint((w - 1) / 2 + radius * np.cos(angle)).astype(np.int64), cols)
         keep = _separated(frame_of, counts, rows, cols)
         kept_counts = np.bincount(frame_of[keep], minlength=n)
         rows, cols = rows[keep], cols[keep]

@@ -9,8 +9,11 @@ process with one thread per sector doing pull -> peek_frame_number -> push (``fr
 ``--groups`` consumer processes with one PULL thread per sector that only receive.
 
 Both move the same messages (4 x frames sectors); the figure is bytes / (last message in - first sent).
-Usage: ``python benchmarks/plane.py [--frames 4096] [--groups 2] [--threads 1] [--repeat 3]``.
-Runs alternate (raw, streaming, raw, ...) so that both see the same machine; the best of each counts.
+With ``--curve`` a second streaming path runs with ZeroMQ CURVE on every socket (keys made in a temporary
+directory, docs/security.md), so the cost of encryption is printed next to the plaintext figure.
+Usage: ``python benchmarks/plane.py [--frames 4096] [--groups 2] [--threads 1] [--repeat 3] [--curve]``.
+Runs alternate (raw, streaming, [streaming with CURVE,] raw, ...) so that all see the same machine; the best
+of each counts.
 """
 
 from __future__ import annotations
@@ -192,13 +195,14 @@ def run_raw(n_frames: int, groups: int) -> dict[str, float]:
 
 
 class _Processes:
-    def __init__(self, log_dir: Path, cpus: str | None = None) -> None:
+    def __init__(self, log_dir: Path, cpus: str | None = None, env: dict[str, str] | None = None) -> None:
         self.log_dir = log_dir
         self.cpus = cpus  # run every process on these cores (taskset -c), None: anywhere
+        self.env = env or {}  # on top of this process's environment
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, name: str, *args: Any, cpus: str | None = None) -> None:
-        env = {**os.environ, "STEMSTREAM_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING")}
+        env = {**os.environ, "STEMSTREAM_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"), **self.env}
         root = Path(__file__).resolve().parents[1]
         env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
         cpus = cpus or self.cpus
@@ -239,8 +243,10 @@ class StreamingPlane:
         warm_up: int = 256,
         cpus: str | None = None,
         nodegroup_cpus: str | None = None,
+        keys_dir: Path | None = None,
     ) -> None:
         self.cpus = cpus
+        self.keys_dir = keys_dir  # CURVE on every socket with the keys there (None: this process's settings)
         self.nodegroup_cpus = nodegroup_cpus
         self.groups = groups
         self.threads = threads
@@ -250,12 +256,15 @@ class StreamingPlane:
         self.scan = 0
 
     def __enter__(self) -> StreamingPlane:
+        from stemstream.config import get_settings, load_settings
         from stemstream.streaming.store import Registry, StoreClient, StoreServer
 
-        self.server = StoreServer(host="127.0.0.1", port=None).start()
-        self.procs = _Processes(self.log_dir, self.cpus)
+        settings = get_settings() if self.keys_dir is None else load_settings(keys_dir=self.keys_dir)
+        env = {} if self.keys_dir is None else {"STEMSTREAM_KEYS_DIR": str(self.keys_dir)}
+        self.server = StoreServer(host="127.0.0.1", port=None, settings=settings).start()
+        self.procs = _Processes(self.log_dir, self.cpus, env=env)
         try:
-            self.client = StoreClient(self.server.address, timeout=10).start()
+            self.client = StoreClient(self.server.address, timeout=10, settings=settings).start()
             address = self.server.address
             registry = Registry(self.client)
             self.procs.start("aggregator", "aggregator", "--store", address)
@@ -332,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", type=int, default=2, help="NodeGroups / raw consumers")
     parser.add_argument("--threads", type=int, default=1, help="sender threads per streaming producer")
     parser.add_argument("--repeat", type=int, default=3, help="measured runs of each; the best counts")
+    parser.add_argument("--curve", action="store_true", help="also run the streaming path with CURVE on")
     args = parser.parse_args(argv)
 
     size = args.frames * N_SECTORS * SECTOR_BYTES / 1e9
@@ -339,11 +349,21 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.groups} NodeGroups/consumers, tcp loopback, {os.cpu_count()} CPUs")  # fmt: skip
     raw: list[dict[str, float]] = []
     streaming: list[dict[str, float]] = []
-    with (
-        tempfile.TemporaryDirectory(prefix="plane-bench-") as tmp,
-        StreamingPlane(args.groups, args.threads, Path(tmp)) as plane,
-    ):
-        for i in range(args.repeat):  # interleaved, so that both see the same machine
+    curved: list[dict[str, float]] = []
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="plane-bench-")))
+        (tmp / "plain").mkdir()
+        plane = stack.enter_context(StreamingPlane(args.groups, args.threads, tmp / "plain"))
+        curve_plane = None
+        if args.curve:
+            from stemstream.streaming.security import KeyDirectory
+
+            KeyDirectory(tmp / "keys").init()
+            (tmp / "curve").mkdir()
+            curve_plane = stack.enter_context(
+                StreamingPlane(args.groups, args.threads, tmp / "curve", keys_dir=tmp / "keys")
+            )
+        for i in range(args.repeat):  # interleaved, so that all see the same machine
             r = run_raw(args.frames, args.groups)
             raw.append(r)
             print(f"  raw chain      run {i + 1}: {r['gbps']:.2f} GB/s ({r['seconds']:.2f} s)")
@@ -351,11 +371,20 @@ def main(argv: list[str] | None = None) -> int:
             streaming.append(r)
             print(f"  streaming path run {i + 1}: {r['gbps']:.2f} GB/s ({r['seconds']:.2f} s; "
                   f"{r['steady_gbps']:.2f} GB/s from the first message in)")  # fmt: skip
+            if curve_plane is not None:
+                r = curve_plane.measure(args.frames)
+                curved.append(r)
+                print(f"  with CURVE     run {i + 1}: {r['gbps']:.2f} GB/s ({r['seconds']:.2f} s; "
+                      f"{r['steady_gbps']:.2f} GB/s from the first message in)")  # fmt: skip
     best_raw = max(r["gbps"] for r in raw)
     best_stream = max(r["gbps"] for r in streaming)
     ratio = best_stream / best_raw
     print(f"best: streaming path {best_stream:.2f} GB/s, raw chain {best_raw:.2f} GB/s, ratio {ratio:.0%} "
           f"(target >= 70%)")  # fmt: skip
+    if curved:
+        best_curve = max(r["gbps"] for r in curved)
+        print(f"best: streaming path with CURVE {best_curve:.2f} GB/s, without {best_stream:.2f} GB/s, "
+              f"ratio {best_curve / best_stream:.0%}")  # fmt: skip
     return 0
 
 

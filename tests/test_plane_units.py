@@ -400,15 +400,24 @@ def test_a_failed_scan_is_recorded_and_the_producer_serves_the_next(client: Stor
         _wait(lambda: client.get("/producers/p-serve") is not None, 10, "registration")
         request_scan(client, 21, (2, 2), fallback_dir=str(not_a_dir))
         client.wait_for(lambda items: "/scans/21/producers/p-serve" in items, "/scans/21/", timeout=10)
-        failed = client.get("/scans/21/producers/p-serve")
-        assert failed["status"] == "failed" and "fallback directory" in failed["error"]
+        held = client.get("/scans/21/producers/p-serve")
+        # The disk refused the scan: it stays in RAM (retried), and the record says what to fix.
+        assert held["status"] == "held" and "fallback directory" in held["disk_error"]
+        assert held["held_bytes"] == 4 * 144 * 576 * 2
         request_scan(client, 22, (2, 2), fallback_dir=str(tmp_path / "ok"))
         client.wait_for(lambda items: "/scans/22/producers/p-serve" in items, "/scans/22/", timeout=10)
         assert client.get("/scans/22/producers/p-serve")["status"] == "done"
+        not_a_dir.unlink()  # the operator frees the path: the held scan is written on the next retry
+        client.wait_for(
+            lambda items: (items.get("/scans/21/producers/p-serve") or {}).get("status") == "done",
+            "/scans/21/",
+            timeout=15,
+        )
+        assert sorted(p.name for p in not_a_dir.iterdir()) == ["data_scan0000000021_module0_00000.data"]
     finally:
         stop.set()
         worker.join(10)
-    assert [r.scan_number for r in results] == [22]
+    assert [r.scan_number for r in results] == [21, 22]
 
 
 def test_a_slot_ahead_waits_for_its_sibling_until_the_sibling_leaves(client: StoreClient, tmp_path: Path):

@@ -5,8 +5,11 @@ The only address a process needs is the store's; everything else is looked up in
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,11 +38,23 @@ class Settings(BaseSettings):
     linger_ms: int = Field(2000, ge=0, le=600_000, description="never infinite")
     bind_host: str = "127.0.0.1"
 
+    # Transport security (ZeroMQ CURVE, docs/security.md). Only the key directory's path is held here,
+    # never key material: the keys are read from the files when sockets are made.
+    curve: Literal["auto", "on", "off"] = "auto"
+    keys_dir: Path | None = Field(None, description="made by `stemstream keys init DIR`")
+    key_name: str = Field(
+        "stemstream", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}$", description="client keypair used"
+    )
+
     # Data plane.
     fallback_dir: Path = Path("./data/fallback")
     output_dir: Path = Path("./data/counted")
     producer_threads: int = Field(2, ge=1, le=64)
     scan_timeout_s: float = Field(60.0, gt=0)
+    # Scan-level acknowledgement (streaming.retention): RAM a producer holds streamed sectors in until the
+    # scan is counted, and how long a scan may make no progress in the store before it is replayed to disk.
+    hold_bytes: int = Field(8 << 30, ge=0, description="bytes of streamed sectors held per producer")
+    ack_timeout_s: float = Field(120.0, gt=0, description="seconds without progress before a replay")
 
     # Counting.
     background_n_sigma: float = Field(4.0, ge=0.5, le=20)
@@ -53,6 +68,51 @@ class Settings(BaseSettings):
     @property
     def store_address(self) -> str:
         return f"tcp://{self.store_host}:{self.store_port}"
+
+
+_LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback address (127.0.0.0/8, ::1) or the name ``localhost``; no DNS lookup."""
+    host = host.strip().strip("[]").lower()
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name or a wildcard ("*", "0.0.0.0"): reachable from elsewhere
+
+
+def curve_enabled(settings: Settings, hosts: Iterable[str | None] = ()) -> bool:
+    """Whether this process's ZeroMQ sockets use CURVE: the one place the STEMSTREAM_CURVE decision is made.
+
+    * ``off``: never (plaintext; for a trusted network).
+    * ``on``: always; STEMSTREAM_KEYS_DIR must be set.
+    * ``auto`` (the default): on when STEMSTREAM_KEYS_DIR is set. Without it, off when every host this
+      process talks on is loopback (the settings' store host, store backup host and bind host, plus
+      ``hosts``: those a component actually uses, e.g. from ``--host`` or ``--store``): the local demo
+      and the tests. A host that is not loopback without keys is a ConfigError, so that nothing crosses
+      a machine boundary in plaintext unless someone chose that.
+
+    Raises a one-line ConfigError that says what to do. Host names are not resolved (only ``localhost``
+    and its usual aliases count as loopback names).
+    """
+    if settings.curve == "off":
+        return False
+    if settings.keys_dir is not None:
+        return True
+    fix = (
+        "run `stemstream keys init DIR` and set STEMSTREAM_KEYS_DIR=DIR, or set STEMSTREAM_CURVE=off "
+        "to accept plaintext on a trusted network"
+    )
+    if settings.curve == "on":
+        raise ConfigError(f"STEMSTREAM_CURVE=on needs STEMSTREAM_KEYS_DIR: {fix}")
+    candidates = [settings.store_host, settings.store_backup_host, settings.bind_host, *hosts]
+    remote = [h for h in candidates if h is not None and not is_loopback(h)]
+    if remote:
+        raise ConfigError(f"host {remote[0]!r} is not loopback and no CURVE keys are configured: {fix}")
+    return False
 
 
 def _one_line(err: ValidationError) -> str:

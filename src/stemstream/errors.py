@@ -9,6 +9,11 @@ class ConfigError(StemstreamError):
     """A setting is missing or invalid; the message names the variable and what is allowed."""
 
 
+class SecurityError(StemstreamError):
+    """CURVE keys are missing, unreadable, too widely readable or malformed; the message says which file and
+    what to do (``stemstream keys ...``). Never carries key material."""
+
+
 class ProtocolError(StemstreamError):
     """A wire message could not be decoded or failed validation; the message says why."""
 

@@ -33,6 +33,12 @@ class RateLimitedLog:
         self._lock = threading.Lock()
 
     def warning(self, kind: str, msg: str, *args: object) -> None:
+        self._log(logging.WARNING, kind, msg, *args)
+
+    def error(self, kind: str, msg: str, *args: object) -> None:
+        self._log(logging.ERROR, kind, msg, *args)
+
+    def _log(self, level: int, kind: str, msg: str, *args: object) -> None:
         now = time.monotonic()
         with self._lock:
             last = self._last.get(kind)
@@ -42,6 +48,6 @@ class RateLimitedLog:
             suppressed = self._suppressed.pop(kind, 0)
             self._last[kind] = now
         if suppressed:
-            self._logger.warning(msg + " (%d more of this kind suppressed)", *args, suppressed)
+            self._logger.log(level, msg + " (%d more of this kind suppressed)", *args, suppressed)
         else:
-            self._logger.warning(msg, *args)
+            self._logger.log(level, msg, *args)

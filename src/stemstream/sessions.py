@@ -141,7 +141,9 @@ class ScanView:
 
     @property
     def on_disk(self) -> bool:
-        return self.route == "disk" and self.record.get("status") in ("on_disk", "incomplete")
+        """Landed on disk: a disk-route scan, or a streamed one the producers replayed to disk because it
+        could not be counted (a NodeGroup died, the counted file is partial: docs/reliability.md)."""
+        return _landed_on_disk(self.record)
 
     @property
     def n_frames(self) -> int:
@@ -169,7 +171,11 @@ class ScanWatcher:
                 continue
             n = int(m.group(1))
             view = ScanView(n, record, items.get(f"/scans/{n}/counted"))
-            if view.counted is not None:
+            if view.on_disk and record.get("replayed"):  # its counted file, if any, is partial: count again
+                if n not in self.seen_disk:
+                    self.seen_disk.add(n)
+                    disk.append(view)
+            elif view.counted is not None:
                 if n not in self.seen_counted:
                     self.seen_counted.add(n)
                     counted.append(view)
@@ -187,6 +193,13 @@ def _num(view: ScanView) -> int:
     return view.number
 
 
+def _landed_on_disk(record: dict[str, Any]) -> bool:
+    status = record.get("status")
+    return (record.get("route") == "disk" and status in ("on_disk", "incomplete")) or (
+        bool(record.get("replayed")) and status == "on_disk"
+    )
+
+
 def wait_counted(client: Any, scan_number: int, timeout: float) -> dict[str, Any]:
     """Wait for ``/scans/<n>/counted`` (streamed) or a disk landing; returns the scan's record set."""
     from stemstream.streaming.counting import counted_key
@@ -194,8 +207,7 @@ def wait_counted(client: Any, scan_number: int, timeout: float) -> dict[str, Any
     key, scan_key = counted_key(scan_number), f"/scans/{scan_number}"
 
     def done(items: dict[str, Any]) -> bool:
-        record = items.get(scan_key) or {}
-        return key in items or (record.get("route") == "disk" and record.get("status") in ("on_disk", "incomplete"))
+        return key in items or _landed_on_disk(items.get(scan_key) or {})
 
     items = client.wait_for(done, prefix=scan_key, timeout=timeout)
     return {"record": items.get(scan_key) or {}, "counted": items.get(key)}

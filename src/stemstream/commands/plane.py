@@ -214,6 +214,12 @@ def _nodegroup(args: argparse.Namespace) -> int:
     if service is not None and service.transport.size > 1 and args.uid:
         base = f"{args.uid}-r{service.transport.rank}"
     uids = [base if args.count == 1 else f"{base}-{i}" for i in range(args.count)]
+    job, job_size = None, None
+    if service is not None:  # counting NodeGroups gather per MPI job: a scan must stay within one job
+        job = f"{socket.gethostname()}-{os.getpid()}"
+        comm = getattr(service.transport, "_comm", None)
+        job = comm.bcast(job, root=0) if comm is not None else job
+        job_size = args.count * service.transport.size
     client = _store_client(args)
     groups: list[NodeGroup] = []
     try:
@@ -241,6 +247,8 @@ def _nodegroup(args: argparse.Namespace) -> int:
                 expect_timeout=args.expect_timeout,
                 scan_timeout_s=args.scan_timeout,
                 max_lag=args.max_lag,
+                job=job,
+                job_size=job_size,
             )
             groups.append(group)
             group.start()

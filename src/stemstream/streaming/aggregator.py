@@ -12,7 +12,12 @@ the ``T`` sender threads of sector ``m``'s producer connect to. Per scan it
 
 Info and data travel on different sockets, so data can overtake its ``expect``: such messages wait in a
 bounded buffer (``pending_limit``); when it is full the thread stops reading data until the expects are in.
-Bad messages are rejected, counted per kind (registry counts ``rejected.<kind>``) and logged, rate-limited.
+Data of a scan that no ``expect`` has named waits at most ``expect_grace_s`` (counted from the first such
+message of that scan number; later ones are rejected at once), so unknown scan numbers cannot hold a sector.
+Bad messages are rejected, counted per kind (registry counts ``rejected.<kind>``) and logged, rate-limited
+(one line per kind per 10 s). Every header is fully decoded; a frame is routed at most once per scan (the
+scan closes when as many messages are routed as the producers say they sent, so a duplicate routed would
+close it early).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import socket as _socket
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -32,34 +37,27 @@ import zmq
 from stemstream.config import Settings, get_settings
 from stemstream.errors import ProtocolError
 from stemstream.log import RateLimitedLog
-from stemstream.streaming import protocol
 from stemstream.streaming.actor import POLL_MS, Publisher, SendAborted, Worker, send_parts
 from stemstream.streaming.fallback import aggregator_scan_key
 from stemstream.streaming.protocol import (
+    DTYPE,
     MAX_HEADER_BYTES,
+    MAX_INFO_PART_BYTES,
     N_SECTORS,
     SECTOR_SHAPE,
     EndMessage,
     ExpectMessage,
+    SectorHeader,
     decode_info,
 )
-from stemstream.streaming.sockets import bind_random, make_socket
+from stemstream.streaming.security import curve_security
+from stemstream.streaming.sockets import bind_random, make_socket, term_context
 
 logger = logging.getLogger(__name__)
-_rlog = RateLimitedLog(logger)
 
 BURST = 256  # messages handled per socket before looking at the other one
 _FINISHED_KEPT = 1024
-
-
-def peek_scan_frame(raw: bytes | memoryview) -> tuple[int, int]:
-    """Scan and frame number of a data header, validated as integers (the router's fast path).
-
-    Like :func:`protocol.peek_frame_number`, plus the scan number: a router needs both to route a
-    message whose scan is not the one it saw last. (Belongs in protocol.py; kept here until it moves.)
-    """
-    obj = protocol._unpack_map(raw, MAX_HEADER_BYTES, "data header")
-    return protocol._int(obj, "scan", "data header"), protocol._int(obj, "frame", "data header")
+_Held = tuple[float, int, SectorHeader, list[zmq.Frame]]  # (arrival, scan number, header, parts)
 
 
 @dataclass
@@ -71,6 +69,10 @@ class _Peer:
     data: zmq.Socket
     info: zmq.Socket
     dead: bool = False
+    # Set when the NodeGroup's registry record goes (it died) or the aggregator stops: a send blocked on
+    # it gives up at once instead of holding the sector's thread, and every other NodeGroup, for the
+    # whole send timeout.
+    abort: threading.Event = field(default_factory=threading.Event)
 
     def close(self) -> None:
         self.data.close()
@@ -99,6 +101,17 @@ class _Scan:
         self.rejected = 0
         self.started = time.time()
         self.touched = time.monotonic()
+        self._routed_frames = bytearray()  # bit f: frame f routed; grows with the frames seen, not the scan
+
+    def routed_already(self, frame: int) -> bool:
+        i = frame >> 3
+        return i < len(self._routed_frames) and bool(self._routed_frames[i] >> (frame & 7) & 1)
+
+    def mark_routed(self, frame: int) -> None:
+        i, seen = frame >> 3, self._routed_frames
+        if i >= len(seen):
+            seen.extend(bytes(max(i + 1 - len(seen), len(seen), 64)))
+        seen[i] |= 1 << (frame & 7)
 
 
 class _Router:
@@ -111,7 +124,8 @@ class _Router:
         self.bound = threading.Event()
         self.scans: dict[int, _Scan] = {}
         self.finished: OrderedDict[int, None] = OrderedDict()
-        self.pending: deque[tuple[float, int, int, list[zmq.Frame]]] = deque()
+        self.pending: deque[_Held] = deque()
+        self.unknown: OrderedDict[int, float] = OrderedDict()  # scan no expect named -> its first data
         self.peers: dict[str, _Peer] = {}
         self.received = 0
         self.routed: dict[str, int] = {}  # per NodeGroup, scans closed (counts() adds the open ones)
@@ -122,12 +136,12 @@ class _Router:
 
     def _run(self) -> None:
         agg = self.agg
-        data = make_socket(agg._ctx, zmq.PULL, settings=agg.settings)
-        info = make_socket(agg._ctx, zmq.PULL, settings=agg.settings)
+        data = make_socket(agg._ctx, zmq.PULL, settings=agg.settings, role="server")
+        info = make_socket(agg._ctx, zmq.PULL, settings=agg.settings, role="server")
         try:
             self.endpoints = {
-                f"data_{self.m}": bind_random(data, agg.host),
-                f"info_{self.m}": bind_random(info, agg.host),
+                f"data_{self.m}": bind_random(data, agg.host, max_msg_size=MAX_HEADER_BYTES + agg.sector_nbytes),
+                f"info_{self.m}": bind_random(info, agg.host, max_msg_size=MAX_INFO_PART_BYTES),
             }
             self.bound.set()
             poller = zmq.Poller()
@@ -200,9 +214,17 @@ class _Router:
             self._reject(None, "malformed", "data message of %d parts", len(parts))
             return
         try:
-            scan_number, frame = peek_scan_frame(parts[0].buffer)
+            header = SectorHeader.decode(parts[0].buffer)
         except ProtocolError as exc:
             self._reject(None, "malformed", "%s", exc)
+            return
+        if header.sector != self.m:
+            self._reject(None, "wrong_sector", "sector %d on the socket of sector %d", header.sector, self.m)
+            return
+        if header.dtype != DTYPE or header.payload_nbytes != self.agg.sector_nbytes:
+            what = "header says %s %s (%d bytes); a sector is %s, %d bytes"
+            args = (header.sector_shape, header.dtype, header.payload_nbytes, DTYPE, self.agg.sector_nbytes)
+            self._reject(None, "wrong_shape", what, *args)
             return
         if len(parts[1]) != self.agg.sector_nbytes:
             self._reject(
@@ -213,17 +235,37 @@ class _Router:
                 self.agg.sector_nbytes,
             )
             return
+        scan_number = header.scan_number
         scan = self.scans.get(scan_number)
         if scan is not None and scan.active:
-            self._route(scan, frame, parts)
+            self._route(scan, header, parts)
         elif scan_number in self.finished:
             self._reject(None, "late", "data for scan %d, which is closed", scan_number)
+        elif scan is None and self._unknown_for(scan_number) > self.agg.expect_grace_s:
+            what = "data for scan %d, which no expect named in %.1f s"
+            self._reject(None, "no_expect", what, scan_number, self.agg.expect_grace_s)
         else:
-            self.pending.append((time.monotonic(), scan_number, frame, parts))
+            self.pending.append((time.monotonic(), scan_number, header, parts))
 
-    def _route(self, scan: _Scan, frame: int, parts: list[zmq.Frame]) -> None:
+    def _unknown_for(self, scan_number: int) -> float:
+        """Seconds since the first data of ``scan_number``, a scan that no expect has named yet."""
+        now = time.monotonic()
+        first = self.unknown.setdefault(scan_number, now)
+        while len(self.unknown) > _FINISHED_KEPT:
+            self.unknown.popitem(last=False)
+        return now - first
+
+    def _route(self, scan: _Scan, header: SectorHeader, parts: list[zmq.Frame]) -> None:
+        frame = header.frame_number
         if frame >= scan.n_frames:
             self._reject(scan, "frame_range", "frame %d outside scan %d", frame, scan.number)
+            return
+        if header.scan_shape != scan.scan_shape:
+            what = "scan %d is %s, header says %s"
+            self._reject(scan, "wrong_shape", what, scan.number, scan.scan_shape, header.scan_shape)
+            return
+        if scan.routed_already(frame):
+            self._reject(scan, "duplicate", "scan %d frame %d routed already", scan.number, frame)
             return
         i = frame % len(scan.members)
         peer = scan.peers[i]
@@ -237,7 +279,7 @@ class _Router:
             )
             return
         try:
-            send_parts(peer.data, parts, stop=self.agg._stop, timeout=self.agg.scan_timeout_s, what=peer.uid)
+            send_parts(peer.data, parts, stop=peer.abort, timeout=self.agg.scan_timeout_s, what=peer.uid)
         except SendAborted as exc:
             if self.agg._stop.is_set():
                 raise
@@ -250,6 +292,7 @@ class _Router:
             peer.dead = True
             self._reject(scan, "no_route", "scan %d: NodeGroup %s is not taking data", scan.number, peer.uid)
             return
+        scan.mark_routed(frame)
         scan.routed[i] += 1
         scan.routed_total += 1
         scan.touched = time.monotonic()
@@ -266,6 +309,7 @@ class _Router:
         scan = self.scans.get(n)
         if scan is None:
             scan = self.scans[n] = _Scan(n)
+            self.unknown.pop(n, None)
         if scan.active or msg.producer in scan.expects:
             self._reject(scan, "info_duplicate", "scan %d: a second expect from %s", n, msg.producer)
             return
@@ -324,7 +368,7 @@ class _Router:
             len(scan.members),
         )
         if self.pending:
-            keep: deque[tuple[float, int, int, list[zmq.Frame]]] = deque()
+            keep: deque[_Held] = deque()
             for entry in self.pending:
                 if entry[1] != scan.number:
                     keep.append(entry)
@@ -341,8 +385,10 @@ class _Router:
             self._reject(None, "info_late", "end for scan %d, which is closed", n)
             return
         scan = self.scans.get(n)
-        if scan is None:
-            scan = self.scans[n] = _Scan(n)
+        if scan is None or msg.producer not in scan.expects:
+            # A producer thread sends its expect before its end on the same socket: this one never did.
+            self._reject(scan, "info_no_expect", "scan %d: an end from %s, which sent no expect", n, msg.producer)
+            return
         if msg.producer in scan.ends:
             self._reject(scan, "info_duplicate", "scan %d: a second end from %s", n, msg.producer)
             return
@@ -384,7 +430,7 @@ class _Router:
             send_parts(
                 peer.info,
                 [message],
-                stop=self.agg._stop,
+                stop=peer.abort,
                 timeout=self.agg.scan_timeout_s,
                 what=peer.uid,
             )
@@ -439,8 +485,8 @@ class _Router:
             if peer is None or peer.endpoints != eps or peer.dead:
                 if peer is not None:
                     peer.close()
-                data = make_socket(agg._ctx, zmq.PUSH, settings=agg.settings)
-                info = make_socket(agg._ctx, zmq.PUSH, settings=agg.settings)
+                data = make_socket(agg._ctx, zmq.PUSH, settings=agg.settings, role="client")
+                info = make_socket(agg._ctx, zmq.PUSH, settings=agg.settings, role="client")
                 data.connect(eps[0])
                 info.connect(eps[1])
                 peer = self.peers[uid] = _Peer(uid, (eps[0], eps[1]), data, info)
@@ -455,6 +501,16 @@ class _Router:
         while self.pending and now - self.pending[0][0] > timeout:
             _, n, _, _ = self.pending.popleft()
             self._reject(None, "no_expect", "data for scan %d never got its expect messages", n)
+        if any(entry[1] not in self.scans for entry in self.pending):
+            keep: deque[_Held] = deque()
+            for entry in self.pending:  # data of scans no expect has named, held past the grace period
+                n = entry[1]
+                if n not in self.scans and now - self.unknown.get(n, entry[0]) > self.agg.expect_grace_s:
+                    what = "data for scan %d, which no expect named in %.1f s"
+                    self._reject(None, "no_expect", what, n, self.agg.expect_grace_s)
+                else:
+                    keep.append(entry)
+            self.pending = keep
         for scan in list(self.scans.values()):
             if now - scan.touched <= timeout:
                 continue
@@ -487,7 +543,7 @@ class _Router:
         self.rejected[kind] = self.rejected.get(kind, 0) + 1
         if scan is not None:
             scan.rejected += 1
-        _rlog.warning(kind, "aggregator sector %d: rejected (%s): " + msg, self.m, kind, *args)
+        self.agg._rlog.warning(kind, "aggregator sector %d: rejected (%s): " + msg, self.m, kind, *args)
 
     def _publish(self, scan: _Scan, status: str) -> None:
         self.agg._publisher.put(
@@ -527,6 +583,7 @@ class Aggregator:
         sector_nbytes: int | None = None,
         pending_limit: int = 64,
         scan_timeout_s: float | None = None,
+        expect_grace_s: float | None = None,
         resolve_timeout: float = 10.0,
         publish_interval: float = 0.5,
     ) -> None:
@@ -534,10 +591,16 @@ class Aggregator:
         self.store = store
         self.n_sectors = n_sectors
         self.host = host or self.settings.bind_host
+        security = curve_security(self.settings, hosts=(self.host,))  # CURVE: a problem is an error now
+        if security is not None:
+            security.check("server", "client")
         self.sector_nbytes = sector_nbytes or SECTOR_SHAPE[0] * SECTOR_SHAPE[1] * 2
         self.pending_limit = pending_limit
         self.scan_timeout_s = scan_timeout_s or self.settings.scan_timeout_s
+        # Data of a scan no expect has named waits this long (its expect may be a little behind on the wire).
+        self.expect_grace_s = expect_grace_s or min(10.0, self.scan_timeout_s)
         self.resolve_timeout = resolve_timeout
+        self._rlog = RateLimitedLog(logger)  # bad input: one line per kind per 10 s
         self._uid = uid or f"aggregator-{_socket.gethostname()}-{os.getpid()}"
         self._registry = registry
         self._registration: Any = None
@@ -554,6 +617,7 @@ class Aggregator:
         self._done: dict[int, set[int]] = {}
         self._done_cond = threading.Condition()
         self._started = False
+        self._unwatch: Any = None
 
     @property
     def uid(self) -> str:
@@ -583,8 +647,20 @@ class Aggregator:
         )
         self._publisher._registration = self._registration
         self._publisher.start()
+        self._unwatch = self.store.watch(self._on_nodegroup_change, prefix="/nodegroups/")
         logger.info("aggregator %s ready: %s", self._uid, self.endpoints)
         return self
+
+    def _on_nodegroup_change(self, key: str, value: Any) -> None:
+        """A NodeGroup's record went (it stopped, or died and expired): stop waiting on it."""
+        if value is not None:
+            return
+        uid = key.rsplit("/", 1)[-1]
+        for router in self._routers:
+            peer = router.peers.get(uid)
+            if peer is not None and not peer.abort.is_set():
+                logger.warning("sector %d: NodeGroup %s left the registry; no more sends to it", router.m, uid)
+                peer.abort.set()
 
     def counts(self) -> dict[str, int]:
         """Totals over the sector threads: received, routed, routed.<uid>, rejected, rejected.<kind>, ..."""
@@ -639,6 +715,11 @@ class Aggregator:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        if self._unwatch is not None:
+            self._unwatch()
+        for r in self._routers:
+            for peer in list(r.peers.values()):
+                peer.abort.set()
         for r in self._routers:
             if r.worker.is_alive():
                 r.worker.join(timeout)
@@ -648,7 +729,7 @@ class Aggregator:
         if self._registration is not None:
             self._registration.close()
             self._registration = None
-        self._ctx.term()
+        term_context(self._ctx)
 
     def __enter__(self) -> Aggregator:
         return self.start()

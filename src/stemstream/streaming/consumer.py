@@ -79,7 +79,12 @@ class ScanSummary:
 
 @runtime_checkable
 class FrameConsumer(Protocol):
-    """Receives a NodeGroup's assembled frames; all methods may be called from several threads."""
+    """Receives a NodeGroup's assembled frames; all methods may be called from several threads.
+
+    A consumer may set ``acknowledges = "counted"`` when it writes a counted file per scan: producers then
+    hold a scan until that file is reported (``streaming.retention``); by default a scan is acknowledged
+    once the NodeGroups have received it.
+    """
 
     def begin_scan(self, scan: ScanInfo) -> None:
         """A scan starts: called once, before any other call for ``scan.scan_number``."""

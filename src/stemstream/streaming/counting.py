@@ -235,6 +235,7 @@ class CountingService:
         self._cond = threading.Condition()
         self._free: list[_Batch] = []
         self._n_batches = 0
+        self._to_count = 0  # slots handed over (ready) or being counted: what counting will free
         self._filling: _Batch | None = None
         self._where: dict[tuple[int, int], tuple[_Batch, int]] = {}
         self._scans: dict[int, _LocalScan] = {}
@@ -245,6 +246,7 @@ class CountingService:
         self._inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         # rank 0 only
         self._uid_rank: dict[str, int] = {}
+        self._heard: dict[int, float] = {}  # rank -> when rank 0 last heard from it (monotonic)
         self._coord: dict[int, _CoordScan] = {}
         self._written: dict[int, dict[str, Any]] = {}
         self._written_cond = threading.Condition()
@@ -382,9 +384,16 @@ class CountingService:
                     self._free.append(fresh)
 
     def _take_batch(self, scan_number: int) -> _Batch:
-        """A free batch (waits while the pool is at its cap, then grows it rather than deadlock)."""
+        """A free batch (waits while the pool is at its cap, then grows it rather than deadlock).
+
+        Only frames waiting to be counted hold it back: the wait is back-pressure on counting that is
+        behind (or thresholds that are late), and only counting frees those slots. A batch can also be held
+        by a frame still in assembly, which only the NodeGroup frees: a frame with sectors lost upstream, or
+        every frame a scan had in flight when its aggregator died, until that scan times out (minutes in
+        production). Waiting _BUFFER_WAIT_S per batch for those throttled every other scan to a few frames
+        a second while it lasted, so the next scan stalled behind the dead one: the pool grows instead."""
         deadline = time.monotonic() + _BUFFER_WAIT_S
-        while not self._free and self._n_batches >= self._cap:
+        while not self._free and self._n_batches >= self._cap and self._to_count >= self.config.max_buffered_frames:
             left = deadline - time.monotonic()
             if left <= 0 or self._stop.is_set():
                 _rlog.warning(
@@ -394,6 +403,14 @@ class CountingService:
                 )
                 break
             self._cond.wait(left)
+        if not self._free and self._n_batches >= self._cap and self._to_count < self.config.max_buffered_frames:
+            _rlog.warning(
+                "pool-held",
+                "counting buffers held by frames still in assembly (%d frames in the pool, %d to count): "
+                "allocating more",
+                self._n_batches * self.batch_size,
+                self._to_count,
+            )
         b = self._free.pop() if self._free else self._new_batch()
         b.reset(scan_number)
         return b
@@ -416,6 +433,7 @@ class CountingService:
                 self._slots_done(ls, b, 1)
             else:
                 b.state[k] = _READY
+                self._to_count += 1
                 if not b.queued:
                     b.queued = True
                     ls.queue.append(b)
@@ -558,6 +576,7 @@ class CountingService:
                     b.state[k] = _DONE
                 n += j - i
             ls.counted += n
+            self._to_count -= n
             ls.preview_dirty = True
             self._slots_done(ls, b, n)
             self._cond.notify_all()
@@ -627,7 +646,16 @@ class CountingService:
     def _publish_previews(self) -> None:
         with self._cond:
             dirty = [ls for ls in self._scans.values() if ls.preview_dirty]
+            # A scan that this rank's NodeGroups still hold open is not stalled here either: each of them
+            # closes it by its own scan timeout (what came, then the rest as incomplete). Without this, a scan
+            # whose data stopped (aggregator killed mid-scan) was written off as partial by rank 0 with the
+            # same timeout, measured from the last frame counted, just before the NodeGroups closed it.
+            held = [ls.number for ls in self._scans.values() if not ls.preview_dirty and not ls.all_ended]
+        for n in held:
+            self.transport.send(0, {"kind": "progress", "rank": self.rank, "scan": n})
         for ls in dirty:
+            # Counting is progress: rank 0 must not write a scan off as stalled while a rank still counts it.
+            self.transport.send(0, {"kind": "progress", "rank": self.rank, "scan": ls.number})
             self._publish_preview(ls)
 
     def _publish_preview(self, ls: _LocalScan, final: bool = False) -> None:
@@ -668,6 +696,8 @@ class CountingService:
 
     def _on_message(self, message: dict[str, Any]) -> None:
         kind = message.get("kind")
+        if isinstance(message.get("rank"), int):
+            self._heard[message["rank"]] = time.monotonic()
         if kind == "thresholds":
             self._on_thresholds(message)
             return
@@ -685,6 +715,8 @@ class CountingService:
                 self._decided(cs, message["thresholds"], message["error"])
             return
         if cs is None:
+            if kind == "progress":
+                return  # the scan is written already
             if kind != "begin":
                 logger.error("scan %d: %r before its begin; ignored", n, kind)
                 return
@@ -705,7 +737,7 @@ class CountingService:
             cs.incomplete.update(int(f) for f in message["incomplete"])
         elif kind == "events":
             cs.events[int(message["rank"])] = message
-        elif kind != "begin":
+        elif kind not in ("begin", "progress"):
             logger.error("scan %d: unknown message kind %r", n, kind)
             return
         self._try_decide(cs, time.monotonic())
@@ -837,6 +869,9 @@ class CountingService:
             if not cs.written and now - cs.touched > self.config.scan_timeout_s:
                 ranks = self._ranks_of(cs) or set()
                 missing = sorted(ranks - set(cs.events))
+                timeout = self.config.scan_timeout_s
+                if missing and all(now - self._heard.get(r, -math.inf) <= timeout for r in missing):
+                    continue  # those ranks are alive and counting (an earlier scan, say): not stalled
                 logger.error(
                     "scan %d: no word from rank(s) %s for %.0f s; writing what was counted",
                     cs.number,
@@ -883,6 +918,13 @@ class CountingService:
             for key in ("expected", "received", "lost_upstream", "frames_complete", "frames_incomplete")
         }
         messages["rejected"] = sum(sum(s.get("rejected", {}).values()) for s in summaries.values())
+        # Frames of a NodeGroup that never reported (its rank died or went silent) were not counted: the
+        # file says so, with every sector of them missing, so that nothing claims to be counted that is not.
+        n_members = len(cs.members)
+        for i, uid in enumerate(cs.members):
+            if uid not in summaries:
+                for f in range(i, n_frames, n_members):
+                    missing_pairs.extend((f, s) for s in range(self.config.n_sectors))
         incomplete_frames = sorted({f for f, _ in missing_pairs})
         n_events = int(sum(e.size for e in events))
         record: dict[str, Any] = {
@@ -964,6 +1006,9 @@ class CountingService:
 
 class CountingConsumer:
     """One NodeGroup's view of the :class:`CountingService` (a FrameConsumer)."""
+
+    # Producers hold a scan until its counted file is written (streaming.retention).
+    acknowledges = "counted"
 
     def __init__(self, service: CountingService, uid: str) -> None:
         self._service = service

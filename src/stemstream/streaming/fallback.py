@@ -90,6 +90,10 @@ class ScanPlan:
     decided_by: str = ""
     decided_at: float = 0.0
     reason: str = ""
+    ack: str = "received"  # what acknowledges the scan: "counted" (a member counts) or "received"
+    # When each member registered: a NodeGroup restarted under the same UID is another process, which
+    # does not have this scan (streaming.retention treats the member as gone).
+    member_started: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_frames(self) -> int:
@@ -109,6 +113,8 @@ class ScanPlan:
             "decided_by": self.decided_by,
             "decided_at": self.decided_at,
             "reason": self.reason,
+            "ack": self.ack,
+            "member_started": dict(self.member_started),
             "status": STATUS_STREAMING if self.route == ROUTE_STREAM else STATUS_WRITING,
         }
 
@@ -127,6 +133,8 @@ class ScanPlan:
                 decided_by=str(rec.get("decided_by", "")),
                 decided_at=float(rec.get("decided_at", 0.0)),
                 reason=str(rec.get("reason", "")),
+                ack=str(rec.get("ack", "received")),
+                member_started={str(k): float(v) for k, v in (rec.get("member_started") or {}).items()},
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ProtocolError(f"scan record: not a plan ({type(exc).__name__}: {exc})") from None
@@ -147,8 +155,13 @@ def decide_plan(
     n_sectors: int = N_SECTORS,
 ) -> ScanPlan:
     """The leader's decision: stream to the ready NodeGroups (sorted by UID) through the first ready
-    aggregator that has an endpoint pair for every sector, or go to disk when either is missing."""
-    nodegroups = registry.members("nodegroup", status="ready")
+    aggregator that has an endpoint pair for every sector, or go to disk when either is missing.
+
+    Counting NodeGroups gather a scan's events within their MPI job, so a scan goes to one job's NodeGroups
+    only (registry field ``job``): the newest job that has all its NodeGroups ready (``job_size``), else the
+    newest job. NodeGroups without a job (test consumers) form one group of their own.
+    """
+    nodegroups, job = _one_job(registry.members("nodegroup", status="ready"))
     aggregators = [
         a
         for a in registry.members("aggregator", status="ready")
@@ -169,11 +182,32 @@ def decide_plan(
             members=tuple(sorted(r.uid for r in nodegroups)),
             aggregator=agg.uid,
             aggregator_endpoints={k: v for k, v in agg.endpoints.items() if k.startswith(("data_", "info_"))},
-            reason=f"{len(nodegroups)} NodeGroup(s) ready",
+            reason=f"{len(nodegroups)} NodeGroup(s) ready" + (f" (job {job})" if job else ""),
+            # A scan is acknowledged by its counted file when the NodeGroups count (docs/reliability.md).
+            ack="counted" if any(r.extra.get("ack") == "counted" for r in nodegroups) else "received",
+            member_started={r.uid: float(r.started) for r in nodegroups},
             **common,
         )
     reason = "no NodeGroup is ready" if not nodegroups else "no aggregator is ready"
     return ScanPlan(route=ROUTE_DISK, reason=reason, **common)
+
+
+def _one_job(nodegroups: list[Any]) -> tuple[list[Any], str | None]:
+    """The NodeGroups of the job a scan goes to, and that job (None: NodeGroups without a job)."""
+    jobs: dict[str | None, list[Any]] = {}
+    for record in nodegroups:
+        job = record.extra.get("job")
+        jobs.setdefault(str(job) if job else None, []).append(record)
+    if len(jobs) <= 1:
+        return nodegroups, next(iter(jobs), None)
+
+    def preference(item: tuple[str | None, list[Any]]) -> tuple[bool, float]:
+        job, records = item
+        complete = job is None or len(records) >= int(records[0].extra.get("job_size") or 1)
+        return complete, max(float(r.started) for r in records)
+
+    job, chosen = max(jobs.items(), key=preference)
+    return chosen, job
 
 
 class ScanPlanError(StemstreamError):

@@ -17,13 +17,16 @@ Memory is bounded by what is being assembled: frames leave as soon as they are c
 thread that is more than ``max_lag`` messages ahead of the slowest sector (progress = received / expected)
 waits before it starts a new frame, so the sectors of one NodeGroup advance together and a slow consumer
 holds every sector back (and, through the HWMs, the producers); the wait is bounded by ``lag_wait_s``
-(counted as ``lag_timeouts``) so that it can never deadlock. Frames with sectors lost upstream stay
+(counted as ``lag_timeouts``) so that it can never deadlock, and a wait that timed out is not repeated until
+the slowest sector moves (its data may never come). Frames with sectors lost upstream stay
 until the scan's end (about ``loss rate x 4 x frames``). A data message whose scan has no ``expect`` yet is
 held by its receiving thread (which stops reading meanwhile, so the sender blocks) until the expect comes
-or ``expect_timeout`` passes.
+or ``expect_timeout`` passes; that wait is counted from the first message of the scan number, so the
+other messages of a scan that never gets an expect (an unknown scan number) are rejected at once.
 
 Bad input (malformed, wrong size or shape, wrong sector, not this NodeGroup's frame, duplicate, late) is
-rejected, counted per kind (registry counts ``rejected.<kind>``) and logged, rate-limited.
+rejected, counted per kind (registry counts ``rejected.<kind>``) and logged, rate-limited (one line per kind
+per 10 s). ZeroMQ refuses a part larger than a header plus a sector (data) or ``MAX_INFO_PART_BYTES`` (info).
 
 Several NodeGroups can run in one process (each has its own context, sockets and threads).
 """
@@ -51,6 +54,7 @@ from stemstream.streaming.fallback import nodegroup_scan_key
 from stemstream.streaming.protocol import (
     DTYPE,
     MAX_HEADER_BYTES,
+    MAX_INFO_PART_BYTES,
     N_SECTORS,
     PROTOCOL_VERSION,
     SECTOR_SHAPE,
@@ -59,10 +63,10 @@ from stemstream.streaming.protocol import (
     decode_data_message,
     decode_info,
 )
-from stemstream.streaming.sockets import bind_random, make_socket
+from stemstream.streaming.security import curve_security
+from stemstream.streaming.sockets import bind_random, make_socket, term_context
 
 logger = logging.getLogger(__name__)
-_rlog = RateLimitedLog(logger)
 
 BURST = 256
 _FINISHED_KEPT = 256
@@ -121,6 +125,9 @@ class _Scan:
             dtype=np.uint8 if n_sectors <= 8 else np.uint64,
         )  # sectors claimed
         self.assembling: dict[int, _Assembly] = {}
+        # Per sector: the slowest other sector's progress when a bounded-assembly wait of this sector last
+        # timed out (-1: none did). While the others have not moved past it, waiting again cannot help.
+        self.lag_stuck = [-1.0] * n_sectors
         self.n_complete = 0
         self.in_flight = 0  # frame_ready calls under way
         self.begun = False  # consumer.begin_scan has returned
@@ -155,9 +162,13 @@ class NodeGroup:
         max_lag: int = 64,
         lag_wait_s: float = 1.0,
         publish_interval: float = 0.5,
+        job: str | None = None,
+        job_size: int | None = None,
     ) -> None:
         self.settings = settings or get_settings()
         self.consumer = consumer
+        # NodeGroups of one MPI job share ``job``: a scan goes to one job's NodeGroups (fallback.decide_plan).
+        self._job = {"job": job, "job_size": job_size or 1} if job else {}
         self.max_lag = max_lag
         self.lag_wait_s = lag_wait_s
         self.store = store
@@ -167,6 +178,9 @@ class NodeGroup:
         self._shape_list = list(self.sector_shape)
         self._sector_nbytes = self.sector_shape[0] * self.sector_shape[1] * np.dtype(DTYPE).itemsize
         self.host = host or self.settings.bind_host
+        security = curve_security(self.settings, hosts=(self.host,))  # CURVE: a problem is an error now
+        if security is not None:
+            security.check("server")
         self.scan_timeout_s = scan_timeout_s or self.settings.scan_timeout_s
         self.expect_timeout = expect_timeout or self.scan_timeout_s
         self._uid = uid or f"nodegroup-{_socket.gethostname()}-{os.getpid()}-{id(self) & 0xFFFF:04x}"
@@ -181,6 +195,8 @@ class NodeGroup:
         self._endpoints: dict[str, str] = {}
         self._bound = [threading.Event() for _ in range(n_sectors + 1)]
         self._rejected: dict[str, int] = {}
+        self._rlog = RateLimitedLog(logger)  # bad input: one line per kind per 10 s
+        self._unknown: OrderedDict[int, float] = OrderedDict()  # scan no expect named -> its first data
         self._totals = {
             "received": 0,
             "frames_complete": 0,
@@ -227,8 +243,16 @@ class NodeGroup:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"NodeGroup {self._uid}: sockets not bound within {timeout:.0f} s")
         self._started = True
+        # "ack": what tells the producers they may let go of a scan (docs/reliability.md).
+        ack = getattr(self.consumer, "acknowledges", "received")
         self._registration = self._registry.register(
-            "nodegroup", self._uid, status="ready", endpoints=self.endpoints, sectors=self.n_sectors
+            "nodegroup",
+            self._uid,
+            status="ready",
+            endpoints=self.endpoints,
+            sectors=self.n_sectors,
+            ack=ack,
+            **self._job,
         )
         self._publisher._registration = self._registration
         self._publisher.start()
@@ -249,7 +273,7 @@ class NodeGroup:
         if self._registration is not None:
             self._registration.close()
             self._registration = None
-        self._ctx.term()
+        term_context(self._ctx)
 
     def maybe_raise(self) -> None:
         """Re-raise, on the calling thread, the exception that ended a worker thread."""
@@ -302,10 +326,10 @@ class NodeGroup:
 
     # ---- receiving threads
 
-    def _bind(self, name: str, index: int) -> zmq.Socket:
-        sock = make_socket(self._ctx, zmq.PULL, settings=self.settings)
+    def _bind(self, name: str, index: int, max_msg_size: int) -> zmq.Socket:
+        sock = make_socket(self._ctx, zmq.PULL, settings=self.settings, role="server")
         try:
-            self._endpoints[name] = bind_random(sock, self.host)
+            self._endpoints[name] = bind_random(sock, self.host, max_msg_size=max_msg_size)
         except BaseException:
             sock.close()
             raise
@@ -313,7 +337,7 @@ class NodeGroup:
         return sock
 
     def _receive(self, m: int) -> None:
-        sock = self._bind(f"data_{m}", m)
+        sock = self._bind(f"data_{m}", m, MAX_HEADER_BYTES + self._sector_nbytes)
         try:
             while not self._stop.is_set():
                 if not sock.poll(POLL_MS):
@@ -328,7 +352,7 @@ class NodeGroup:
             sock.close()
 
     def _info_loop(self) -> None:
-        sock = self._bind("info", self.n_sectors)
+        sock = self._bind("info", self.n_sectors, MAX_INFO_PART_BYTES)
         try:
             housekeeping = time.monotonic() + 0.5
             while not self._stop.is_set():
@@ -435,15 +459,25 @@ class NodeGroup:
             # Bounded assembly: a sector that is ahead of the slowest one waits before starting a new frame
             # (the slowest never waits). The wait is bounded (lag_wait_s), so that no cycle of waits through
             # the aggregator's shared sector threads can hold the data plane still.
+            #
+            # A wait that timed out while the slowest sector did not move at all is not repeated until it
+            # moves: its data may never come (the aggregator died mid-scan, its sector thread's queue lost),
+            # and this thread may hold hundreds of queued messages of the scan (RCVHWM). Waiting lag_wait_s
+            # for each of them held this socket (so every later scan's data on it) for minutes, kept the
+            # scan "touched" so that its scan timeout never came, and stalled the next scan behind it.
             give_up = None
-            while f not in scan.assembling and not scan.closing and self._ahead(scan, m):
+            while f not in scan.assembling and not scan.closing:
+                slowest = self._slowest(scan, m)
+                if not self._ahead(scan, m, slowest) or slowest <= scan.lag_stuck[m]:
+                    break
                 now = time.monotonic()
                 give_up = give_up or now + self.lag_wait_s
                 if self._stop.is_set():
                     return
                 if now >= give_up:
                     self._lag_timeouts += 1
-                    _rlog.warning("lag", "NodeGroup %s: sector %d waited %.1f s for the others; going on",
+                    scan.lag_stuck[m] = slowest
+                    self._rlog.warning("lag", "NodeGroup %s: sector %d waited %.1f s for the others; going on",
                                   self._uid, m, self.lag_wait_s)  # fmt: skip
                     break
                 self._cond.wait(min(POLL_MS / 1000, give_up - now))
@@ -508,22 +542,32 @@ class NodeGroup:
                     scan.in_flight -= 1
         self._maybe_finish(scan)
 
-    def _ahead(self, scan: _Scan, m: int) -> bool:
-        """Whether sector ``m`` is more than ``max_lag`` messages ahead of the slowest sector, progress being
-        received / expected (a sector whose expect is not in yet is at 0). Caller holds the lock."""
-        expected_m = scan.expected[m]
-        if not expected_m:
-            return False
+    def _slowest(self, scan: _Scan, m: int) -> float:
+        """The least progress (received / expected) among the sectors other than ``m``; a sector whose
+        expect is not in yet is at 0. Caller holds the lock."""
         slowest = 1.0
         for k, expected in enumerate(scan.expected):
             if k != m:
                 progress = 0.0 if expected is None else 1.0 if expected == 0 else scan.received[k] / expected
                 slowest = min(slowest, progress)
+        return slowest
+
+    def _ahead(self, scan: _Scan, m: int, slowest: float) -> bool:
+        """Whether sector ``m`` is more than ``max_lag`` messages ahead of the slowest other sector (whose
+        progress is ``slowest``, from :meth:`_slowest`). Caller holds the lock."""
+        expected_m = scan.expected[m]
+        if not expected_m:
+            return False
         return scan.received[m] - slowest * expected_m > self.max_lag
 
     def _scan_for(self, scan_number: int) -> _Scan | None:
-        """The scan of a data message once its consumer scan has begun; waits for the expect (bounded)."""
+        """The scan of a data message once its consumer scan has begun; waits for the expect (bounded).
+
+        For a scan that no expect has named, the wait is counted from the first data of that scan number
+        (shared by its messages and sectors): a sender that sends an unknown scan number holds a socket for
+        ``expect_timeout`` once, not once per message. Once the expect is in, the wait starts over."""
         deadline: float | None = None
+        known = False
         with self._cond:
             while True:
                 scan = self._scans.get(scan_number)
@@ -535,8 +579,14 @@ class NodeGroup:
                 if self._stop.is_set():
                     return None
                 now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.expect_timeout
+                if scan is None:
+                    first = self._unknown.setdefault(scan_number, now)
+                    while len(self._unknown) > _FINISHED_KEPT:
+                        self._unknown.popitem(last=False)
+                    deadline = first + self.expect_timeout
+                elif not known:  # its expect came (begin_scan is under way): a full wait from now
+                    known, deadline = True, now + self.expect_timeout
+                assert deadline is not None
                 if now >= deadline:
                     late = False
                     break
@@ -586,6 +636,7 @@ class NodeGroup:
                 )
             elif scan is None:
                 scan = begin = self._scans[n] = _Scan(msg, self._uid, self.n_sectors, self.frame_shape)
+                self._unknown.pop(n, None)
                 self._last_scan = n
             elif (scan.members, scan.scan_shape) != (msg.members, msg.scan_shape):
                 problem = (
@@ -747,4 +798,4 @@ class NodeGroup:
             self._rejected[kind] = self._rejected.get(kind, 0) + 1
             if scan is not None:
                 scan.rejected[kind] = scan.rejected.get(kind, 0) + 1
-        _rlog.warning(kind, "NodeGroup %s: rejected (%s): " + msg, self._uid, kind, *args)
+        self._rlog.warning(kind, "NodeGroup %s: rejected (%s): " + msg, self._uid, kind, *args)

@@ -46,13 +46,11 @@ import zmq
 from stemstream.config import Settings, get_settings
 from stemstream.errors import ProtocolError
 from stemstream.log import RateLimitedLog
-from stemstream.streaming.actor import Worker, send_parts
+from stemstream.streaming.actor import SendAborted, Worker, send_parts
 from stemstream.streaming.fallback import (
-    ROUTE_DISK,
     ROUTE_STREAM,
     KeyValue,
     ScanPlan,
-    SectorDiskWriter,
     aggregator_scan_key,
     close_scan_record,
     decide_plan,
@@ -68,6 +66,7 @@ from stemstream.streaming.protocol import (
     ExpectMessage,
     SectorHeader,
 )
+from stemstream.streaming.retention import ScanKeeper, SectorSource
 from stemstream.streaming.sockets import make_socket
 
 logger = logging.getLogger(__name__)
@@ -205,8 +204,8 @@ class _Slot:
         if self.endpoints == (data_ep, info_ep):
             return
         self.close()
-        self.data = make_socket(ctx, zmq.PUSH, settings=settings)
-        self.info = make_socket(ctx, zmq.PUSH, settings=settings)
+        self.data = make_socket(ctx, zmq.PUSH, settings=settings, role="client")
+        self.info = make_socket(ctx, zmq.PUSH, settings=settings, role="client")
         self.data.connect(data_ep)
         self.info.connect(info_ep)
         self.endpoints = (data_ep, info_ep)
@@ -256,6 +255,9 @@ class Producer:
         send_timeout: float | None = None,
         max_skew: int | None = 64,
         skew_wait_s: float = 1.0,
+        hold_bytes: int | None = None,
+        ack_timeout_s: float | None = None,
+        on_release: Any = None,
     ) -> None:
         self.settings = settings or get_settings()
         if not 0 <= sector < n_sectors:
@@ -279,6 +281,10 @@ class Producer:
         self._stop = threading.Event()
         self._closers: list[Worker] = []
         self._last_streamed: int | None = None
+        self.hold_bytes = hold_bytes if hold_bytes is not None else self.settings.hold_bytes
+        self.ack_timeout_s = ack_timeout_s if ack_timeout_s is not None else self.settings.ack_timeout_s
+        self._on_release = on_release
+        self.keeper: ScanKeeper | None = None
         self._counts = {
             "sent": 0,
             "lost_upstream": 0,
@@ -298,6 +304,19 @@ class Producer:
             from stemstream.streaming.store import Registry
 
             self._registry = Registry(self.store, ttl=self.settings.store_ttl_s)
+        self.keeper = ScanKeeper(
+            self.store,
+            self._registry,
+            self.sector,
+            producer_uid=self._uid,
+            sector_nbytes=self.sector_shape[0] * self.sector_shape[1] * 2,
+            n_sectors=self.n_sectors,
+            sector_shape=self.sector_shape,
+            leader=self.leader,
+            hold_bytes=self.hold_bytes,
+            ack_timeout_s=self.ack_timeout_s,
+            on_release=self._released,
+        ).start()
         self._registration = self._registry.register(
             "producer", self._uid, status="ready", sector=self.sector, threads=self.threads
         )
@@ -306,9 +325,20 @@ class Producer:
     # ---- scans
 
     def begin_scan(
-        self, scan_number: int, scan_shape: tuple[int, int], *, fallback_dir: str | Path | None = None
+        self,
+        scan_number: int,
+        scan_shape: tuple[int, int],
+        *,
+        fallback_dir: str | Path | None = None,
+        source: SectorSource | None = None,
     ) -> ScanSession:
-        """Plan the scan (the leader decides, the others read its decision) and open a session."""
+        """Plan the scan (the leader decides, the others read its decision) and open a session.
+
+        The producer holds every streamed sector until the scan is acknowledged (``streaming.retention``):
+        by reference to the buffer passed to ``send``, which must then stay unchanged until the scan is
+        released (``on_release(scan_number)``), or, with ``source`` (frame number -> the sector's buffer in
+        the DAQ's RAM), by frame number only.
+        """
         if self._registry is None:
             raise RuntimeError("Producer.start() first")
         scan_shape = (int(scan_shape[0]), int(scan_shape[1]))
@@ -335,16 +365,16 @@ class Producer:
             f"members={list(plan.members)}" if plan.route == ROUTE_STREAM else f"({plan.reason})",
         )
         self._update(status="streaming" if plan.route == ROUTE_STREAM else "writing", scan_number=scan_number)
-        return ScanSession(self, plan)
+        return ScanSession(self, plan, source)
 
     def _scan_finished(self, session: ScanSession, result: ProducerScanResult) -> None:
-        self._counts["sent"] += result.sent_total if result.route == ROUTE_STREAM else 0
-        self._counts["written"] += result.sent_total if result.route == ROUTE_DISK else 0
+        self._counts["sent"] += sum(n for k, n in result.sent.items() if k != "disk")
+        self._counts["written"] += result.sent.get("disk", 0)
         self._counts["lost_upstream"] += result.lost_upstream
         self._counts["scans_streamed" if result.route == ROUTE_STREAM else "scans_on_disk"] += 1
         if result.route == ROUTE_STREAM:
             self._last_streamed = result.scan_number
-        self._update(status="ready", counts=dict(self._counts))
+        self._update(status="ready", counts=self.counts())
         if self.leader:
             plan = session.plan
             closer = Worker(
@@ -357,6 +387,19 @@ class Producer:
     def _update(self, **fields: Any) -> None:
         if self._registration is not None:
             self._registration.update(**fields)
+
+    def _released(self, scan_number: int) -> None:
+        """The keeper let go of a scan (acknowledged, or on disk): the registry shows it, the DAQ hears it."""
+        self._update(counts=self.counts())
+        if self._on_release is not None:
+            self._on_release(scan_number)
+
+    def counts(self) -> dict[str, int]:
+        """Sent, written, lost upstream, scans, and the keeper's: held_bytes, acked, replayed, spilled, ..."""
+        out = dict(self._counts)
+        if self.keeper is not None:
+            out.update(self.keeper.snapshot())
+        return out
 
     def wait_closed(self, timeout: float | None = None) -> None:
         """Wait for the leader's scan closers (``/scans/<n>`` totals written)."""
@@ -387,10 +430,13 @@ class Producer:
             return False
 
     def close(self, drain_timeout: float | None = None) -> None:
-        """Wait for the last streamed scan to be routed, close the sockets, deregister."""
+        """Wait for the last streamed scan to be routed and the held scans to be acknowledged (what is not
+        is written to disk), close the sockets, deregister."""
         timeout = drain_timeout if drain_timeout is not None else self.settings.scan_timeout_s
         self.drain(timeout)
         self.wait_closed(timeout)
+        if self.keeper is not None:
+            self.keeper.close(timeout)
         self._stop.set()
         for slot in self._slots:
             with slot.lock:
@@ -414,7 +460,9 @@ class Producer:
 class ScanSession:
     """One scan of one producer: a :class:`SectorSender` per thread slot, then :meth:`finish`."""
 
-    def __init__(self, producer: Producer, plan: ScanPlan) -> None:
+    def __init__(self, producer: Producer, plan: ScanPlan, source: SectorSource | None = None) -> None:
+        if producer.keeper is None:
+            raise RuntimeError("Producer.start() first")
         self.producer = producer
         self.plan = plan
         self.scan_number = plan.scan_number
@@ -424,18 +472,11 @@ class ScanSession:
         self._done: dict[int, tuple[dict[str, int], int]] = {}  # slot -> (sent per uid, lost upstream)
         self._front = threading.Condition()
         self._at: dict[int, int] = {}  # slot -> frame it is sending, while it is sending
-        self._disk: SectorDiskWriter | None = None
         self._result: ProducerScanResult | None = None
-        if plan.route == ROUTE_DISK:
-            directory = Path(plan.fallback_dir) if plan.fallback_dir else producer.fallback_dir
-            self._disk = SectorDiskWriter(
-                directory,
-                plan.scan_number,
-                plan.scan_shape,
-                producer.sector,
-                n_sectors=producer.n_sectors,
-                sector_shape=producer.sector_shape,
-            )
+        self.degraded: str | None = None  # why the rest of this scan goes to disk
+        directory = Path(plan.fallback_dir) if plan.fallback_dir else producer.fallback_dir
+        self.keeper = producer.keeper
+        self.held = producer.keeper.open(plan, directory, source)
 
     @property
     def route(self) -> str:
@@ -497,6 +538,13 @@ class ScanSession:
         with self._lock:
             self._done[t] = (sent, lost)
 
+    def degrade(self, reason: str) -> None:
+        """Streaming this scan failed: every slot writes the rest to disk, held sectors are written too."""
+        with self._lock:
+            if self.degraded is None:
+                self.degraded = reason
+        self.keeper.degrade(self.held, reason)
+
     def finish(self) -> ProducerScanResult:
         """Close the scan for this producer: slots that never sent announce an empty share (all lost),
         the disk files are closed, ``/scans/<n>/producers/<uid>`` is written."""
@@ -515,26 +563,29 @@ class ScanSession:
             for uid, n in per_uid.items():
                 sent[uid] = sent.get(uid, 0) + n
             lost += n_lost
-        paths = self._disk.close() if self._disk is not None else []
+        # A stream scan's "sent" counts what went to the NodeGroups; sectors written instead are "written".
+        streamed = {k: v for k, v in sent.items() if k != "disk"} if self.route == ROUTE_STREAM else sent
+        record: dict[str, Any] = {
+            "producer": self.producer.uid,
+            "sector": self.producer.sector,
+            "threads": self.producer.threads,
+            "route": self.route,
+            "sent": streamed,
+            "sent_total": sum(streamed.values()),
+            "written": sent.get("disk", 0),
+            "lost_upstream": lost,
+            "started": self.started,
+            "finished": time.time(),
+            "status": "done",
+        }
+        if self.degraded is not None:
+            record.update(degraded=True, error=self.degraded)
+        record = self.keeper.sending_done(self.held, record)
+        paths = [Path(x) for x in record.get("paths") or ()]
         result = ProducerScanResult(
             self.scan_number, self.producer.sector, self.route, sent, lost, paths, time.time() - self.started
         )
-        self.producer.store.set(
-            producer_scan_key(self.scan_number, self.producer.uid),
-            {
-                "producer": self.producer.uid,
-                "sector": self.producer.sector,
-                "threads": self.producer.threads,
-                "route": self.route,
-                "sent": sent,
-                "sent_total": result.sent_total,
-                "lost_upstream": lost,
-                "paths": [str(p) for p in paths],
-                "started": self.started,
-                "finished": time.time(),
-                "status": "done",
-            },
-        )
+        self.producer.store.set(producer_scan_key(self.scan_number, self.producer.uid), record)
         self._result = result
         self.producer._scan_finished(self, result)
         return result
@@ -566,6 +617,7 @@ class SectorSender:
         else:
             self.expected = {"disk": int(frames.size)}
         self._sent = [0] * max(self._n, 1)
+        self._written = 0  # sectors written to disk instead (disk route, or the scan degraded)
         self._unsent = set(frames.tolist())  # announced, not sent yet
         self._header_base = (plan.scan_number, p.sector, plan.scan_shape, p.sector_shape, p.n_sectors)
         self._open = False
@@ -612,49 +664,71 @@ class SectorSender:
             raise ValueError(f"frame {frame_number}: not announced by slot {self.t}, or sent twice")
         self._session._pace(self.t, frame_number)
         scan, sector, scan_shape, sector_shape, n_sectors = self._header_base
-        if self._n:
+        session, keeper = self._session, self._session.keeper
+        if self._n and session.degraded is None and self._slot.data is not None:
             header = SectorHeader(
                 scan, frame_number, sector, scan_shape, sector_shape, n_sectors, timestamp_ns=time.time_ns()
             ).encode()
-            assert self._slot.data is not None
-            send_parts(
-                self._slot.data,
-                (header, buffer),
-                stop=self._producer._stop,
-                timeout=self._producer.send_timeout,
-                what=f"scan {scan} frame {frame_number}",
-            )
+            try:
+                send_parts(
+                    self._slot.data,
+                    (header, buffer),
+                    stop=self._producer._stop,
+                    timeout=self._producer.send_timeout,
+                    what=f"scan {scan} frame {frame_number}",
+                )
+            except SendAborted as exc:
+                if self._producer._stop.is_set():
+                    raise
+                self._abandon_stream(f"could not stream to the aggregator: {exc}")
+                keeper.write(session.held, frame_number, buffer)
+            else:
+                keeper.keep(session.held, frame_number, buffer)
+                self._sent[i] += 1
         else:
-            assert self._session._disk is not None
-            self._session._disk.write(frame_number, buffer)
+            if self._n and self._slot.data is not None:
+                self._abandon_stream(session.degraded or "streaming failed")
+            keeper.write(session.held, frame_number, buffer)
+            self._written += 1
         self._unsent.discard(frame_number)
-        self._sent[i] += 1
+
+    def _abandon_stream(self, reason: str) -> None:
+        """This slot stops streaming the scan: its sockets (with what is queued in them) are closed, and the
+        scan degrades to disk for every slot."""
+        self._session.degrade(reason)
+        self._slot.close()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
+            lost = self.lost_upstream + len(self._unsent)
             if self._n:
                 sent = {uid: self._sent[i] for i, uid in enumerate(self._members)}
-                lost = self.lost_upstream + len(self._unsent)
                 end = EndMessage(
                     self.producer_id,
                     self._session.scan_number,
                     self._producer.sector,
                     sent,
-                    lost,
+                    lost + self._written,  # what went to disk instead never reaches a NodeGroup
                 )
-                assert self._slot.info is not None
-                send_parts(
-                    self._slot.info,
-                    [end.encode()],
-                    stop=self._producer._stop,
-                    timeout=self._producer.send_timeout,
-                    what="end",
-                )
+                if self._slot.info is not None:
+                    try:
+                        send_parts(
+                            self._slot.info,
+                            [end.encode()],
+                            stop=self._producer._stop,
+                            timeout=self._producer.send_timeout,
+                            what="end",
+                        )
+                    except SendAborted as exc:
+                        if self._producer._stop.is_set():
+                            raise
+                        self._abandon_stream(f"could not stream to the aggregator: {exc}")
+                if self._written:
+                    sent = {**sent, "disk": self._written}
             else:
-                sent = {"disk": self._sent[0]}
-                lost = self.lost_upstream + len(self._unsent)
+                sent = {"disk": self._written}
             if len(self._unsent):
                 logger.warning(
                     "scan %d slot %d: %d announced frames were not sent",

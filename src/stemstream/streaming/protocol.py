@@ -30,7 +30,17 @@ _DTYPE_SIZES = {"<u2": 2, "<u1": 1, "<u4": 4}
 # Upper bound on a header's encoded size; anything larger is rejected before unpacking.
 MAX_HEADER_BYTES = 4096
 MAX_INFO_BYTES = 1 << 20
+# Receivers have ZeroMQ refuse any single part larger than this on an info socket (and, on a data socket,
+# larger than MAX_HEADER_BYTES + a sector): the sender is disconnected and the part is never read.
+MAX_INFO_PART_BYTES = 4 * MAX_INFO_BYTES
 _UINT32_MAX = 2**32 - 1
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages (and so log lines) stay short whatever
+    a sender put in a field."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _unpack_map(raw: bytes | memoryview, limit: int, what: str) -> dict[str, Any]:
@@ -43,12 +53,12 @@ def _unpack_map(raw: bytes | memoryview, limit: int, what: str) -> dict[str, Any
     try:
         obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
-        raise ProtocolError(f"{what}: not msgpack ({type(exc).__name__}: {exc})") from None
+        raise ProtocolError(f"{what}: not msgpack ({type(exc).__name__}: {str(exc)[:80]})") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what}: expected a msgpack map, got {type(obj).__name__}")
     version = obj.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:  # True and 1.0 compare equal to 1
-        raise ProtocolError(f"{what}: protocol version {version!r}, this build speaks {PROTOCOL_VERSION}")
+        raise ProtocolError(f"{what}: protocol version {_short(version)}, this build speaks {PROTOCOL_VERSION}")
     return obj
 
 
@@ -279,7 +289,7 @@ def decode_info(raw: bytes | memoryview) -> InfoMessage:
             sent=_count_map(obj, "sent", what),
             lost_upstream=_int(obj, "lost", what),
         )
-    raise ProtocolError(f"info message: unknown type {kind!r} (expected 'expect' or 'end')")
+    raise ProtocolError(f"info message: unknown type {_short(kind)} (expected 'expect' or 'end')")
 
 
 def route(frame_number: int, n_members: int) -> int:

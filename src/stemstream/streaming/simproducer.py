@@ -43,9 +43,20 @@ def run_scan(
     sim = FourDCameraSim(request.scan_shape, scan_number=request.scan_number, seed=seed, loss_rate=loss_rate)
     lost = {f for f, s in sim.lost_sectors() if s == m}
     pool = [sim.sector(i, m) for i in range(min(pregen, sim.n_frames))] if pregen > 0 else None
-    session = producer.begin_scan(request.scan_number, request.scan_shape, fallback_dir=request.fallback_dir)
     stop = stop or threading.Event()
     sim_lock = threading.Lock()  # the simulator caches one frame: one caller at a time
+
+    def source(f: int) -> Any:
+        """Sector ``m`` of frame ``f`` again (the simulator is deterministic, like a DAQ's RAM ring): the
+        producer holds frame numbers instead of the simulator's whole frames until the scan is counted."""
+        if pool:
+            return pool[f % len(pool)]
+        with sim_lock:
+            return sim.sector(f, m)
+
+    session = producer.begin_scan(
+        request.scan_number, request.scan_shape, fallback_dir=request.fallback_dir, source=source
+    )
 
     def send(t: int) -> None:
         frames = [f for f in session.share(t) if f not in lost]

@@ -34,6 +34,7 @@ import zmq
 from stemstream.config import Settings, get_settings
 from stemstream.errors import StoreError, StoreUnavailable
 from stemstream.log import RateLimitedLog
+from stemstream.streaming.security import curve_security
 from stemstream.streaming.sockets import make_socket
 from stemstream.streaming.store.kvmsg import (
     HUGZ,
@@ -95,14 +96,19 @@ class StoreClient:
         backup: str | None = None,
         subtree: str = "/",
         timeout: float = 5.0,
+        settings: Settings | None = None,
     ) -> None:
-        split_address(address)  # fail early on a malformed address
+        hosts = [split_address(address)[0]]  # fail early on a malformed address
         if backup is not None:
-            split_address(backup)
+            hosts.append(split_address(backup)[0])
         self._servers = [address] if backup is None else [address, backup]
         self._subtree = subtree
         self._timeout = timeout
-        self._settings: Settings = get_settings()
+        self._settings: Settings = settings or get_settings()
+        # CURVE: decided (and the client keys read) here, so a missing key is a one-line error now.
+        self._security = curve_security(self._settings, hosts=tuple(hosts))
+        if self._security is not None:
+            self._security.check("client")
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._version = 0
@@ -127,8 +133,9 @@ class StoreClient:
         cls, settings: Settings | None = None, *, subtree: str = "/", timeout: float = 5.0
     ) -> StoreClient:
         """A client of the store named by STEMSTREAM_STORE_HOST/PORT (and STORE_BACKUP_HOST/PORT, if set)."""
-        address, backup = store_addresses(settings or get_settings())
-        return cls(address, backup=backup, subtree=subtree, timeout=timeout)
+        settings = settings or get_settings()
+        address, backup = store_addresses(settings)
+        return cls(address, backup=backup, subtree=subtree, timeout=timeout, settings=settings)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -153,9 +160,13 @@ class StoreClient:
             if error is not None:
                 raise StoreError(f"store client failed: {error}") from error
             where = " or ".join(self._servers)
+            if self._security is None:
+                hint = "; if it uses CURVE, set STEMSTREAM_KEYS_DIR"
+            else:
+                hint = f"; with CURVE on, client key {self._security.key_name!r} must be authorised there"
             raise StoreUnavailable(
                 f"no Clone store answered at {where}; start one with `stemstream store serve` "
-                "or set STEMSTREAM_STORE_HOST/PORT"
+                f"or set STEMSTREAM_STORE_HOST/PORT{hint}"
             )
         return self
 
@@ -340,12 +351,12 @@ class _Link:
     def __init__(self, ctx: zmq.Context, settings: Settings, address: str, subtree: str) -> None:
         host, port = split_address(address)
         self.address = address
-        self.sub = make_socket(ctx, zmq.SUB, settings=settings, rcvhwm=PUB_HWM)
+        self.sub = make_socket(ctx, zmq.SUB, settings=settings, rcvhwm=PUB_HWM, role="client")
         self.sub.setsockopt(zmq.SUBSCRIBE, subtree.encode())
         if subtree:
             self.sub.setsockopt(zmq.SUBSCRIBE, HUGZ.encode())
         self.sub.connect(endpoint(host, port + 1))
-        self.dealer = make_socket(ctx, zmq.DEALER, settings=settings)
+        self.dealer = make_socket(ctx, zmq.DEALER, settings=settings, role="client")
         self.dealer.connect(endpoint(host, port))
 
     def close(self) -> None:
@@ -394,7 +405,7 @@ class _Agent:
         try:
             for address in self.servers:
                 host, port = split_address(address)
-                push = make_socket(self.ctx, zmq.PUSH, settings=self.settings)
+                push = make_socket(self.ctx, zmq.PUSH, settings=self.settings, role="client")
                 push.connect(endpoint(host, port + 2))
                 self.pushes.append(push)
             self._begin_sync(None)

@@ -9,7 +9,10 @@ interprets is ``ttl`` (seconds, decimal text). An empty body means "delete the k
 inside bodies; :func:`encode_value` / :func:`decode_value` are the msgpack convention our clients use.
 
 Decoding validates every frame and raises :class:`KVMsgError` (a ``ProtocolError``) whose ``kind`` names
-what was wrong, so a server can count rejects by kind without parsing messages.
+what was wrong, so a server can count rejects by kind without parsing messages. The other messages a server
+reads are decoded here too, with the same error type: snapshot requests (:func:`decode_request`),
+subscriptions on the update port (:func:`decode_subscription`) and Binary Star state messages
+(:func:`decode_peer_state`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ MAX_TTL_S = 30 * 24 * 3600.0
 
 _SEQ = struct.Struct(">q")  # the zguide's int64_t in network order
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Decimal text, as docs/store.md says (and C clients parse): no signs, blanks, "_" or non-ASCII digits.
+_DECIMAL = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?", re.ASCII)
+# Binary Star states a peer may announce (bstar.State: primary, backup, active, passive).
+_PEER_STATES = (b"1", b"2", b"3", b"4")
 
 
 class KVMsgError(ProtocolError):
@@ -107,7 +114,7 @@ class KVMsg:
         if len(raw_uuid) not in (0, UUID_BYTES):
             raise KVMsgError("bad_uuid", f"uuid frame is {len(raw_uuid)} bytes, expected {UUID_BYTES} or 0")
         if max_body is not None and len(body) > max_body:
-            raise KVMsgError("oversized", f"body of {key!r} is {len(body)} bytes, over {max_body}")
+            raise KVMsgError("oversized", f"body of {key[:64]!r} is {len(body)} bytes, over {max_body}")
         return cls(key, sequence, body, decode_properties(raw_props), raw_uuid)
 
     def __repr__(self) -> str:
@@ -134,6 +141,12 @@ def check_path(key: str) -> None:
 
 
 def encode_properties(props: dict[str, str]) -> bytes:
+    """``name=value\\n`` lines; raises KVMsgError (``bad_properties``) for what would not decode back."""
+    for name, value in props.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise KVMsgError("bad_properties", f"property {name!r}: names and values must be strings")
+        if not name or "=" in name or "\n" in name or "\n" in value:
+            raise KVMsgError("bad_properties", f"property {name[:64]!r}: no '=' or newline in names or values")
     return "".join(f"{name}={value}\n" for name, value in props.items()).encode()
 
 
@@ -156,10 +169,9 @@ def decode_properties(raw: bytes) -> dict[str, str]:
 
 
 def parse_ttl(text: str) -> float:
-    try:
-        ttl = float(text)
-    except ValueError:
-        raise KVMsgError("bad_ttl", f"ttl {text[:32]!r} is not a number") from None
+    if not _DECIMAL.fullmatch(text):
+        raise KVMsgError("bad_ttl", f"ttl {text[:32]!r} is not a decimal number")
+    ttl = float(text)
     if not (math.isfinite(ttl) and 0 < ttl <= MAX_TTL_S):
         raise KVMsgError("bad_ttl", f"ttl {text[:32]!r} is outside (0, {MAX_TTL_S:g}] seconds")
     return ttl
@@ -169,6 +181,43 @@ def format_ttl(ttl: float) -> str:
     """Whole seconds as integers, as the zguide's C clients (which parse with atoi) expect."""
     parse_ttl(repr(float(ttl)))  # same validation as the server's
     return str(int(ttl)) if float(ttl).is_integer() else repr(float(ttl))
+
+
+def decode_request(frames: Sequence[bytes]) -> tuple[bytes, str]:
+    """A snapshot request as the server's ROUTER hands it over, ``[identity, ICANHAZ?, subtree]`` (the
+    subtree frame may be left out: ``""``); returns ``(identity, subtree)``. Raises KVMsgError
+    ``bad_request`` (wrong number of frames, subtree not UTF-8 or too long) or ``bad_command``."""
+    if not 2 <= len(frames) <= 3:
+        raise KVMsgError("bad_request", f"{max(0, len(frames) - 1)} frames, expected 1 or 2")
+    identity, command = bytes(frames[0]), bytes(frames[1])
+    if command != ICANHAZ:
+        raise KVMsgError("bad_command", f"unknown command {command[:32]!r}")
+    raw_subtree = bytes(frames[2]) if len(frames) == 3 else b""
+    if len(raw_subtree) > MAX_KEY_BYTES:
+        raise KVMsgError("bad_request", f"subtree is {len(raw_subtree)} bytes, over {MAX_KEY_BYTES}")
+    try:
+        return identity, raw_subtree.decode()
+    except UnicodeDecodeError:
+        raise KVMsgError("bad_request", "subtree is not UTF-8") from None
+
+
+def decode_subscription(frames: Sequence[bytes]) -> tuple[bool, bytes]:
+    """What an XPUB hands over: one frame, ``\\x01`` + topic (subscribe) or ``\\x00`` + topic
+    (unsubscribe); returns ``(subscribe, topic)``. Raises KVMsgError ``bad_subscription``."""
+    first = bytes(frames[0][:1]) if len(frames) == 1 else b""
+    if first not in (b"\x00", b"\x01"):
+        raise KVMsgError("bad_subscription", f"{len(frames)} frame(s) that are no (un)subscription")
+    return first == b"\x01", bytes(frames[0][1:])
+
+
+def decode_peer_state(frames: Sequence[bytes]) -> int:
+    """A Binary Star state message from the peer server: one frame, ``1`` .. ``4`` as decimal text.
+    Raises KVMsgError ``bad_peer``."""
+    raw = bytes(frames[0]) if len(frames) == 1 else b""
+    if raw not in _PEER_STATES:
+        what = f"{raw[:16]!r}" if len(frames) == 1 else f"{len(frames)} frames"
+        raise KVMsgError("bad_peer", f"{what} is not a Binary Star state")
+    return int(raw)
 
 
 def encode_value(value: Any, *, max_body: int = DEFAULT_MAX_BODY, key: str = "") -> bytes:

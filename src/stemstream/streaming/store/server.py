@@ -36,7 +36,8 @@ import zmq
 from stemstream.config import Settings, get_settings
 from stemstream.errors import StoreError
 from stemstream.log import RateLimitedLog
-from stemstream.streaming.sockets import make_socket
+from stemstream.streaming.security import curve_security
+from stemstream.streaming.sockets import CURVE_HANDSHAKE_BYTES, make_socket, term_context
 from stemstream.streaming.store.bstar import BinaryStar, Event, State
 from stemstream.streaming.store.kvmsg import (
     DEFAULT_MAX_BODY,
@@ -47,6 +48,9 @@ from stemstream.streaming.store.kvmsg import (
     KVMsg,
     KVMsgError,
     check_path,
+    decode_peer_state,
+    decode_request,
+    decode_subscription,
     format_ttl,
 )
 
@@ -107,6 +111,10 @@ class StoreServer:
         self.role = role
         self.peer = peer
         self._peer_host, self._peer_port = split_address(peer) if peer else ("", 0)
+        # CURVE: decided (and its keys read) here, on the caller's thread, so a problem is a one-line error.
+        self._security = curve_security(self._settings, hosts=(host, self._peer_host or None))
+        if self._security is not None:
+            self._security.check("server")
         self.heartbeat_s = heartbeat_s or self._settings.store_heartbeat_s
         self.max_body = max_body
         self.stats_interval_s = stats_interval_s
@@ -205,7 +213,7 @@ class StoreServer:
             self._pipe.close()
             self._pipe = None
         if self._ctx is not None:
-            self._ctx.term()
+            term_context(self._ctx)
             self._ctx = None
 
     def maybe_raise(self) -> None:
@@ -262,17 +270,19 @@ class StoreServer:
         assert self._ctx is not None
         s, ctx = self._settings, self._ctx
         inbound_cap = 4 * self.max_body + 65536  # larger than this: peer disconnected, not even counted
-        router = make_socket(ctx, zmq.ROUTER, settings=s, sndhwm=SNAPSHOT_HWM)
+        router = make_socket(ctx, zmq.ROUTER, settings=s, sndhwm=SNAPSHOT_HWM, role="server")
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.MAXMSGSIZE, 65536)
-        publisher = make_socket(ctx, zmq.XPUB, settings=s, sndhwm=PUB_HWM)
+        publisher = make_socket(ctx, zmq.XPUB, settings=s, sndhwm=PUB_HWM, role="server")
         publisher.setsockopt(zmq.XPUB_VERBOSE, 1)
         publisher.setsockopt(zmq.MAXMSGSIZE, MAX_KEY_BYTES + 64)
-        collector = make_socket(ctx, zmq.PULL, settings=s)
+        collector = make_socket(ctx, zmq.PULL, settings=s, role="server")
         collector.setsockopt(zmq.MAXMSGSIZE, inbound_cap)
         self._sockets = {"router": router, "publisher": publisher, "collector": collector}
         if self.peer:
-            self._sockets["statepub"] = make_socket(ctx, zmq.PUB, settings=s)
+            self._sockets["statepub"] = make_socket(ctx, zmq.PUB, settings=s, role="server")
+            # It only takes the peer's subscription, but MAXMSGSIZE also caps CURVE's handshake.
+            self._sockets["statepub"].setsockopt(zmq.MAXMSGSIZE, CURVE_HANDSHAKE_BYTES)
         bind_host = "*" if self.host in _WILDCARD_HOSTS else self.host
         try:
             for offset, name in enumerate(("router", "publisher", "collector", "statepub")):
@@ -282,9 +292,9 @@ class StoreServer:
             self._close_sockets()
             raise StoreError(f"cannot bind ports {base}..{base + 3} on {self.host}: {exc}") from None
         if self.peer:
-            statesub = make_socket(ctx, zmq.SUB, settings=s)
+            statesub = make_socket(ctx, zmq.SUB, settings=s, role="peer")
             statesub.setsockopt(zmq.SUBSCRIBE, b"")
-            statesub.setsockopt(zmq.MAXMSGSIZE, 64)
+            statesub.setsockopt(zmq.MAXMSGSIZE, CURVE_HANDSHAKE_BYTES)  # state messages are 1 byte
             statesub.connect(endpoint(self._peer_host, self._peer_port + 3))
             self._sockets["statesub"] = statesub
         self._port = base
@@ -382,25 +392,17 @@ class StoreServer:
             self._stats[kind] += n
 
     def _reject(self, kind: str, where: str, why: object) -> None:
-        self._count(kind)
+        """Bad input: counted under ``kind`` and in ``rejected`` (the total), logged once per kind per 10 s."""
+        with self._stats_lock:
+            self._stats[kind] += 1
+            self._stats["rejected"] += 1
         self._rlog.warning(kind, "store %s: rejected input on the %s (%s): %s", self.role, where, kind, why)
 
     def _on_request(self, frames: list[bytes]) -> None:
-        if len(frames) < 2 or len(frames) > 3:
-            self._reject("bad_request", "snapshot port", f"{len(frames) - 1} frames, expected 1 or 2")
-            return
-        identity, command = frames[0], frames[1]
-        if command != ICANHAZ:
-            self._reject("bad_command", "snapshot port", f"unknown command {command[:32]!r}")
-            return
-        raw_subtree = frames[2] if len(frames) == 3 else b""
         try:
-            subtree = raw_subtree.decode()
-        except UnicodeDecodeError:
-            self._reject("bad_request", "snapshot port", "subtree is not UTF-8")
-            return
-        if len(raw_subtree) > MAX_KEY_BYTES:
-            self._reject("bad_request", "snapshot port", "subtree too long")
+            identity, subtree = decode_request(frames)
+        except KVMsgError as exc:
+            self._reject(exc.kind, "snapshot port", exc)
             return
         if self._bstar is not None and not self._vote():
             self._count("refused")  # passive, or not sure yet: the client will try the other server
@@ -424,8 +426,10 @@ class StoreServer:
                     msg.send(router, zmq.NOBLOCK, prefix)
             done = KVMsg(KTHXBAI, self._sequence, subtree.encode(), self._control_properties(), b"")
             done.send(router, zmq.NOBLOCK, prefix)
-        except zmq.Again:
-            self._reject("snapshot_aborted", "snapshot port", "client not reading (HWM); it will ask again")
+        except zmq.Again:  # not bad input: counted, and logged like it, but not "rejected"
+            self._count("snapshot_aborted")
+            why = "client not reading (HWM); it will ask again"
+            self._rlog.warning("snapshot_aborted", "store %s: snapshot abandoned: %s", self.role, why)
             return
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
@@ -435,11 +439,13 @@ class StoreServer:
         self._count("snapshots")
 
     def _on_subscription(self, frames: list[bytes]) -> None:
-        frame = frames[0] if len(frames) == 1 else b""
-        if frame[:1] == b"\x01":
+        try:
+            subscribe, _ = decode_subscription(frames)
+        except KVMsgError as exc:
+            self._reject(exc.kind, "update port", exc)
+            return
+        if subscribe:
             self._hugz_due = True  # coalesced: at most one HUGZ per loop iteration
-        elif frame[:1] != b"\x00":
-            self._reject("bad_subscription", "update port", f"{len(frames)} frames that are no subscription")
 
     def _on_collect(self, frames: list[bytes]) -> None:
         try:
@@ -466,12 +472,12 @@ class StoreServer:
     def _on_peer_state(self, frames: list[bytes]) -> None:
         assert self._bstar is not None
         try:
-            state = int(frames[0]) if len(frames) == 1 and len(frames[0]) == 1 else 0
-            before = self._bstar.state
-            self._bstar.peer_state(state)
-        except ValueError:
-            self._reject("bad_peer", "peer state port", f"{frames[0][:16]!r} is not a Binary Star state")
+            state = decode_peer_state(frames)
+        except KVMsgError as exc:
+            self._reject(exc.kind, "peer state port", exc)
             return
+        before = self._bstar.state
+        self._bstar.peer_state(state)
         if self._bstar.state is not before:
             self._on_state_change(before)
 
@@ -648,7 +654,7 @@ class StoreServer:
         elif self._bstar is not None and self._bstar.state is State.PASSIVE:
             # Only the active server numbers updates: a passive one hands its stats to it like a client.
             if "peer_push" not in self._sockets:
-                push = make_socket(self._ctx, zmq.PUSH, settings=self._settings)  # type: ignore[arg-type]
+                push = make_socket(self._ctx, zmq.PUSH, settings=self._settings, role="peer")  # type: ignore[arg-type]
                 push.connect(endpoint(self._peer_host, self._peer_port + 2))
                 self._sockets["peer_push"] = push
             with contextlib.suppress(zmq.Again):  # the active server is not there: nobody to tell
@@ -659,10 +665,10 @@ class _PeerSync:
     """A passive server's link to the active one: its update stream and, until synced, a snapshot request."""
 
     def __init__(self, ctx: zmq.Context, settings: Settings, host: str, port: int, hb: float) -> None:
-        self.sub = make_socket(ctx, zmq.SUB, settings=settings, rcvhwm=PUB_HWM)
+        self.sub = make_socket(ctx, zmq.SUB, settings=settings, rcvhwm=PUB_HWM, role="peer")
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(endpoint(host, port + 1))
-        self.dealer = make_socket(ctx, zmq.DEALER, settings=settings)
+        self.dealer = make_socket(ctx, zmq.DEALER, settings=settings, role="peer")
         self.dealer.connect(endpoint(host, port))
         self.heartbeat_s = hb
         self.synced = False

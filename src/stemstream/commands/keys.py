@@ -1,0 +1,112 @@
+"""``stemstream keys``: make and manage the ZeroMQ CURVE keys (docs/security.md).
+
+Prints names, file paths and *public* keys only; secret keys stay in their 0600 files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("keys", help="make and manage the CURVE keys (docs/security.md)")
+    sub = parser.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+
+    init = sub.add_parser(
+        "init",
+        help="make a key directory: the server keypair, a client keypair, authorized/",
+        description="Make DIR with the facility server keypair, one client keypair (--client) and authorized/ "
+        "holding both public keys. Run it on a secure host; then distribute (docs/security.md).",
+    )
+    init.add_argument("dir", type=Path, help="the key directory to make (STEMSTREAM_KEYS_DIR)")
+    init.add_argument("--client", default="stemstream", help="name of the first client keypair (default stemstream)")
+    init.set_defaults(func=_init)
+
+    add = sub.add_parser("add", help="make a client keypair NAME and authorise it")
+    add.add_argument("name")
+    _dir_option(add)
+    add.add_argument("--no-authorize", action="store_true", help="make the keypair only")
+    add.set_defaults(func=_add)
+
+    authorize = sub.add_parser(
+        "authorize", help="allow a public key to connect: a client NAME, or a NAME.key file from elsewhere"
+    )
+    authorize.add_argument("key", help="a client name in DIR, or the path of a public certificate NAME.key")
+    _dir_option(authorize)
+    authorize.set_defaults(func=_authorize)
+
+    ls = sub.add_parser("list", help="show the keys: names and public keys (never secrets)")
+    _dir_option(ls)
+    ls.set_defaults(func=_list)
+
+    revoke = sub.add_parser("revoke", help="remove NAME's public key from authorized/")
+    revoke.add_argument("name")
+    _dir_option(revoke)
+    revoke.set_defaults(func=_revoke)
+
+
+def _dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", type=Path, default=None, help="the key directory (default STEMSTREAM_KEYS_DIR)")
+
+
+def _directory(args: argparse.Namespace):  # -> KeyDirectory, imported lazily
+    from stemstream.errors import ConfigError
+    from stemstream.streaming.security import KeyDirectory
+
+    path = args.dir
+    if path is None:
+        env = os.environ.get("STEMSTREAM_KEYS_DIR")
+        if not env:
+            raise ConfigError("no key directory: give --dir DIR or set STEMSTREAM_KEYS_DIR")
+        path = Path(env)
+    return KeyDirectory(path)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from stemstream.streaming.security import KeyDirectory
+
+    d = KeyDirectory(args.dir)
+    d.init(client=args.client)
+    print(f"made {d.path}: server keypair, client keypair {args.client!r}, authorized/ with both public keys")
+    print(f"use it with: export STEMSTREAM_KEYS_DIR={d.path.resolve()}")
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    d = _directory(args)
+    public = d.add(args.name, authorize=not args.no_authorize)
+    state = "not authorised" if args.no_authorize else "authorised"
+    print(f"client {args.name}: {public.decode()} ({state}); keypair in {d.client_secret_file(args.name)}")
+    return 0
+
+
+def _authorize(args: argparse.Namespace) -> int:
+    d = _directory(args)
+    name = d.authorize(args.key)
+    print(f"authorised {name} in {d.authorized_dir}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    d = _directory(args)
+    entries = d.entries()
+    if not entries:
+        print(f"(no keys in {d.path}; make them with `stemstream keys init {d.path}`)")
+        return 0
+    width = max(len(str(e["name"])) for e in entries)
+    print(f"{'NAME':<{width}}  KIND      PUBLIC KEY                                AUTHORISED  SECRET HERE")
+    for e in entries:
+        authorized = "yes" if e["authorized"] else "no"
+        secret = "yes" if e["secret"] else "no"
+        print(f"{e['name']!s:<{width}}  {e['kind']!s:<8}  {e['public']!s:<40}  {authorized:<10}  {secret}")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    d = _directory(args)
+    removed = d.revoke(args.name)
+    print(f"revoked {args.name}: removed {removed}; new connections with it are refused from now on")
+    print("(open connections stay until they close: restart the services it talks to, to cut them now)")
+    return 0

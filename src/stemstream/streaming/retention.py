@@ -1,0 +1,614 @@
+"""Scan-level acknowledgement and replay: nothing a producer streamed is let go before it is safe.
+
+A receiving server holds a scan in RAM anyway. A :class:`ScanKeeper` (one per producer) keeps every sector
+it streamed (a reference to the DAQ's buffer, or, with a *source*, only the frame number: the DAQ's ring
+has the pixels) until the scan is **acknowledged** through the store:
+
+* ``ack = "counted"`` (a NodeGroup counts): ``/scans/<n>/counted`` says ``counted`` and the NodeGroups
+  received exactly what the producers report sent (``messages.received == sum(sent_total)``);
+* ``ack = "received"`` (NodeGroups whose consumer keeps the frames, e.g. tests): every member's
+  ``/scans/<n>/nodegroups/<uid>`` is ``received`` and the received total equals the sent total.
+
+The plan (``/scans/<n>``) fixes which of the two applies, from the members' registry records.
+
+A scan is **replayed**, i.e. this producer writes its whole sector of the scan to disk in the raw format,
+when the acknowledgement cannot come: a producer could not stream its sector (the aggregator stopped taking
+data: it *degraded* to disk), the counted file is ``partial`` or ``failed``, the accounting does not add
+up (received != sent), a member NodeGroup left the registry before the scan was counted, or nothing about
+the scan changed in the store for ``ack_timeout_s``. Each producer writes ``/scans/<n>/replay/<sector>``;
+the leader then marks ``/scans/<n>`` ``on_disk`` with ``replayed: true`` and the paths, which is what the
+session flow counts with ``count_fallback_scan``.
+
+Memory is bounded (``hold_bytes``): when a new sector would exceed it, the oldest held scan is *spilled*
+(written to disk now; its files are deleted again if the scan is acknowledged). When the disk cannot take
+it (full, read-only) the error says what to free, the data stays in RAM up to the bound, writes are retried
+every ``retry_s``, and sectors streamed beyond the bound go unprotected (counted as ``unprotected``).
+Disk-route scans use the same machinery: a sector the disk refuses stays in RAM and is written on retry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgpack
+
+from stemstream.errors import FallbackError, StemstreamError
+from stemstream.log import RateLimitedLog
+from stemstream.streaming.actor import Worker
+from stemstream.streaming.fallback import (
+    ROUTE_DISK,
+    ROUTE_STREAM,
+    STATUS_ON_DISK,
+    KeyValue,
+    ScanPlan,
+    SectorDiskWriter,
+    nodegroup_scan_key,
+    producer_scan_key,
+    scan_key,
+)
+
+logger = logging.getLogger(__name__)
+_rlog = RateLimitedLog(logger)
+
+ACK_COUNTED = "counted"
+ACK_RECEIVED = "received"
+
+WAIT, ACK, REPLAY = "wait", "ack", "replay"
+
+SectorSource = Callable[[int], Any]  # frame number -> the sector's buffer (the DAQ's RAM)
+
+
+def replay_key(scan_number: int, sector: int) -> str:
+    return f"/scans/{scan_number}/replay/{sector}"
+
+
+def counted_key(scan_number: int) -> str:
+    # Same key as streaming.counting.counted_key (kept here so that producers need not import counting).
+    return f"/scans/{scan_number}/counted"
+
+
+class Members(Protocol):
+    def members(self, role: str, status: str | None = None) -> list[Any]: ...
+
+
+def ack_verdict(
+    plan: ScanPlan, items: Mapping[str, Any], live_nodegroups: Mapping[str, float] | set[str]
+) -> tuple[str, str]:
+    """(WAIT | ACK | REPLAY, why) for a streamed scan, from the store's records under ``/scans/<n>``.
+
+    ``live_nodegroups``: the registered NodeGroups (UID -> when they registered). A pure function of what
+    every producer sees, so the four producers of a scan decide alike.
+    """
+    n = plan.scan_number
+    base = scan_key(n) + "/producers/"
+    producers = [v for k, v in items.items() if k.startswith(base) and isinstance(v, Mapping)]
+    for p in producers:
+        if p.get("status") == "failed" or p.get("degraded"):
+            return REPLAY, f"producer {p.get('producer')} could not stream its sector ({p.get('error')})"
+    sent = sum(int(p.get("sent_total") or 0) for p in producers)
+    all_sent = len(producers) >= plan.n_sectors
+    if plan.ack == ACK_COUNTED:
+        counted = items.get(counted_key(n))
+        if isinstance(counted, Mapping):
+            status = counted.get("status")
+            if status != "counted":
+                why = counted.get("error") or f"rank(s) {counted.get('ranks_missing')} missing"
+                return REPLAY, f"the counted file is {status} ({why})"
+            if not all_sent:
+                return WAIT, "counted; waiting for the other producers' records"
+            received = int((counted.get("messages") or {}).get("received", -1))
+            if received != sent:
+                return REPLAY, f"{received} of {sent} sent sectors reached the NodeGroups"
+            return ACK, f"counted in {counted.get('path')}"
+    else:
+        records = [items.get(nodegroup_scan_key(n, uid)) for uid in plan.members]
+        if all(isinstance(r, Mapping) for r in records):
+            statuses = {r.get("status") for r in records}  # type: ignore[union-attr]
+            if statuses != {"received"}:
+                return REPLAY, f"NodeGroup scan status {sorted(map(str, statuses))}"
+            if not all_sent:
+                return WAIT, "received; waiting for the other producers' records"
+            received = sum(int(r.get("received") or 0) for r in records)  # type: ignore[union-attr]
+            if received != sent:
+                return REPLAY, f"{received} of {sent} sent sectors reached the NodeGroups"
+            return ACK, "received by every NodeGroup"
+    gone = [uid for uid in plan.members if not _same_member(plan, uid, live_nodegroups)]
+    if gone:
+        return REPLAY, f"NodeGroup(s) {', '.join(gone)} left before the scan was acknowledged"
+    return WAIT, "not acknowledged yet"
+
+
+def _same_member(plan: ScanPlan, uid: str, live: Mapping[str, float] | set[str]) -> bool:
+    """Whether the process the plan named as ``uid`` is still registered (not gone, not restarted)."""
+    if uid not in live:
+        return False
+    if isinstance(live, Mapping) and uid in plan.member_started:
+        return abs(float(live[uid]) - plan.member_started[uid]) < 1e-3
+    return True
+
+
+class HeldScan:
+    """One scan's sector as this producer holds it. Fields are guarded by the keeper's lock; disk writes
+    by ``io``."""
+
+    def __init__(self, plan: ScanPlan, directory: Path, source: SectorSource | None) -> None:
+        self.plan = plan
+        self.number = plan.scan_number
+        self.directory = directory
+        self.source = source
+        self.ram: dict[int, Any] = {}  # frame -> buffer (None: ask the source)
+        self.nbytes = 0
+        self.on_disk = 0
+        self.writer: SectorDiskWriter | None = None
+        self.paths: list[Path] = []
+        self.must_write = plan.route == ROUTE_DISK  # everything goes to disk: disk route, degraded, replay
+        self.spilled = False
+        self.sending = True
+        self.state = "sending"
+        self.reason = ""
+        self.error: str | None = None
+        self.failed_at = 0.0  # last disk failure (monotonic)
+        self.record: dict[str, Any] | None = None  # this producer's /scans/<n>/producers/<uid> record
+        self.unprotected = 0
+        self.progress = b""
+        self.progress_at = time.monotonic()
+        self.gone_since: float | None = None
+        self.io = threading.Lock()
+        self.settled = threading.Event()
+
+
+class ScanKeeper:
+    """Holds one producer's streamed sectors until their scan is acknowledged; replays the rest to disk."""
+
+    def __init__(
+        self,
+        store: KeyValue,
+        registry: Members,
+        sector: int,
+        *,
+        producer_uid: str,
+        sector_nbytes: int,
+        n_sectors: int,
+        sector_shape: tuple[int, int],
+        leader: bool,
+        hold_bytes: int,
+        ack_timeout_s: float,
+        retry_s: float = 2.0,
+        gone_grace_s: float = 3.0,
+        poll_s: float = 0.2,
+        on_release: Callable[[int], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.sector = sector
+        self.producer_uid = producer_uid
+        self.sector_nbytes = sector_nbytes
+        self.n_sectors = n_sectors
+        self.sector_shape = sector_shape
+        self.leader = leader
+        self.hold_bytes = hold_bytes
+        self.ack_timeout_s = ack_timeout_s
+        self.retry_s = retry_s
+        self.gone_grace_s = gone_grace_s
+        self.poll_s = poll_s
+        self.on_release = on_release
+        self._lock = threading.Lock()
+        self._scans: OrderedDict[int, HeldScan] = OrderedDict()
+        self._settled: OrderedDict[int, str] = OrderedDict()  # recently settled scans: final state
+        self._to_mark: dict[int, tuple[ScanPlan, str, float]] = {}  # leader: replayed scans to mark
+        self._bytes = 0
+        self._stop = threading.Event()
+        self._disk_failed_at = 0.0
+        self._last_disk_error: str | None = None
+        self.counts = {
+            "acked": 0,
+            "replayed": 0,
+            "spilled": 0,
+            "unprotected": 0,
+            "disk_errors": 0,
+            "sectors_on_disk": 0,
+        }
+        self._worker = Worker("scan-keeper", self._run)
+
+    # ---- life cycle
+
+    def start(self) -> ScanKeeper:
+        self._worker.start()
+        return self
+
+    def close(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for held scans to be acknowledged, then write what is left to disk."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.pending():
+            self._worker.maybe_raise()
+            time.sleep(self.poll_s)
+        with self._lock:
+            left = [h for h in self._scans.values() if h.state in ("sending", "waiting")]
+        for held in left:
+            self._replay(held, "the producer is shutting down before the scan was acknowledged")
+        # Writing what is left: wait while the disk takes it (a failing disk gets two more tries).
+        written, since = -1, time.monotonic()
+        while self._work_left():
+            with self._lock:
+                now_written = self.counts["sectors_on_disk"]
+            if now_written != written:
+                written, since = now_written, time.monotonic()
+            elif time.monotonic() - since > 2 * self.retry_s + 1:
+                break
+            time.sleep(self.poll_s)
+        self._stop.set()
+        if self._worker.is_alive():
+            self._worker.join(10.0)
+        with self._lock:
+            stuck = [h for h in self._scans.values() if h.ram]
+        for held in stuck:
+            logger.error(
+                "scan %d sector %d: %d sectors could not be written to %s (%s) and are lost at shutdown",
+                held.number, self.sector, len(held.ram), held.directory, held.error,
+            )  # fmt: skip
+
+    def maybe_raise(self) -> None:
+        self._worker.maybe_raise()
+
+    def pending(self) -> list[int]:
+        """Scans held and not settled yet (acknowledged, or entirely on disk)."""
+        with self._lock:
+            return [n for n, h in self._scans.items() if not h.settled.is_set()]
+
+    def _work_left(self) -> bool:
+        with self._lock:
+            return any(not h.settled.is_set() for h in self._scans.values()) or bool(self._to_mark)
+
+    def wait_settled(self, scan_number: int, timeout: float) -> str:
+        """Block until ``scan_number`` is acknowledged or on disk: "acked" or "on_disk" (TimeoutError)."""
+        with self._lock:
+            held = self._scans.get(scan_number)
+            final = self._settled.get(scan_number)
+        if final is not None:
+            return final
+        if held is None:
+            raise KeyError(f"scan {scan_number} is not held by this producer")
+        if not held.settled.wait(timeout):
+            raise TimeoutError(f"scan {scan_number}: not acknowledged or on disk within {timeout:.0f} s")
+        return held.state
+
+    def _settle(self, held: HeldScan, state: str) -> None:
+        """Caller holds the lock."""
+        held.state = state
+        self._scans.pop(held.number, None)
+        self._settled[held.number] = state
+        while len(self._settled) > 1024:
+            self._settled.popitem(last=False)
+        held.settled.set()
+
+    def held_bytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            out = dict(self.counts)
+            out["held_bytes"] = self._bytes
+            out["held_scans"] = sum(1 for h in self._scans.values() if h.ram)
+            return out
+
+    # ---- called by the producer's sender threads
+
+    def open(self, plan: ScanPlan, directory: Path, source: SectorSource | None = None) -> HeldScan:
+        held = HeldScan(plan, directory, source)
+        with self._lock:
+            self._scans[plan.scan_number] = held
+        return held
+
+    def keep(self, held: HeldScan, frame: int, buffer: Any) -> None:
+        """A sector that was streamed: hold it until the scan is acknowledged (or written, if it must be)."""
+        if held.must_write:
+            self.write(held, frame, buffer)
+            return
+        with self._lock:
+            fits = self._bytes + self.sector_nbytes <= self.hold_bytes
+            if fits:
+                self._hold(held, frame, buffer)
+        if fits:
+            return
+        if self._make_room():
+            with self._lock:
+                if held.must_write or held.spilled:
+                    pass  # spilled meanwhile: this sector goes to disk as well (below)
+                else:
+                    self._hold(held, frame, buffer)
+                    return
+            self.write(held, frame, buffer)
+            return
+        with self._lock:
+            held.unprotected += 1
+            self.counts["unprotected"] += 1
+        _rlog.error(
+            "unprotected",
+            "sector %d: the RAM hold is full (%d MB) and %s cannot take more (%s): streamed sectors are now "
+            "unprotected until space is freed there",
+            self.sector, self.hold_bytes >> 20, held.directory, self._last_disk_error or "a spill is under way",
+        )  # fmt: skip
+
+    def write(self, held: HeldScan, frame: int, buffer: Any) -> None:
+        """A sector that must go to disk now; when the disk refuses it, it stays in RAM (up to the bound)
+        and is written on retry. Raises FallbackError only when it can be neither written nor held."""
+        try:
+            with held.io:
+                self._writer(held).write(frame, buffer)
+            with self._lock:
+                held.on_disk += 1
+                self.counts["sectors_on_disk"] += 1
+            return
+        except FallbackError as exc:
+            self._disk_failed(held, exc)
+        with self._lock:
+            if self._bytes + self.sector_nbytes <= self.hold_bytes:
+                self._hold(held, frame, buffer)
+                return
+        raise FallbackError(f"{held.error}; the RAM hold ({self.hold_bytes >> 20} MB) is full too")
+
+    def degrade(self, held: HeldScan, reason: str) -> None:
+        """The scan could not be streamed: everything of it goes to disk (held sectors in the background)."""
+        with self._lock:
+            if held.must_write:
+                return
+            held.must_write = True
+            held.reason = reason
+            self.counts["replayed"] += 1
+        logger.error("scan %d sector %d: %s; writing the sector to disk", held.number, self.sector, reason)
+
+    def sending_done(self, held: HeldScan, record: dict[str, Any]) -> dict[str, Any]:
+        """The producer's threads are done with the scan; ``record`` is its producer record, completed here
+        with what is held and on disk (and re-set by the keeper when the disk catches up)."""
+        with self._lock:
+            held.sending = False
+            held.record = record
+            held.state = "writing" if held.must_write else "waiting"
+            held.progress_at = time.monotonic()
+            direct = held.plan.route == ROUTE_DISK and not held.ram
+        if direct:  # a disk scan the disk took whole: close its files now, the record names them
+            with held.io:
+                try:
+                    held.paths = held.writer.close() if held.writer is not None else []
+                    held.writer = None
+                except FallbackError as exc:
+                    self._disk_failed(held, exc)
+                    direct = False
+        with self._lock:
+            if direct:
+                self._settle(held, "on_disk")
+            record.update(self._record_fields(held))
+            record["paths"] = [str(p) for p in held.paths]
+            if held.plan.route == ROUTE_DISK and not direct:
+                record["status"] = "held"
+        if direct and self.on_release is not None:
+            self.on_release(held.number)
+        return record
+
+    # ---- internals
+
+    def _hold(self, held: HeldScan, frame: int, buffer: Any) -> None:
+        held.ram[frame] = None if held.source is not None else buffer
+        held.nbytes += self.sector_nbytes
+        self._bytes += self.sector_nbytes
+
+    def _writer(self, held: HeldScan) -> SectorDiskWriter:
+        if held.writer is None:
+            held.writer = SectorDiskWriter(
+                held.directory,
+                held.number,
+                held.plan.scan_shape,
+                self.sector,
+                n_sectors=self.n_sectors,
+                sector_shape=self.sector_shape,
+            )
+        return held.writer
+
+    def _disk_failed(self, held: HeldScan, exc: StemstreamError) -> None:
+        with self._lock:
+            held.error = self._last_disk_error = str(exc)
+            held.failed_at = self._disk_failed_at = time.monotonic()
+            self.counts["disk_errors"] += 1
+        _rlog.error("disk", "sector %d: %s; the data stays in RAM (%d MB held) and is retried every %.0f s",
+                    self.sector, exc, self.held_bytes() >> 20, self.retry_s)  # fmt: skip
+
+    def _make_room(self) -> bool:
+        """Spill the oldest held scan to disk; False when the disk failed recently or refused it."""
+        if time.monotonic() - self._disk_failed_at < self.retry_s:
+            return False
+        with self._lock:
+            victims = [h for h in self._scans.values() if h.ram and not h.must_write and not h.spilled]
+            victim = victims[0] if victims else None
+            if victim is not None:
+                victim.spilled = True
+                self.counts["spilled"] += 1
+        if victim is None:
+            return False
+        logger.warning("sector %d: RAM hold full (%d MB); spilling scan %d to %s",
+                       self.sector, self.hold_bytes >> 20, victim.number, victim.directory)  # fmt: skip
+        return self._flush(victim)
+
+    def _flush(self, held: HeldScan) -> bool:
+        """Write ``held``'s RAM sectors to disk; True when all went. Frames stay in RAM on failure."""
+        with held.io:
+            with self._lock:
+                frames = sorted(held.ram)
+            for frame in frames:
+                with self._lock:
+                    buffer = held.ram.get(frame)
+                if buffer is None and held.source is not None:
+                    buffer = held.source(frame)
+                try:
+                    self._writer(held).write(frame, buffer)
+                except FallbackError as exc:
+                    self._disk_failed(held, exc)
+                    return False
+                with self._lock:
+                    if held.ram.pop(frame, 0) != 0:
+                        held.nbytes -= self.sector_nbytes
+                        self._bytes -= self.sector_nbytes
+                    held.on_disk += 1
+                    self.counts["sectors_on_disk"] += 1
+        with self._lock:
+            held.error = None
+        return True
+
+    def _record_fields(self, held: HeldScan) -> dict[str, Any]:
+        return {
+            "held_bytes": held.nbytes,
+            "on_disk": held.on_disk,
+            "unprotected": held.unprotected,
+            "disk_error": held.error,
+        }
+
+    def _replay(self, held: HeldScan, reason: str) -> None:
+        with self._lock:
+            if held.state not in ("sending", "waiting"):
+                return
+            held.must_write = True
+            held.reason = reason
+            held.state = "writing" if not held.sending else "sending"
+            self.counts["replayed"] += 1
+        logger.error("scan %d sector %d: replaying to disk: %s", held.number, self.sector, reason)
+
+    def _release(self, held: HeldScan, why: str) -> None:
+        """Acknowledged: let go of the RAM and of any spilled files."""
+        with held.io:
+            paths: list[Path] = []
+            if held.writer is not None:
+                with contextlib.suppress(FallbackError):
+                    paths = held.writer.close()
+                held.writer = None
+            for path in paths:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        with self._lock:
+            self._bytes -= held.nbytes
+            held.nbytes = 0
+            held.ram.clear()
+            self.counts["acked"] += 1
+            self._settle(held, "acked")
+        logger.info("scan %d sector %d acknowledged (%s)%s", held.number, self.sector, why,
+                    f"; {len(paths)} spilled file(s) deleted" if paths else "")  # fmt: skip
+        if self.on_release is not None:
+            self.on_release(held.number)
+
+    def _finish_disk(self, held: HeldScan) -> None:
+        """Everything of ``held`` is on disk: close the files, say so in the store, let go."""
+        with held.io:
+            try:
+                held.paths = held.writer.close() if held.writer is not None else []
+            except FallbackError as exc:
+                self._disk_failed(held, exc)
+                return
+            held.writer = None
+        with self._lock:
+            self._settle(held, "on_disk")
+        plan = held.plan
+        paths = [str(p) for p in held.paths]
+        if plan.route == ROUTE_STREAM:
+            self._set(
+                replay_key(held.number, self.sector),
+                {"sector": self.sector, "producer": self.producer_uid, "reason": held.reason,
+                 "sectors": held.on_disk, "paths": paths, "at": time.time()},
+            )  # fmt: skip
+            if self.leader:
+                with self._lock:
+                    self._to_mark[held.number] = (plan, held.reason, time.monotonic())
+        if held.record is not None and (held.record.get("status") == "held" or plan.route == ROUTE_STREAM):
+            held.record.update(self._record_fields(held))
+            held.record["paths"] = paths
+            if held.record.get("status") == "held":
+                held.record["status"] = "done"
+            self._set(producer_scan_key(held.number, self.producer_uid), held.record)
+        logger.warning("scan %d sector %d: %d sectors on disk in %s", held.number, self.sector, held.on_disk,
+                       held.directory)  # fmt: skip
+        if self.on_release is not None:
+            self.on_release(held.number)
+
+    def _mark_replayed(self) -> None:
+        """Leader: once every sector's replay record and the scan's closing record are in, mark the scan
+        ``on_disk`` (replayed) so that the session counts it from its files."""
+        with self._lock:
+            todo = dict(self._to_mark)
+        for n, (plan, reason, since) in todo.items():
+            items = self._scan_items(n)
+            replays = [items.get(replay_key(n, m)) for m in range(self.n_sectors)]
+            record = items.get(scan_key(n))
+            closed = isinstance(record, Mapping) and "closed_at" in record
+            late = time.monotonic() - since > self.ack_timeout_s
+            if not (all(isinstance(r, Mapping) for r in replays) and closed) and not late:
+                continue
+            paths = sorted(p for r in replays if isinstance(r, Mapping) for p in r.get("paths") or ())
+            base = dict(record) if isinstance(record, Mapping) else plan.to_record()
+            base.update(status=STATUS_ON_DISK, replayed=True, replay_reason=reason, fallback_paths=paths,
+                        replayed_at=time.time())  # fmt: skip
+            if self._set(scan_key(n), base):
+                with self._lock:
+                    self._to_mark.pop(n, None)
+                logger.warning("scan %d replayed to disk (%s): %d files", n, reason, len(paths))
+
+    def _set(self, key: str, value: Any) -> bool:
+        try:
+            self.store.set(key, value)
+            return True
+        except StemstreamError as exc:
+            logger.warning("store write of %s failed (retrying): %s", key, exc)
+            return False
+
+    def _scan_items(self, n: int) -> dict[str, Any]:
+        """``/scans/<n>`` and its sub-records (a prefix of ``/scans/<n>`` alone would match scan n0 too)."""
+        items = self.store.items(scan_key(n) + "/")
+        record = self.store.get(scan_key(n))
+        if record is not None:
+            items[scan_key(n)] = record
+        return items
+
+    def _judge(self, held: HeldScan, live: dict[str, float], now: float) -> None:
+        items = self._scan_items(held.number)
+        token = hashlib.blake2b(msgpack.packb(sorted(items.items()), default=str), digest_size=8).digest()
+        if token != held.progress:
+            held.progress, held.progress_at = token, now
+        verdict, why = ack_verdict(held.plan, items, live)
+        if verdict == REPLAY and why.startswith("NodeGroup(s)"):
+            held.gone_since = held.gone_since or now
+            if now - held.gone_since < self.gone_grace_s:
+                return  # a NodeGroup leaving just after its rank 0 wrote the file: give the record a moment
+        if verdict == ACK:
+            self._release(held, why)
+        elif verdict == REPLAY:
+            self._replay(held, why)
+        elif now - held.progress_at > self.ack_timeout_s:
+            self._replay(held, f"nothing about the scan changed in the store for {self.ack_timeout_s:.0f} s")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            now = time.monotonic()
+            with self._lock:
+                scans = list(self._scans.values())
+            live: dict[str, float] | None = None
+            for held in scans:
+                try:
+                    if held.state == "waiting":
+                        if live is None:
+                            live = {r.uid: float(r.started) for r in self.registry.members("nodegroup")}
+                        self._judge(held, live, now)
+                    due = held.state == "writing" and now - held.failed_at >= self.retry_s
+                    if due and self._flush(held):
+                        self._finish_disk(held)
+                except StemstreamError as exc:  # the store is away: try again next round
+                    _rlog.warning("keeper", "scan %d sector %d: %s", held.number, self.sector, exc)
+            if self._to_mark:
+                try:
+                    self._mark_replayed()
+                except StemstreamError as exc:
+                    _rlog.warning("keeper-mark", "marking replayed scans: %s", exc)

@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/store.py
 	$(BIN)/python benchmarks/plane.py
 	$(BIN)/python benchmarks/count.py
+	$(BIN)/python benchmarks/turnaround.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -458,3 +458,33 @@ def test_a_slot_ahead_waits_for_its_sibling_until_the_sibling_leaves(client: Sto
         session.finish()
     finally:
         p.close(drain_timeout=0)
+
+
+def test_a_planned_aggregator_that_is_not_there_sends_the_scan_to_disk(client: StoreClient, tmp_path: Path):
+    """A stale aggregator record (it died within its TTL): the expect is never taken, the scan degrades to
+    disk and every sector the producer had is in its raw file."""
+    from stemstream.localsite import free_port_block
+    from stemstream.streaming.rawfile import read_sectors
+
+    registry = Registry(client)
+    nowhere = {f"{k}_0": f"tcp://127.0.0.1:{free_port_block(1)}" for k in ("data", "info")}
+    agg = registry.register("aggregator", "agg-gone", status="ready", endpoints=nowhere)
+    ng = registry.register("nodegroup", "ng-x", status="ready", endpoints={})
+    p = Producer(client, 0, threads=1, uid="p-deg", fallback_dir=tmp_path, n_sectors=1, send_timeout=0.5).start()
+    try:
+        session = p.begin_scan(41, (2, 3))
+        assert session.route == "stream"
+        with session.sender(0) as tx:
+            for f in range(6):
+                tx.send(f, np.full((144, 576), f, np.uint16))
+        result = session.finish()
+        record = client.get("/scans/41/producers/p-deg")
+        assert record["degraded"] and "could not stream to the aggregator" in record["error"]
+        assert record["sent_total"] == 0 and record["written"] == 6 and result.sent == {"ng-x": 0, "disk": 6}
+        assert p.keeper is not None and p.keeper.wait_settled(41, 15) == "on_disk"
+        frames = [s.frame_number for s in read_sectors(sorted(tmp_path.glob("data_scan0000000041_*.data")))]
+        assert sorted(frames) == list(range(6))
+    finally:
+        p.close(drain_timeout=0)
+        agg.close()
+        ng.close()

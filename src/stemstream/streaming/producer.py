@@ -629,8 +629,14 @@ class SectorSender:
     def __enter__(self) -> SectorSender:
         self._slot.lock.acquire()
         try:
-            if self._session.route == ROUTE_STREAM:
-                self._open_stream()
+            if self._session.route == ROUTE_STREAM and self._session.degraded is None:
+                try:
+                    self._open_stream()
+                except SendAborted as exc:
+                    if self._producer._stop.is_set():
+                        raise
+                    # The planned aggregator is not there (died, or a stale record): this scan goes to disk.
+                    self._abandon_stream(f"could not stream to the aggregator: {exc}")
         except BaseException:
             self._slot.lock.release()
             raise

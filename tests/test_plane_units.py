@@ -21,6 +21,7 @@ from stemstream.streaming.fallback import (
     ROUTE_DISK,
     ROUTE_STREAM,
     ScanPlan,
+    scan_closed_inputs,
     scan_details,
     scan_key,
     summarize_scan,
@@ -369,6 +370,28 @@ def test_scan_summary_adds_up_the_sub_records():
     assert out["lost_upstream"] == 1 and out["rejected"] == 1
     items["/scans/4/nodegroups/b"] = {"status": "timeout", "received": 2}
     assert summarize_scan(plan, items)["status"] == "incomplete"
+
+
+def test_a_scan_closes_only_once_every_aggregator_thread_has_reported_its_share():
+    # The NodeGroups can report "received" before the last aggregator thread's closing record lands;
+    # a scan closed then would record fewer messages routed than sent.
+    plan = ScanPlan(5, (2, 2), ROUTE_STREAM, members=("a",), n_sectors=2)
+    ready = scan_closed_inputs(plan)
+    items: dict[str, Any] = {
+        "/scans/5/producers/p0": {"status": "done", "sent_total": 4},
+        "/scans/5/producers/p1": {"status": "done", "sent_total": 4},
+        "/scans/5/nodegroups/a": {"status": "received", "received": 8},
+        "/scans/5/aggregator/0": {"status": "done", "routed_total": 4},
+        "/scans/5/aggregator/1": {"status": "routing", "routed_total": 0},
+    }
+    assert not ready(items)
+    items["/scans/5/aggregator/1"] = {"status": "done", "routed_total": 4}
+    assert ready(items)
+    assert summarize_scan(plan, items)["routed"] == 8
+    # A NodeGroup that timed out: the aggregator may be gone too, so the scan closes without its records.
+    items["/scans/5/nodegroups/a"] = {"status": "timeout", "received": 6}
+    del items["/scans/5/aggregator/1"]
+    assert ready(items)
 
 
 def test_scan_details_groups_sub_records(client: StoreClient):

@@ -40,6 +40,7 @@ STATUS_ON_DISK = "on_disk"  # every producer closed its sector files
 STATUS_INCOMPLETE = "incomplete"  # closed with something missing or late (see the counts)
 NODEGROUP_DONE = ("received", "timeout")
 PRODUCER_DONE = ("done", "failed")
+AGGREGATOR_DONE = ("done", "timeout")
 
 
 def scan_key(scan_number: int) -> str:
@@ -332,10 +333,19 @@ def scan_closed_inputs(plan: ScanPlan) -> Callable[[dict[str, Any]], bool]:
             return False
         if plan.route == ROUTE_DISK or any(v.get("status") == "failed" for v in finished):
             return True  # a failed producer: the NodeGroups will not get everything; close it now
+        statuses = []
         for uid in plan.members:
             rec = items.get(nodegroup_scan_key(plan.scan_number, uid))
             if not isinstance(rec, Mapping) or rec.get("status") not in NODEGROUP_DONE:
                 return False
+            statuses.append(rec["status"])
+        if all(s == "received" for s in statuses):
+            # Everything arrived, so every aggregator thread has routed its share; its closing record is
+            # published after it sends the end messages, and can land after the NodeGroups' records.
+            for m in range(plan.n_sectors):
+                rec = items.get(aggregator_scan_key(plan.scan_number, m))
+                if not isinstance(rec, Mapping) or rec.get("status") not in AGGREGATOR_DONE:
+                    return False
         return True
 
     return ready

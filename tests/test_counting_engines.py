@@ -10,8 +10,11 @@ pixels (uint16 wrap), negative and huge dark values, zero gains. A hypothesis te
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ import stempy.image as simage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cuda_emulation import COMPILER, build_kernels
 from stemstream.counting import Thresholds, get_engine, gpu_available
 from stemstream.counting.engines.cpu import CpuEngine
 from stemstream.errors import CountingError
@@ -255,13 +259,19 @@ def tiny_cases(draw):
     return frames, dark, gain, Config("tiny", background, xray)
 
 
+@functools.cache
+def _shared_cpu_engine(threads: int | None) -> CpuEngine:
+    """One engine for every example: what it caches between batches (dark, gain, shape) must not leak."""
+    return CpuEngine(threads=threads)
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tiny_cases())
 def test_cpu_engine_equals_stempy_on_tiny_frames(case):
     frames, dark, gain, config = case
     expected = [stempy_events(f, stempy_options(config, dark, gain)) for f in frames]
     for threads in (1, None):
-        got = CpuEngine(threads=threads).count(frames, thresholds_for(config), dark=dark, gain=gain)
+        got = _shared_cpu_engine(threads).count(frames, thresholds_for(config), dark=dark, gain=gain)
         assert all(np.array_equal(g, e) for g, e in zip(got, expected, strict=True)), (got, expected)
 
 
@@ -322,7 +332,7 @@ def test_get_engine_errors():
         get_engine("cpu", threads=0)
 
 
-# --- the GPU engine's host side, on a fake cupy (no GPU here to run the real one) ----------------------
+# --- the GPU engine without a GPU: its CUDA source compiled for the CPU, behind a fake cupy ------------
 
 
 class _FakeDeviceArray(np.ndarray):
@@ -336,36 +346,23 @@ class _FakeDeviceArray(np.ndarray):
         return out
 
 
-def _fake_kernel(kind: str, calls: list[int]):
-    """What the CUDA kernels compute, in numpy; keys come out shuffled, as atomics would leave them."""
+def _emulated_kernel(launch, calls: list[int]):
+    """The real kernel run on the CPU; its keys then shuffled, as a GPU's atomics would leave them."""
 
     def run(grid, block, args):
-        if kind == "u16":
-            frames, dark16, n, rows, cols, lo, hi, keys, n_keys, cap = args
-            values = (frames[:n].astype(np.int64) - dark16.astype(np.int64)) & 0xFFFF
-            values = np.where((values >= int(lo)) & (values <= int(hi)), values, 0).astype(np.float64)
-        else:
-            frames, dark32, gain32, n, rows, cols, bg, xr, _skip, keys, n_keys, cap = args
-            v = ((frames[:n].astype(np.float32) - dark32) * gain32).astype(np.float64)
-            values = np.where((v <= bg) | (v >= xr), 0.0, v)
-        padded = np.pad(values, ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
-        event = np.ones(values.shape, bool)
-        for dr in (-1, 0, 1):
-            for dc in (-1, 0, 1):
-                if dr or dc:
-                    event &= values > padded[:, 1 + dr : 1 + dr + rows, 1 + dc : 1 + dc + cols]
-        if rows * cols == 1:
-            event[:] = True
-        found = np.flatnonzero(event.reshape(n, -1).ravel()).astype(np.uint32)
-        np.random.default_rng(len(calls)).shuffle(found)
-        calls.append(found.size)
-        keys[: min(found.size, int(cap))] = found[: int(cap)]
-        n_keys[0] = found.size
+        launch(grid, block, args)
+        keys, n_keys, cap = args[-3], args[-2], int(args[-1])
+        found = int(n_keys[0])
+        room = min(found, cap)
+        np.random.default_rng(len(calls)).shuffle(keys[:room])
+        calls.append(found)
 
     return run
 
 
-def _fake_cupy(calls: list[int]):
+def _fake_cupy(calls: list[int], build_dir):
+    """CuPy's API as the gpu engine uses it, on host memory, with the engine's CUDA source compiled for the
+    CPU (tests/cuda_emulation.py)."""
     import types
     from contextlib import nullcontext
 
@@ -387,10 +384,11 @@ def _fake_cupy(calls: list[int]):
 
     class RawModule:
         def __init__(self, code, options=()):
-            assert "count_u16" in code and "count_f32" in code and "--fmad=false" in options
+            assert "--fmad=false" in options
+            self._kernels = build_kernels(code, build_dir)
 
         def get_function(self, name):
-            return _fake_kernel(name.removeprefix("count_"), calls)
+            return _emulated_kernel(self._kernels[name], calls)
 
     cuda = types.SimpleNamespace(
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
@@ -410,12 +408,44 @@ def _fake_cupy(calls: list[int]):
     )
 
 
-def test_gpu_engine_host_logic_on_a_fake_cupy(monkeypatch, reference):
+needs_compiler = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler to build the kernels for the CPU")
+
+
+@pytest.fixture(scope="module")
+def emulated_gpu(tmp_path_factory) -> Iterator[tuple[Any, list[int]]]:
+    """A GpuEngine on the fake cupy: the engine's own kernels, compiled for the CPU; the launches' event counts."""
+    from stemstream.counting.engines import gpu
+
+    calls: list[int] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "cupy", _fake_cupy(calls, tmp_path_factory.mktemp("kernels")))
+        yield gpu.GpuEngine(chunk_frames=32, streams=2), calls
+
+
+@needs_compiler
+def test_gpu_kernels_emulated_on_the_cpu_equal_stempy(reference, emulated_gpu):
+    engine, _calls = emulated_gpu
+    assert _assert_same(reference, engine) == len(CONFIGS) * FRAMES_PER_CONFIG
+
+
+@needs_compiler
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tiny_cases())
+def test_gpu_kernels_emulated_on_the_cpu_equal_stempy_on_tiny_frames(emulated_gpu, case):
+    frames, dark, gain, config = case
+    engine, _calls = emulated_gpu
+    expected = [stempy_events(f, stempy_options(config, dark, gain)) for f in frames]
+    got = engine.count(frames, thresholds_for(config), dark=dark, gain=gain)
+    assert all(np.array_equal(g, e) for g, e in zip(got, expected, strict=True)), (got, expected)
+
+
+@needs_compiler
+def test_gpu_engine_host_logic_on_a_fake_cupy(monkeypatch, reference, tmp_path):
     """Chunking over two streams, key decoding, ordering and the overflow recount, against stempy."""
     from stemstream.counting.engines import gpu
 
     calls: list[int] = []
-    monkeypatch.setitem(__import__("sys").modules, "cupy", _fake_cupy(calls))
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(calls, tmp_path))
     monkeypatch.setattr(gpu, "_EVENTS_PER_FRAME", 64)  # small, so crowded chunks take the recount path
     engine = gpu.GpuEngine(chunk_frames=24, streams=2)
     for k in (0, 3, 4):  # integer path, float path, float path with negative background
@@ -423,4 +453,6 @@ def test_gpu_engine_host_logic_on_a_fake_cupy(monkeypatch, reference):
         frames = synth_batch(k, 0, BATCH)
         got = engine.count(frames, thresholds_for(config), dark=_dark(config.dark), gain=_gain(config.gain))
         assert all(np.array_equal(g, e) for g, e in zip(got, reference[(k, 0)], strict=True)), config.name
-    assert len(calls) > 3 * 4  # several chunks per batch, plus recounts
+    chunks = 3 * -(-BATCH // 24)
+    assert len(calls) > chunks  # every chunk, plus the recounts of the crowded ones
+    assert max(calls) > 24 * 64  # some chunk had more events than its first-pass room

@@ -209,7 +209,12 @@ class GpuEngine:
         self._slot_shape = (rows, cols)
 
     def _device_corrections(self, corr: Corrections, rows: int, cols: int) -> tuple[Any, Any, Any]:
-        if self._device_corr is not None and self._device_corr[0] is corr:
+        # The zero dark made for "no dark" has the frame's shape: a new shape needs a new one.
+        if (
+            self._device_corr is not None
+            and self._device_corr[0] is corr
+            and self._device_corr[1].shape == (rows, cols)
+        ):
             return self._device_corr[1:]
         cp = self._cp
         dark16 = cp.asarray(corr.dark16 if corr.dark16 is not None else np.zeros((rows, cols), np.uint16))

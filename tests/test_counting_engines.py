@@ -425,7 +425,8 @@ def emulated_gpu(tmp_path_factory) -> Iterator[tuple[Any, list[int]]]:
 @needs_compiler
 def test_gpu_kernels_emulated_on_the_cpu_equal_stempy(reference, emulated_gpu):
     engine, _calls = emulated_gpu
-    assert _assert_same(reference, engine) == len(CONFIGS) * FRAMES_PER_CONFIG
+    # Half of every batch (1,000 frames, every pattern on each): one emulated CUDA thread per pixel is slow.
+    assert _assert_same(reference, engine, limit=BATCH // 2) == len(CONFIGS) * FRAMES_PER_CONFIG // 2
 
 
 @needs_compiler

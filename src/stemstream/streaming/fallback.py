@@ -333,19 +333,14 @@ def scan_closed_inputs(plan: ScanPlan) -> Callable[[dict[str, Any]], bool]:
             return False
         if plan.route == ROUTE_DISK or any(v.get("status") == "failed" for v in finished):
             return True  # a failed producer: the NodeGroups will not get everything; close it now
-        statuses = []
-        for uid in plan.members:
-            rec = items.get(nodegroup_scan_key(plan.scan_number, uid))
-            if not isinstance(rec, Mapping) or rec.get("status") not in NODEGROUP_DONE:
-                return False
-            statuses.append(rec["status"])
-        if all(s == "received" for s in statuses):
+        groups = [items.get(nodegroup_scan_key(plan.scan_number, uid)) for uid in plan.members]
+        if not all(isinstance(g, Mapping) and g.get("status") in NODEGROUP_DONE for g in groups):
+            return False
+        if all(g["status"] == "received" for g in groups):
             # Everything arrived, so every aggregator thread has routed its share; its closing record is
             # published after it sends the end messages, and can land after the NodeGroups' records.
-            for m in range(plan.n_sectors):
-                rec = items.get(aggregator_scan_key(plan.scan_number, m))
-                if not isinstance(rec, Mapping) or rec.get("status") not in AGGREGATOR_DONE:
-                    return False
+            sectors = [items.get(aggregator_scan_key(plan.scan_number, m)) for m in range(plan.n_sectors)]
+            return all(isinstance(a, Mapping) and a.get("status") in AGGREGATOR_DONE for a in sectors)
         return True
 
     return ready

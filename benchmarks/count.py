@@ -29,7 +29,7 @@ import numpy as np
 from stemstream.counting import compute_thresholds, get_engine, gpu_available
 from stemstream.counting.thresholds import Thresholds
 from stemstream.sim.camera import FourDCameraSim
-from stemstream.streaming.rawfile import write_scan
+from stemstream.wire.rawfile import write_scan
 
 SHAPE = (576, 576)
 

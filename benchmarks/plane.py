@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stemstream.scans import keys
+
 SECTOR_SHAPE = (144, 576)
 SECTOR_BYTES = SECTOR_SHAPE[0] * SECTOR_SHAPE[1] * 2
 N_SECTORS = 4
@@ -51,8 +53,8 @@ def _raw_producer(
     import numpy as np
     import zmq
 
-    from stemstream.streaming.protocol import SectorHeader
-    from stemstream.streaming.sockets import make_socket
+    from stemstream.transport.sockets import make_socket
+    from stemstream.wire.protocol import SectorHeader
 
     ctx = zmq.Context()
     sock = make_socket(ctx, zmq.PUSH)
@@ -73,8 +75,8 @@ def _raw_producer(
 def _raw_router(data_eps: list[str], consumer_eps: list[list[str]], ready: Any, stop: Any) -> None:
     import zmq
 
-    from stemstream.streaming.protocol import peek_frame_number
-    from stemstream.streaming.sockets import make_socket
+    from stemstream.transport.sockets import make_socket
+    from stemstream.wire.protocol import peek_frame_number
 
     ctx = zmq.Context()
 
@@ -114,7 +116,7 @@ def _raw_router(data_eps: list[str], consumer_eps: list[list[str]], ready: Any, 
 def _raw_consumer(index: int, eps: list[str], expected: int, ready: Any, out: Any) -> None:
     import zmq
 
-    from stemstream.streaming.sockets import make_socket
+    from stemstream.transport.sockets import make_socket
 
     ctx = zmq.Context()
     counts = [0] * len(eps)
@@ -257,7 +259,7 @@ class StreamingPlane:
 
     def __enter__(self) -> StreamingPlane:
         from stemstream.config import get_settings, load_settings
-        from stemstream.streaming.store import Registry, StoreClient, StoreServer
+        from stemstream.store import Registry, StoreClient, StoreServer
 
         settings = get_settings() if self.keys_dir is None else load_settings(keys_dir=self.keys_dir)
         env = {} if self.keys_dir is None else {"STEMSTREAM_KEYS_DIR": str(self.keys_dir)}
@@ -292,8 +294,8 @@ class StreamingPlane:
 
     def measure(self, n_frames: int) -> dict[str, float]:
         """Stream one scan of ``n_frames``; bytes, seconds (first sector sent .. last one in) and GB/s."""
-        from stemstream.streaming.fallback import scan_details
-        from stemstream.streaming.producer import request_scan
+        from stemstream.plane.producer import request_scan
+        from stemstream.scans.plan import scan_details
 
         self.scan += 1
         key = f"/scans/{self.scan}"
@@ -314,12 +316,11 @@ class StreamingPlane:
     def count(self, n_frames: int, seed: int = 1) -> dict[str, Any]:
         """Stream one scan to counting NodeGroups; the ``/scans/<n>/counted`` record, plus ``started``
         (first sector sent) and ``seconds`` (first sector sent .. counted file written)."""
-        from stemstream.streaming.counting import counted_key
-        from stemstream.streaming.fallback import scan_details
-        from stemstream.streaming.producer import request_scan
+        from stemstream.plane.producer import request_scan
+        from stemstream.scans.plan import scan_details
 
         self.scan += 1
-        key = counted_key(self.scan)
+        key = keys.counted(self.scan)
         request_scan(self.client, self.scan, _scan_shape(n_frames), loss_rate=0.0, seed=seed)
         record = self.client.wait_for(lambda items: key in items, key, timeout=1200)[key]
         assert record["status"] == "counted", record
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         plane = stack.enter_context(StreamingPlane(args.groups, args.threads, tmp / "plain"))
         curve_plane = None
         if args.curve:
-            from stemstream.streaming.security import KeyDirectory
+            from stemstream.transport.security import KeyDirectory
 
             KeyDirectory(tmp / "keys").init()
             (tmp / "curve").mkdir()

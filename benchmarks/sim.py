@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from stemstream.sim import FourDCameraSim
-from stemstream.streaming.rawfile import HEADER_BYTES, RawScanWriter
+from stemstream.wire.rawfile import HEADER_BYTES, RawScanWriter
 
 _CHUNK = 128  # frames one method writes before the other takes its turn
 

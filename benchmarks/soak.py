@@ -33,11 +33,11 @@ import psutil
 
 from stemstream.audit import ScanAudit, audit_scan, entered_from_sim
 from stemstream.counting.files import count_raw_files
-from stemstream.localsite import LocalSite
+from stemstream.plane.producer import request_scan
+from stemstream.sessions.supervise import ProcessSpec, Supervisor
 from stemstream.sim import FourDCameraSim
-from stemstream.streaming.producer import request_scan
-from stemstream.streaming.store import Registry, StoreClient
-from stemstream.supervise import ProcessSpec, Supervisor
+from stemstream.sim.site import LocalSite
+from stemstream.store import Registry, StoreClient
 
 LOSS = 0.002
 # Faults must be noticed within seconds here (production defaults are minutes); set before any child starts.

@@ -23,8 +23,8 @@ import time
 
 import zmq
 
-from stemstream.streaming.store import KVMsg, StoreClient
-from stemstream.streaming.store.kvmsg import encode_value
+from stemstream.store import KVMsg, StoreClient
+from stemstream.store.kvmsg import encode_value
 
 
 def start_server() -> tuple[subprocess.Popen, str]:

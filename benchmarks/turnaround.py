@@ -51,6 +51,8 @@ from typing import Any
 
 import numpy as np
 
+from stemstream.scans import keys
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plane import N_SECTORS, StreamingPlane, _Processes
 
@@ -170,14 +172,13 @@ class StreamSite:
         self.plane.__exit__()
 
     def run(self, shape: tuple[int, int]) -> Run:
-        from stemstream.streaming.counting import counted_key
-        from stemstream.streaming.fallback import scan_details
-        from stemstream.streaming.producer import request_scan
+        from stemstream.plane.producer import request_scan
+        from stemstream.scans.plan import scan_details
 
         plane = self.plane
         plane.scan += 1
         n = plane.scan
-        key = counted_key(n)
+        key = keys.counted(n)
         request_scan(plane.client, n, shape, loss_rate=0.0, seed=SEED)
         record = plane.client.wait_for(lambda items: key in items, key, timeout=TIMEOUT_S)[key]
         if record.get("status") != "counted":
@@ -212,7 +213,7 @@ class FileSite:
         self.scan = 0
 
     def __enter__(self) -> FileSite:
-        from stemstream.streaming.store import Registry, StoreClient, StoreServer
+        from stemstream.store import Registry, StoreClient, StoreServer
 
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         self.server = StoreServer(host="127.0.0.1", port=None).start()
@@ -238,15 +239,15 @@ class FileSite:
 
     def run(self, shape: tuple[int, int]) -> Run:
         from stemstream.counting import count_raw_files
-        from stemstream.streaming.fallback import scan_details, scan_key
-        from stemstream.streaming.producer import request_scan
+        from stemstream.plane.producer import request_scan
+        from stemstream.scans.plan import scan_details
 
         self.scan += 1
         n = self.scan
         acquisition = self.workdir / "acquisition" / f"scan{n}"  # the receiving servers' NFS buffer
         scratch = self.workdir / "scratch" / f"scan{n}"  # the HPC centre's scratch file system
         output = self.workdir / "counted" / f"scan_{n}_counted.h5"
-        key = scan_key(n)
+        key = keys.scan(n)
         try:
             request_scan(self.client, n, shape, fallback_dir=str(acquisition), loss_rate=0.0, seed=SEED)
             record = self.client.wait_for(

@@ -25,6 +25,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from stemstream.scans import keys
+
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -124,13 +126,12 @@ def main() -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from stemstream.localsite import LocalSite
+    from stemstream.sim.site import LocalSite
 
     with tempfile.TemporaryDirectory(prefix="stemstream-preview-") as tmp, LocalSite(Path(tmp)) as site:
         from stemstream.flows import streaming_session
-        from stemstream.sessions import SESSION_STOP_KEY
-        from stemstream.streaming.producer import request_scan
-        from stemstream.streaming.store import Registry, StoreClient
+        from stemstream.plane.producer import request_scan
+        from stemstream.store import Registry, StoreClient
 
         uid = "preview-screenshot"
         kw = {"minutes": 10, "nodegroups_per_node": 2, "output_dir": f"{tmp}/counted", "archive_dir": f"{tmp}/a"}
@@ -168,7 +169,7 @@ def main() -> int:
                             continue
                     time.sleep(0.3)
             finally:  # also on errors: the session releases its NodeGroups (else they outlive this script)
-                client.set(SESSION_STOP_KEY.format(uid=uid), True)
+                client.set(keys.session_stop(uid), True)
                 session.join(120)
     for path, counted, total in taken:
         print(f"{path}: the picture of scan 1 with {counted} of {total} frames counted (still streaming)")

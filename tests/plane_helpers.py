@@ -131,7 +131,7 @@ class ProcessTree:
 
 def start_store(tree: ProcessTree, timeout: float = 30.0) -> str:
     """Start a store server process and return its address once a client can talk to it."""
-    from stemstream.streaming.store import StoreClient
+    from stemstream.store import StoreClient
 
     port = free_port_block(3)
     tree.start("store", "store", "serve", "--port", port)
@@ -151,7 +151,7 @@ def start_store(tree: ProcessTree, timeout: float = 30.0) -> str:
 
 @contextlib.contextmanager
 def store_client(address: str) -> Iterator[Any]:
-    from stemstream.streaming.store import StoreClient
+    from stemstream.store import StoreClient
 
     with StoreClient(address, timeout=5.0) as client:
         yield client

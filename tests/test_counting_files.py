@@ -12,7 +12,7 @@ from stemstream.counting import count_raw_files, get_engine, read_counted
 from stemstream.counting.files import index_raw_files
 from stemstream.errors import CountingError
 from stemstream.sim.camera import FourDCameraSim
-from stemstream.streaming.rawfile import RawScanWriter
+from stemstream.wire.rawfile import RawScanWriter
 
 SCAN = (6, 8)  # rows, cols
 EMPTY_POSITION = 13  # no sector of this frame is written at all

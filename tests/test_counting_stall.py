@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import zmq
 
-from stemstream.streaming import counting
-from stemstream.streaming.consumer import ScanInfo, ScanSummary
-from stemstream.streaming.counting import CountingConfig, CountingService
-from stemstream.streaming.nodegroup import NodeGroup
-from stemstream.streaming.protocol import EndMessage, ExpectMessage, SectorHeader
-from stemstream.streaming.ranks import LocalTransport
-from stemstream.streaming.store import StoreClient, StoreServer
+from stemstream.nodes import service as counting
+from stemstream.nodes.consumer import ScanInfo, ScanSummary
+from stemstream.nodes.ranks import LocalTransport
+from stemstream.nodes.service import CountingConfig, CountingService
+from stemstream.plane.nodegroup import NodeGroup
+from stemstream.store import StoreClient, StoreServer
+from stemstream.wire.protocol import EndMessage, ExpectMessage, SectorHeader
 
 SECTOR = (4, 16)  # small sectors: the mechanics are those of (144, 576), the test is fast
 FRAME = (4 * SECTOR[0], SECTOR[1])

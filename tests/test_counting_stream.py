@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from plane_helpers import ProcessTree, start_store, store_client
+from stemstream.scans import keys
 
 SCAN = 3
 SHAPE = (24, 24)
@@ -39,9 +40,8 @@ def _dark_file(tmp_path: Path) -> Path:
 
 def _stream_and_count(tmp_path: Path, *, ranks: int, groups_per_rank: int, engine: str, dark: Path) -> dict:
     """Run store + aggregator + NodeGroups (under mpiexec when ranks > 1) + 4 producers; one scan."""
-    from stemstream.streaming.counting import counted_key
-    from stemstream.streaming.producer import request_scan
-    from stemstream.streaming.store import Registry
+    from stemstream.plane.producer import request_scan
+    from stemstream.store import Registry
 
     out = tmp_path / "counted"
     with ProcessTree(tmp_path / "logs") as tree:
@@ -63,7 +63,7 @@ def _stream_and_count(tmp_path: Path, *, ranks: int, groups_per_rank: int, engin
                 tree.start(f"producer-{m}", "producer", "--store", address, "--sector", m, "--threads", 2)
             registry.wait_for_members("producer", 4, status="ready", timeout=60)
             request_scan(client, SCAN, SHAPE, seed=SEED, loss_rate=LOSS)
-            key = counted_key(SCAN)
+            key = keys.counted(SCAN)
             record = client.wait_for(lambda items: key in items, prefix=key, timeout=240)[key]
             tree.check_alive()
             assert record["status"] == "counted", record
@@ -74,7 +74,7 @@ def _stempy_from_raw_files(tmp_path: Path, thresholds, dark: np.ndarray) -> list
     import stempy.image as simage
     import stempy.io as sio
 
-    from stemstream.streaming.rawfile import write_scan
+    from stemstream.wire.rawfile import write_scan
 
     files = write_scan(_sim(), tmp_path / "raw")
     reader = sio.reader([str(f) for f in files], version=sio.FileVersion.VERSION5, backend="multi-pass")

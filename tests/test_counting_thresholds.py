@@ -14,7 +14,7 @@ import stempy.io as sio
 
 from stemstream.counting import Thresholds, compute_dark, compute_thresholds
 from stemstream.errors import CountingError
-from stemstream.streaming.rawfile import RawScanWriter
+from stemstream.wire.rawfile import RawScanWriter
 
 SHAPE = (576, 576)
 

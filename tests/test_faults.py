@@ -4,7 +4,7 @@ Each test runs a store, an aggregator, NodeGroups and the four simulated produce
 breaks one of them in the middle of a scan, and then checks the promise from the files themselves
 (``stemstream.audit``: the counted HDF5 and the raw files), not from counters: every sector the simulator
 did not lose upstream is counted or on disk. The producers hold each streamed scan until it is
-acknowledged and replay it to disk when it cannot be (``stemstream.streaming.retention``).
+acknowledged and replay it to disk when it cannot be (``stemstream.plane.retention``).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _start_counting(tree: ProcessTree, name: str, address: str, out: Path, count
 
 
 def _wait_members(client: Any, *, nodegroups: int, aggregators: int = 1, producers: int = 4) -> None:
-    from stemstream.streaming.store import Registry
+    from stemstream.store import Registry
 
     registry = Registry(client)
     registry.wait_for_members("aggregator", aggregators, status="ready", timeout=60)
@@ -99,7 +99,7 @@ def _wait_received(client: Any, at_least: int, timeout: float = 60) -> None:
 
 def _wait_released(client: Any, scan: int, timeout: float = 60) -> None:
     """Until every producer has let go of what it held (the scan was acknowledged)."""
-    from stemstream.streaming.store import Registry
+    from stemstream.store import Registry
 
     registry = Registry(client)
 
@@ -123,7 +123,7 @@ def _kill(tree: ProcessTree, name: str) -> None:
 
 def test_a_nodegroup_killed_mid_scan_is_replayed_to_disk_and_the_next_scan_streams(tmp_path: Path):
     from stemstream.counting.files import count_raw_files
-    from stemstream.streaming.producer import request_scan
+    from stemstream.plane.producer import request_scan
 
     shape, out, fallback = (24, 24), tmp_path / "counted", tmp_path / "fallback"
     with ProcessTree(tmp_path / "logs", env=ENV) as tree:
@@ -165,7 +165,7 @@ def test_a_nodegroup_killed_mid_scan_is_replayed_to_disk_and_the_next_scan_strea
 
 
 def test_the_aggregator_killed_and_restarted_mid_scan(tmp_path: Path):
-    from stemstream.streaming.producer import request_scan
+    from stemstream.plane.producer import request_scan
 
     # Scan 1 is larger than the NodeGroups' counting buffers (512 frames): the producers are still held back
     # by counting when the aggregator dies, so it dies mid-scan however fast the machine is.
@@ -198,7 +198,7 @@ def test_the_aggregator_killed_and_restarted_mid_scan(tmp_path: Path):
 
 
 def test_the_store_primary_killed_mid_scan_fails_over_without_loss(tmp_path: Path):
-    from stemstream.streaming.producer import request_scan
+    from stemstream.plane.producer import request_scan
 
     shape, out, fallback = (24, 24), tmp_path / "counted", tmp_path / "fallback"
     p, b = free_port_block(4), free_port_block(4)
@@ -211,7 +211,7 @@ def test_the_store_primary_killed_mid_scan_fails_over_without_loss(tmp_path: Pat
         tree.start("aggregator", "aggregator", "--store", primary)
         _start_counting(tree, "ng", primary, out)
         _start_producers(tree, primary, fallback)
-        from stemstream.streaming.store import StoreClient
+        from stemstream.store import StoreClient
 
         with StoreClient(primary, backup=backup, timeout=30) as client:
             _wait_members(client, nodegroups=2)
@@ -230,7 +230,7 @@ def test_the_store_primary_killed_mid_scan_fails_over_without_loss(tmp_path: Pat
 
 
 def test_a_nodegroup_that_joins_mid_scan_takes_part_from_the_next_scan(tmp_path: Path):
-    from stemstream.streaming.producer import request_scan
+    from stemstream.plane.producer import request_scan
 
     shape, results, fallback = (24, 24), tmp_path / "results", tmp_path / "fallback"
     with ProcessTree(tmp_path / "logs", env=ENV) as tree:
@@ -290,8 +290,8 @@ def _fill(path: Path) -> None:
 
 
 def test_a_full_fallback_disk_keeps_the_data_in_ram_and_streaming_goes_on(tmp_path: Path):
-    from stemstream.streaming.producer import request_scan
-    from stemstream.streaming.store import Registry
+    from stemstream.plane.producer import request_scan
+    from stemstream.store import Registry
 
     shape, small_shape, out = (12, 12), (8, 8), tmp_path / "counted"
     sector = 144 * 576 * 2
@@ -344,8 +344,8 @@ def test_a_full_fallback_disk_keeps_the_data_in_ram_and_streaming_goes_on(tmp_pa
 
 def test_ack_verdicts():
     """The decision every producer makes from the store's records (a pure function)."""
-    from stemstream.streaming.fallback import ScanPlan
-    from stemstream.streaming.retention import ACK, REPLAY, WAIT, ack_verdict
+    from stemstream.plane.retention import ACK, REPLAY, WAIT, ack_verdict
+    from stemstream.scans.plan import ScanPlan
 
     plan = ScanPlan(7, (2, 2), "stream", members=("a", "b"), n_sectors=2, ack="counted")
     producers = {f"/scans/7/producers/p{m}": {"producer": f"p{m}", "status": "done", "sent_total": 4}
@@ -375,8 +375,8 @@ def test_ack_verdicts():
 
 
 def test_a_scan_goes_to_one_counting_job(tmp_path: Path):
-    from stemstream.streaming.fallback import decide_plan
-    from stemstream.streaming.store.registry import Record
+    from stemstream.scans.plan import decide_plan
+    from stemstream.store.registry import Record
 
     def ng(uid: str, job: str | None, size: int, started: float) -> Record:
         extra = {"job": job, "job_size": size, "ack": "counted"} if job else {}

@@ -25,6 +25,7 @@ from plane_helpers import ProcessTree, start_store, store_client, wait_until
 from sfapi_mock import CLIENT_ID
 from stemstream.catalog import Catalog
 from stemstream.errors import AllocationError, ArchiveError, ConfigError, StoreUnavailable
+from stemstream.scans import keys
 
 pytestmark = pytest.mark.slow
 SHAPE = (12, 12)
@@ -47,7 +48,7 @@ def plane(tmp_path: Path):
             tree.start(f"producer-{m}", "producer", "--store", address, "--sector", m, "--threads", 2,
                        "--fallback-dir", tmp_path / "fallback")  # fmt: skip
         with store_client(address) as client:
-            from stemstream.streaming.store import Registry
+            from stemstream.store import Registry
 
             Registry(client).wait_for_members("producer", 4, status="ready", timeout=60)
         yield address, tree
@@ -103,9 +104,8 @@ def test_session_streams_scans_counted_archived_and_catalogued(tmp_path, plane):
 
 def test_a_killed_nodegroup_is_restarted_and_the_next_scan_is_counted(tmp_path, plane):
     from stemstream.flows import streaming_session
-    from stemstream.sessions import SESSION_STOP_KEY
-    from stemstream.streaming.producer import request_scan
-    from stemstream.streaming.store import Registry
+    from stemstream.plane.producer import request_scan
+    from stemstream.store import Registry
 
     store, _tree = plane
     result: dict[str, Any] = {}
@@ -135,7 +135,7 @@ def test_a_killed_nodegroup_is_restarted_and_the_next_scan_is_counted(tmp_path, 
         catalog = Catalog(_catalog(tmp_path))
         wait_until(lambda: _status(catalog, 5) == "archived", 180, "scan 5 archived")
         catalog.close()
-        client.set(SESSION_STOP_KEY.format(uid=uid), True)
+        client.set(keys.session_stop(uid), True)
     thread.join(120)
     assert result["restarts"] >= 1 and result["scans"] == [5]
 
@@ -149,7 +149,7 @@ def _status(catalog: Catalog, n: int) -> str | None:
 
 def test_fallback_scan_is_counted_from_disk(tmp_path, plane):
     from stemstream.flows import count_fallback_scan
-    from stemstream.streaming.producer import request_scan
+    from stemstream.plane.producer import request_scan
 
     store, _tree = plane
     with store_client(store) as client:  # no NodeGroups: the scan goes to disk
@@ -238,7 +238,6 @@ def test_sfapi_session_with_a_failed_job_says_so(tmp_path, sfapi, rsa_key):
 def counted_scan(tmp_path: Path):
     """A store holding a counted scan 77 (its file written by our writer) for process_scan."""
     from stemstream.counting import Thresholds, write_counted
-    from stemstream.streaming.counting import counted_key
 
     rng = np.random.default_rng(0)
     events = [np.sort(rng.choice(576 * 576, 20, replace=False)).astype(np.uint32) for _ in range(16)]
@@ -251,8 +250,8 @@ def counted_scan(tmp_path: Path):
     with ProcessTree(tmp_path / "logs") as tree:
         store = start_store(tree)
         with store_client(store) as client:
-            client.set(counted_key(77), {"status": "counted", "path": str(path), "seconds_after_last_frame": 0.8})
-            client.wait_for(lambda items: counted_key(77) in items, prefix=counted_key(77), timeout=10)
+            client.set(keys.counted(77), {"status": "counted", "path": str(path), "seconds_after_last_frame": 0.8})
+            client.wait_for(lambda items: keys.counted(77) in items, prefix=keys.counted(77), timeout=10)
         yield store, path
 
 

@@ -30,16 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stemstream.errors import ProtocolError
-from stemstream.streaming.protocol import (
-    MAX_HEADER_BYTES,
-    EndMessage,
-    ExpectMessage,
-    SectorHeader,
-    decode_data_message,
-    decode_info,
-    peek_frame_number,
-)
-from stemstream.streaming.store.kvmsg import (
+from stemstream.store.kvmsg import (
     ICANHAZ,
     MAX_KEY_BYTES,
     MAX_PROPERTIES_BYTES,
@@ -57,7 +48,16 @@ from stemstream.streaming.store.kvmsg import (
     format_ttl,
     parse_ttl,
 )
-from stemstream.streaming.store.registry import Record
+from stemstream.store.registry import Record
+from stemstream.wire.protocol import (
+    MAX_HEADER_BYTES,
+    EndMessage,
+    ExpectMessage,
+    SectorHeader,
+    decode_data_message,
+    decode_info,
+    peek_frame_number,
+)
 
 PROPERTY = settings(
     max_examples=150,
@@ -433,8 +433,8 @@ def test_error_messages_stay_short_whatever_the_field_holds(value: Any) -> None:
 @pytest.fixture(scope="module")
 def nodegroup() -> Iterator[Any]:
     """A NodeGroup that is never started (no sockets, no store), with scan 5 begun: for its fast path."""
-    from stemstream.streaming.consumer import NullConsumer
-    from stemstream.streaming.nodegroup import NodeGroup, _Scan
+    from stemstream.nodes.consumer import NullConsumer
+    from stemstream.plane.nodegroup import NodeGroup, _Scan
 
     ng = NodeGroup(NullConsumer(), None, uid="ng-b")
     scan = _Scan(ExpectMessage("agg", 5, 0, 1, (4, 6), ("ng-a", "ng-b", "ng-c"), {}), "ng-b", 4, ng.frame_shape)

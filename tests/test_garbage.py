@@ -27,17 +27,17 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from stemstream.streaming.aggregator import Aggregator
-from stemstream.streaming.consumer import ChecksumConsumer, frame_checksum
-from stemstream.streaming.nodegroup import NodeGroup
-from stemstream.streaming.protocol import (
+from stemstream.nodes.consumer import ChecksumConsumer, frame_checksum
+from stemstream.plane.aggregator import Aggregator
+from stemstream.plane.nodegroup import NodeGroup
+from stemstream.store import StoreClient, StoreServer
+from stemstream.store.kvmsg import ICANHAZ
+from stemstream.wire.protocol import (
     MAX_INFO_BYTES,
     EndMessage,
     ExpectMessage,
     SectorHeader,
 )
-from stemstream.streaming.store import StoreClient, StoreServer
-from stemstream.streaming.store.kvmsg import ICANHAZ
 
 FLOOD = 500  # bad messages of one kind in a row: logged once, counted 500 times
 TEN_MB = 10 * 1024 * 1024
@@ -210,7 +210,7 @@ def test_store_server_rejects_counts_and_logs_bad_input_on_every_port_and_keeps_
         server.stop()
         peer.close()
     del expected["rejected"]
-    _check_logged_once_per_kind(caplog, "stemstream.streaming.store.server", dict(expected))
+    _check_logged_once_per_kind(caplog, "stemstream.store.server", dict(expected))
 
 
 # ------------------------------------------------------------------------------ aggregator and NodeGroup
@@ -462,5 +462,5 @@ def test_aggregator_and_nodegroup_reject_count_and_log_bad_input_on_every_socket
         for sock in (*a_data, *a_info, *n_data, n_info):
             sock.close()
 
-    _check_logged_once_per_kind(caplog, "stemstream.streaming.aggregator", dict(agg_kinds))
-    _check_logged_once_per_kind(caplog, "stemstream.streaming.nodegroup", dict(ng_kinds))
+    _check_logged_once_per_kind(caplog, "stemstream.plane.aggregator", dict(agg_kinds))
+    _check_logged_once_per_kind(caplog, "stemstream.plane.nodegroup", dict(ng_kinds))

@@ -18,7 +18,7 @@ SECTOR_BYTES = 144 * 576 * 2
 
 
 def _bad_burst(ctx: zmq.Context, agg: dict[str, str], ng: dict[str, str]) -> None:
-    from stemstream.streaming.protocol import SectorHeader
+    from stemstream.wire.protocol import SectorHeader
 
     good = np.zeros((144, 576), np.uint16)
 
@@ -52,8 +52,8 @@ NG_BURST = {"rejected.malformed": 3, "rejected.wrong_sector": 1, "rejected.info_
 
 @pytest.mark.slow
 def test_bad_messages_are_rejected_counted_logged_and_the_scan_still_arrives(tmp_path: Path):
-    from stemstream.streaming.producer import request_scan
-    from stemstream.streaming.store import Registry
+    from stemstream.plane.producer import request_scan
+    from stemstream.store import Registry
 
     results = tmp_path / "results"
     ctx = zmq.Context()

@@ -26,9 +26,9 @@ LOSS = 0.01
 def test_disk_without_nodegroups_then_stream_once_one_registers(tmp_path: Path):
     import stempy.io
 
+    from stemstream.plane.producer import request_scan
     from stemstream.sim import FourDCameraSim
-    from stemstream.streaming.producer import request_scan
-    from stemstream.streaming.store import Registry
+    from stemstream.store import Registry
 
     fallback = tmp_path / "fallback"
     results = tmp_path / "results"

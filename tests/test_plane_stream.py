@@ -29,9 +29,9 @@ GROUPS = ("ng-0", "ng-1", "ng-2")
 
 @pytest.mark.slow
 def test_stream_64x64_with_loss_through_three_nodegroups(tmp_path: Path):
+    from stemstream.plane.producer import request_scan
     from stemstream.sim import FourDCameraSim
-    from stemstream.streaming.producer import request_scan
-    from stemstream.streaming.store import Registry
+    from stemstream.store import Registry
 
     sim = FourDCameraSim(SHAPE, scan_number=SCAN, seed=SEED, loss_rate=LOSS)
     lost = sim.lost_sectors()

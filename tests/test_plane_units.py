@@ -15,27 +15,20 @@ import numpy as np
 import pytest
 import zmq
 
-from stemstream.streaming.aggregator import Aggregator
-from stemstream.streaming.consumer import CollectingConsumer, NullConsumer, ScanSummary
-from stemstream.streaming.fallback import (
-    ROUTE_DISK,
-    ROUTE_STREAM,
-    ScanPlan,
-    scan_closed_inputs,
-    scan_details,
-    scan_key,
-    summarize_scan,
-)
-from stemstream.streaming.nodegroup import NodeGroup
-from stemstream.streaming.producer import Producer, ScanRequests, request_scan
-from stemstream.streaming.protocol import (
+from stemstream.nodes.consumer import CollectingConsumer, NullConsumer, ScanSummary
+from stemstream.plane.aggregator import Aggregator
+from stemstream.plane.nodegroup import NodeGroup
+from stemstream.plane.producer import Producer, ScanRequests, request_scan
+from stemstream.scans import keys
+from stemstream.scans.plan import ROUTE_DISK, ROUTE_STREAM, ScanPlan, scan_closed_inputs, scan_details, summarize_scan
+from stemstream.store import Registry, StoreClient, StoreServer
+from stemstream.wire.protocol import (
     EndMessage,
     ExpectMessage,
     SectorHeader,
     decode_data_message,
     decode_info,
 )
-from stemstream.streaming.store import Registry, StoreClient, StoreServer
 
 SECTOR_BYTES = 144 * 576 * 2
 RECV_MS = 5000
@@ -267,7 +260,7 @@ def test_aggregator_combines_expects_holds_early_data_routes_and_rejects(
 
 def test_producer_plans_disk_without_nodegroups_and_writes_raw_files(client: StoreClient, tmp_path: Path):
     from stemstream.sim import FourDCameraSim
-    from stemstream.streaming.rawfile import read_sectors
+    from stemstream.wire.rawfile import read_sectors
 
     def make_sim() -> FourDCameraSim:
         return FourDCameraSim((4, 5), scan_number=7, seed=3, loss_rate=0.05)
@@ -298,7 +291,7 @@ def test_producer_plans_disk_without_nodegroups_and_writes_raw_files(client: Sto
     finally:
         for p in producers:
             p.close(drain_timeout=0)
-    record = client.get(scan_key(7))
+    record = client.get(keys.scan(7))
     assert record["route"] == ROUTE_DISK and record["status"] == "on_disk"
     assert record["lost_upstream"] == len(sim.lost_sectors()) > 0
     assert record["sent"] == 4 * 20 - len(sim.lost_sectors())
@@ -409,7 +402,7 @@ def test_summary_to_dict_is_msgpack_friendly():
 
 
 def test_a_failed_scan_is_recorded_and_the_producer_serves_the_next(client: StoreClient, tmp_path: Path):
-    from stemstream.streaming.simproducer import serve
+    from stemstream.sim.producer import serve
 
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
@@ -486,8 +479,8 @@ def test_a_slot_ahead_waits_for_its_sibling_until_the_sibling_leaves(client: Sto
 def test_a_planned_aggregator_that_is_not_there_sends_the_scan_to_disk(client: StoreClient, tmp_path: Path):
     """A stale aggregator record (it died within its TTL): the expect is never taken, the scan degrades to
     disk and every sector the producer had is in its raw file."""
-    from stemstream.localsite import free_port_block
-    from stemstream.streaming.rawfile import read_sectors
+    from stemstream.sim.site import free_port_block
+    from stemstream.wire.rawfile import read_sectors
 
     registry = Registry(client)
     nowhere = {f"{k}_0": f"tcp://127.0.0.1:{free_port_block(1)}" for k in ("data", "info")}

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stemstream.errors import ProtocolError
-from stemstream.streaming.protocol import (
+from stemstream.wire.protocol import (
     MAX_HEADER_BYTES,
     MAX_INFO_BYTES,
     PROTOCOL_VERSION,

@@ -13,8 +13,8 @@ import pytest
 
 from stemstream.errors import FallbackError, RawFileError
 from stemstream.sim import FourDCameraSim
-from stemstream.streaming import rawfile
-from stemstream.streaming.rawfile import (
+from stemstream.wire import rawfile
+from stemstream.wire.rawfile import (
     HEADER_BYTES,
     RawScanWriter,
     raw_file_name,

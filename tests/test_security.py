@@ -22,19 +22,19 @@ from plane_helpers import ProcessTree, free_port_block, start_store, store_clien
 from stemstream.cli import main
 from stemstream.config import curve_enabled, get_settings, is_loopback, load_settings
 from stemstream.errors import ConfigError, SecurityError, StoreUnavailable
-from stemstream.streaming.consumer import CollectingConsumer, NullConsumer
-from stemstream.streaming.nodegroup import NodeGroup
-from stemstream.streaming.protocol import EndMessage, ExpectMessage, SectorHeader
-from stemstream.streaming.security import (
+from stemstream.nodes.consumer import CollectingConsumer, NullConsumer
+from stemstream.plane.nodegroup import NodeGroup
+from stemstream.store import Registry, StoreClient, StoreServer
+from stemstream.store.kvmsg import KVMsg
+from stemstream.transport.security import (
     CurveKeys,
     CurveSecurity,
     KeyDirectory,
     has_authenticator,
     stop_authenticator,
 )
-from stemstream.streaming.sockets import CURVE_HANDSHAKE_BYTES, make_socket, term_context
-from stemstream.streaming.store import Registry, StoreClient, StoreServer
-from stemstream.streaming.store.kvmsg import KVMsg
+from stemstream.transport.sockets import CURVE_HANDSHAKE_BYTES, make_socket, term_context
+from stemstream.wire.protocol import EndMessage, ExpectMessage, SectorHeader
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "stemstream"
 Z85 = re.compile(rb'secret-key = "([^"]{40})"')
@@ -424,7 +424,7 @@ def test_scan_streams_complete_with_curve_everywhere_and_no_secret_in_any_log(
 ):
     """Store, aggregator, NodeGroup and 4 producers as processes, all with CURVE from STEMSTREAM_KEYS_DIR and
     DEBUG logging; a forged client tries to inject into the aggregator meanwhile."""
-    from stemstream.streaming.producer import request_scan
+    from stemstream.plane.producer import request_scan
 
     caplog.set_level("DEBUG")
     keys, scan, shape = curve_env, 1, (8, 8)

@@ -11,7 +11,7 @@ import pytest
 from stemstream.errors import ConfigError
 from stemstream.sim import FourDCameraSim
 from stemstream.sim.camera import NOISE_CLIP_SIGMA
-from stemstream.streaming.rawfile import write_scan
+from stemstream.wire.rawfile import write_scan
 
 
 def test_same_parameters_same_data_whatever_the_call_order() -> None:

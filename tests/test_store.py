@@ -17,7 +17,7 @@ import msgpack
 import pytest
 import zmq
 
-from stemstream.streaming.store import Registry, StoreClient
+from stemstream.store import Registry, StoreClient
 
 HB = "0.1"  # short heartbeats keep failover tests fast
 SERVE = [sys.executable, "-m", "stemstream.cli", "store", "serve"]
@@ -151,7 +151,7 @@ def test_subtree_clients_see_only_their_subtree(store):
 
 CHILD = """
 import sys, threading
-from stemstream.streaming.store import Registry, StoreClient
+from stemstream.store import Registry, StoreClient
 client = StoreClient(sys.argv[1]).start()
 registration = Registry(client, ttl=1.0).register("producer", uid="doomed", status="ready")
 print("registered", flush=True)

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stemstream.errors import ProtocolError, StoreError, StoreUnavailable
-from stemstream.streaming.store import Record, StoreClient, StoreServer
-from stemstream.streaming.store.bstar import BinaryStar, Event, State
-from stemstream.streaming.store.kvmsg import (
+from stemstream.store import Record, StoreClient, StoreServer
+from stemstream.store.bstar import BinaryStar, Event, State
+from stemstream.store.kvmsg import (
     KVMsg,
     KVMsgError,
     decode_properties,

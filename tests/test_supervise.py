@@ -3,7 +3,7 @@ import signal
 import sys
 import time
 
-from stemstream.supervise import ProcessSpec, Supervisor
+from stemstream.sessions.supervise import ProcessSpec, Supervisor
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 

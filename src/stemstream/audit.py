@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stemstream.streaming.protocol import N_SECTORS
+from stemstream.wire.protocol import N_SECTORS
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     store_heartbeat_s: float = Field(1.0, gt=0, le=60)
     store_ttl_s: float = Field(5.0, gt=0, le=3600, description="lifetime of ephemeral registry records")
 
-    # ZeroMQ socket options (see stemstream.streaming.sockets).
+    # ZeroMQ socket options (see stemstream.transport.sockets).
     sndhwm: int = Field(1000, ge=1, le=1_000_000)
     rcvhwm: int = Field(1000, ge=1, le=1_000_000)
     linger_ms: int = Field(2000, ge=0, le=600_000, description="never infinite")
@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     output_dir: Path = Path("./data/counted")
     producer_threads: int = Field(2, ge=1, le=64)
     scan_timeout_s: float = Field(60.0, gt=0)
-    # Scan-level acknowledgement (streaming.retention): RAM a producer holds streamed sectors in until the
+    # Scan-level acknowledgement (plane.retention): RAM a producer holds streamed sectors in until the
     # scan is counted, and how long a scan may make no progress in the store before it is replayed to disk.
     hold_bytes: int = Field(8 << 30, ge=0, description="bytes of streamed sectors held per producer")
     ack_timeout_s: float = Field(120.0, gt=0, description="seconds without progress before a replay")

@@ -28,7 +28,7 @@ def _count(args: argparse.Namespace) -> int:
     from stemstream.config import get_settings
     from stemstream.counting import count_raw_files
     from stemstream.errors import CountingError
-    from stemstream.streaming.counting import counted_path
+    from stemstream.nodes.service import counted_path
 
     s = get_settings()
     dark = None

@@ -15,6 +15,8 @@ import shutil
 import time
 from pathlib import Path
 
+from stemstream.scans import keys
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from stemstream.errors import ConfigError
-    from stemstream.localsite import LocalSite
+    from stemstream.sim.site import LocalSite
 
     if args.scans < 1 or min(args.scan_shape) < 1 or args.nodegroups < 1:
         raise ConfigError("--scans, --scan-shape and --nodegroups must be at least 1")
@@ -91,8 +93,8 @@ def _flush_prefect_logs() -> None:
 
 def _one_scan_to_disk(store: str, scan_number: int, shape: tuple[int, int]) -> int:
     """With the session over (no NodeGroup registered), one more scan: the producers write it to disk."""
-    from stemstream.streaming.producer import request_scan
-    from stemstream.streaming.store import Registry, StoreClient
+    from stemstream.plane.producer import request_scan
+    from stemstream.store import Registry, StoreClient
 
     with StoreClient(store, timeout=10) as client:
         registry = Registry(client)
@@ -100,7 +102,7 @@ def _one_scan_to_disk(store: str, scan_number: int, shape: tuple[int, int]) -> i
         while registry.members("nodegroup") and time.monotonic() < deadline:
             time.sleep(0.5)  # the session released its nodes; their records expire within the TTL
         request_scan(client, scan_number, shape, seed=scan_number)
-        key = f"/scans/{scan_number}"
+        key = keys.scan(scan_number)
         client.wait_for(
             lambda items: (items.get(key) or {}).get("status") in ("on_disk", "incomplete"), prefix=key, timeout=120
         )

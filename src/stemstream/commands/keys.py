@@ -53,7 +53,7 @@ def _dir_option(parser: argparse.ArgumentParser) -> None:
 
 def _directory(args: argparse.Namespace):  # -> KeyDirectory, imported lazily
     from stemstream.errors import ConfigError
-    from stemstream.streaming.security import KeyDirectory
+    from stemstream.transport.security import KeyDirectory
 
     path = args.dir
     if path is None:
@@ -65,7 +65,7 @@ def _directory(args: argparse.Namespace):  # -> KeyDirectory, imported lazily
 
 
 def _init(args: argparse.Namespace) -> int:
-    from stemstream.streaming.security import KeyDirectory
+    from stemstream.transport.security import KeyDirectory
 
     d = KeyDirectory(args.dir)
     d.init(client=args.client)

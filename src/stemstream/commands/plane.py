@@ -124,7 +124,7 @@ def _store_arg(parser: argparse.ArgumentParser) -> None:
 
 def _store_client(args: argparse.Namespace) -> Any:
     from stemstream.config import get_settings
-    from stemstream.streaming.store import StoreClient
+    from stemstream.store import StoreClient
 
     s = get_settings()
     backup = f"tcp://{s.store_backup_host}:{s.store_backup_port}" if s.store_backup_host else None
@@ -156,7 +156,7 @@ def _serve(components: list[Any], stop: threading.Event) -> int:
 
 
 def _producer(args: argparse.Namespace) -> int:
-    from stemstream.streaming.simproducer import serve
+    from stemstream.sim.producer import serve
 
     stop = _stop_on_signals()
     client = _store_client(args)
@@ -183,7 +183,7 @@ def _producer(args: argparse.Namespace) -> int:
 
 
 def _aggregator(args: argparse.Namespace) -> int:
-    from stemstream.streaming.aggregator import Aggregator
+    from stemstream.plane.aggregator import Aggregator
 
     stop = _stop_on_signals()
     client = _store_client(args)
@@ -205,8 +205,8 @@ def _nodegroup(args: argparse.Namespace) -> int:
     import os
     import socket
 
-    from stemstream.streaming.consumer import ChecksumConsumer, CollectingConsumer, NullConsumer, SlowConsumer
-    from stemstream.streaming.nodegroup import NodeGroup
+    from stemstream.nodes.consumer import ChecksumConsumer, CollectingConsumer, NullConsumer, SlowConsumer
+    from stemstream.plane.nodegroup import NodeGroup
 
     stop = _stop_on_signals()
     service = _counting_service(args) if args.consumer == "count" else None
@@ -282,8 +282,8 @@ def _counting_service(args: argparse.Namespace) -> Any:
 
     from stemstream.config import get_settings
     from stemstream.errors import CountingError
-    from stemstream.streaming.counting import CountingConfig, CountingService
-    from stemstream.streaming.ranks import make_transport
+    from stemstream.nodes.ranks import make_transport
+    from stemstream.nodes.service import CountingConfig, CountingService
 
     s = get_settings()
     dark = None

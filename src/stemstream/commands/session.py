@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from stemstream.scans import keys
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("session", help="start, stop and list streaming sessions")
@@ -71,27 +73,26 @@ def _start(args: argparse.Namespace) -> int:
 
 def _store(args: argparse.Namespace):
     from stemstream.config import get_settings
-    from stemstream.streaming.store import StoreClient
+    from stemstream.store import StoreClient
 
     return StoreClient(args.store or get_settings().store_address, timeout=5).start()
 
 
 def _stop(args: argparse.Namespace) -> int:
     from stemstream.errors import ConfigError
-    from stemstream.sessions import SESSION_STOP_KEY
 
     with _store(args) as client:
-        record = client.get(f"/sessions/{args.uid}")
+        record = client.get(keys.session(args.uid))
         if not isinstance(record, dict):
             raise ConfigError(f"no session {args.uid!r} in the store; `stemstream session list` shows them")
-        client.set(SESSION_STOP_KEY.format(uid=args.uid), True)
+        client.set(keys.session_stop(args.uid), True)
     print(f"asked session {args.uid} to end; its nodes are released when it does")
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
     with _store(args) as client:
-        sessions = {k.removeprefix("/sessions/"): v for k, v in client.items("/sessions/").items()}
+        sessions = {k.removeprefix(keys.SESSIONS): v for k, v in client.items(keys.SESSIONS).items()}
     print(f"{'session':45s} {'status':10s} until / ended")
     for uid, rec in sorted(sessions.items()):
         when = rec.get("ends_at") or rec.get("ended_at")

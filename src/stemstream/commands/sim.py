@@ -58,7 +58,7 @@ def make_sim(args: argparse.Namespace):
 
 def clear_scan_files(directory: Path, scan_number: int) -> int:
     """Delete scan ``scan_number``'s raw files in ``directory`` (the writer never overwrites); how many."""
-    from stemstream.streaming.rawfile import raw_file_name
+    from stemstream.wire.rawfile import raw_file_name
 
     if not directory.is_dir():
         return 0
@@ -77,7 +77,7 @@ def _write(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from stemstream.streaming.rawfile import write_scan
+    from stemstream.wire.rawfile import write_scan
 
     sim = make_sim(args)
     if args.overwrite:

@@ -56,8 +56,8 @@ def _serve(args: argparse.Namespace) -> int:
     import threading
 
     from stemstream.config import get_settings
-    from stemstream.streaming.store.kvmsg import DEFAULT_MAX_BODY
-    from stemstream.streaming.store.server import StoreServer
+    from stemstream.store.kvmsg import DEFAULT_MAX_BODY
+    from stemstream.store.server import StoreServer
 
     settings = get_settings()
     role = "backup" if args.backup_of else "primary"
@@ -95,7 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace, subtree: str):  # -> StoreClient, imported lazily
     from stemstream.config import get_settings
-    from stemstream.streaming.store.client import StoreClient, store_addresses
+    from stemstream.store.client import StoreClient, store_addresses
 
     # Only the subtree asked for is fetched: `get` on a large store stays cheap.
     subtree = subtree if subtree.startswith("/") else "/"

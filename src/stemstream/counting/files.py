@@ -7,8 +7,8 @@ counted by that engine with thresholds from :func:`compute_thresholds`. Either w
 are recorded, and the output layout is :func:`write_counted`'s.
 
 This module reads the 16-byte record headers itself (a strided memory map: 16 bytes per 166 kB record)
-to learn which sectors are missing, which stempy does not report. It does not import
-``stemstream.streaming`` so that the data plane may import counting without a cycle.
+to learn which sectors are missing, which stempy does not report. Like all of ``stemstream.counting`` it
+imports nothing above it (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from typing import Any
@@ -13,15 +12,15 @@ from prefect.artifacts import create_table_artifact
 from stemstream.catalog import Catalog
 from stemstream.config import get_settings
 from stemstream.errors import ConfigError, StemstreamError
-from stemstream.sessions import SESSION_STOP_KEY, session_params
+from stemstream.scans import keys
+from stemstream.sessions import session_params
 from stemstream.tasks.session import check_store_task
 
 _FINAL = ("archived", "archive_failed", "count_failed")
-_SCAN_KEY = re.compile(r"^/scans/(\d+)$")
 
 
 def _next_scan_number(client: Any, catalog: Catalog) -> int:
-    known = [int(m.group(1)) for key in client.items("/scans/") if (m := _SCAN_KEY.match(key))]
+    known = [n for key in client.items(keys.SCANS) if (n := keys.scan_number_of(key)) is not None]
     known += [row.scan_number for row in catalog.list_scans()]
     return max(known, default=0) + 1
 
@@ -62,8 +61,8 @@ def multi_scan_experiment(
     ``start_session``), acquire ``n_scans`` scans ``interval_s`` apart, wait until each is counted, archived
     and catalogued, and report per-scan turnaround (an artifact ``experiment-turnaround``)."""
     from stemstream.flows.session import streaming_session
-    from stemstream.streaming.producer import request_scan
-    from stemstream.streaming.store import Registry, StoreClient
+    from stemstream.plane.producer import request_scan
+    from stemstream.store import Registry, StoreClient
 
     logger = get_run_logger()
     if n_scans < 1 or interval_s < 0 or timeout_s <= 0:
@@ -154,7 +153,7 @@ def multi_scan_experiment(
     finally:
         if background is not None:
             if end_session:
-                client.set(SESSION_STOP_KEY.format(uid=params.uid), True)
+                client.set(keys.session_stop(params.uid), True)
             background.join(120 if end_session else 0)
             if failure:
                 logger.error("the streaming session failed: %s", failure[0])

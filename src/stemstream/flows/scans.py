@@ -10,8 +10,9 @@ from prefect import flow, get_run_logger
 
 from stemstream.config import get_settings
 from stemstream.errors import ArchiveError, CatalogError, StemstreamError
+from stemstream.nodes.service import counted_path
+from stemstream.scans import keys
 from stemstream.sessions import SessionParams, session_params
-from stemstream.streaming.counting import counted_key, counted_path
 from stemstream.tasks.scans import (
     archive_scan,
     catalog_scan,
@@ -23,10 +24,10 @@ from stemstream.tasks.scans import (
 
 
 def _store_items(store: str, scan_number: int) -> dict[str, Any]:
-    from stemstream.streaming.store import StoreClient
+    from stemstream.store import StoreClient
 
     with StoreClient(store, timeout=10) as client:
-        return client.items(f"/scans/{scan_number}")
+        return client.items(keys.scan(scan_number))
 
 
 def _finish(
@@ -99,7 +100,7 @@ def process_scan(
     s = get_settings()
     params = session_params(**(session or {}))
     items = _store_items(store or s.store_address, scan_number)
-    record = items.get(counted_key(scan_number))
+    record = items.get(keys.counted(scan_number))
     if not isinstance(record, dict):
         raise CatalogError(
             f"scan {scan_number} has no counted record in the store; is it still streaming, or did it go to disk? "
@@ -134,7 +135,7 @@ def count_fallback_scan(
     url = catalog_url or s.catalog_url
     record: dict[str, Any] = {}
     if raw_paths is None:
-        record = _store_items(store or s.store_address, scan_number).get(f"/scans/{scan_number}") or {}
+        record = _store_items(store or s.store_address, scan_number).get(keys.scan(scan_number)) or {}
         raw_paths = list(record.get("fallback_paths") or [])
         if not raw_paths:
             raise CatalogError(

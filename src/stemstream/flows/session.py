@@ -14,7 +14,8 @@ from prefect import flow, get_run_logger
 from stemstream.config import get_settings
 from stemstream.errors import StemstreamError
 from stemstream.flows.scans import count_fallback_scan, process_scan
-from stemstream.sessions import SESSION_STOP_KEY, ScanWatcher, session_params
+from stemstream.scans import keys
+from stemstream.sessions import ScanWatcher, session_params
 from stemstream.tasks.scans import LivePreview
 from stemstream.tasks.session import (
     JobWatch,
@@ -30,10 +31,6 @@ from stemstream.tasks.session import (
 )
 
 POLL_S = 0.5
-
-
-def session_key(uid: str) -> str:
-    return f"/sessions/{uid}"
 
 
 @contextlib.contextmanager
@@ -89,7 +86,7 @@ def streaming_session(
     allocator = check_machine(params, allocator_options)
     check_store_task(store)
 
-    from stemstream.streaming.store import StoreClient
+    from stemstream.store import StoreClient
 
     stop = threading.Event()
     client = StoreClient(store, timeout=10).start()
@@ -111,10 +108,10 @@ def streaming_session(
             "session %s: %d NodeGroup(s) live on %s (%s), until %s",
             params.uid, len(members), params.machine, allocation.job_id, until,
         )  # fmt: skip
-        client.set(session_key(params.uid), {"status": "running", "members": members, "ends_at": ends_at})
+        client.set(keys.session(params.uid), {"status": "running", "members": members, "ends_at": ends_at})
         scans = ScanWatcher(client)
         preview = LivePreview(Path(params.output_dir))
-        stop_key = SESSION_STOP_KEY.format(uid=params.uid)
+        stop_key = keys.session_stop(params.uid)
         session = params.model_dump()
         with _stop_on_sigterm(stop):
             while time.time() < ends_at and not stop.is_set() and not client.get(stop_key):
@@ -154,7 +151,7 @@ def streaming_session(
         if supervisor is not None:
             supervisor.stop()
         with contextlib.suppress(StemstreamError):
-            client.set(session_key(params.uid), {"status": status, "scans": processed, "ended_at": time.time()})
+            client.set(keys.session(params.uid), {"status": status, "scans": processed, "ended_at": time.time()})
         client.close()
         close_session(catalog_url, params.uid, status)
     return {"uid": params.uid, "status": status, "scans": processed, "restarts": watch.restarts if watch else 0}

@@ -30,7 +30,7 @@ import logging
 import numpy as np
 
 from stemstream.errors import ConfigError
-from stemstream.streaming.protocol import FRAME_SHAPE, N_SECTORS, SECTOR_SHAPE
+from stemstream.wire.protocol import FRAME_SHAPE, N_SECTORS, SECTOR_SHAPE
 
 logger = logging.getLogger(__name__)
 

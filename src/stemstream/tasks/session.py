@@ -15,7 +15,7 @@ from stemstream.allocation import Allocation, Allocator, JobState
 from stemstream.catalog import Catalog
 from stemstream.errors import AllocationError
 from stemstream.sessions import SessionParams, check_store, make_allocator
-from stemstream.supervise import ProcessSpec, Supervisor, SupervisorEvent
+from stemstream.sessions.supervise import ProcessSpec, Supervisor, SupervisorEvent
 
 
 @task(cache_policy=NO_CACHE)
@@ -65,7 +65,7 @@ def wait_for_nodegroups(
 
     Fails early, with the job's state, if the job ends before they appear.
     """
-    from stemstream.streaming.store import Registry
+    from stemstream.store import Registry
 
     registry = Registry(client)
     deadline = time.monotonic() + timeout_s

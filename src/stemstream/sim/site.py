@@ -114,7 +114,7 @@ class LocalSite:
         return url
 
     def start_store(self, timeout: float = 30.0) -> str:
-        from stemstream.streaming.store import StoreClient
+        from stemstream.store import StoreClient
 
         port = free_port_block(3)
         self._start("store", self._cli("store", "serve", "--host", "127.0.0.1", "--port", port))
@@ -133,7 +133,7 @@ class LocalSite:
         return address
 
     def start_producers(self, timeout: float = 60.0) -> None:
-        from stemstream.streaming.store import Registry, StoreClient
+        from stemstream.store import Registry, StoreClient
 
         for m in range(self.n_producers):
             args = ["--store", self.store, "--sector", m, "--threads", self.producer_threads]

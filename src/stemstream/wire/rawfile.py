@@ -50,7 +50,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from stemstream.errors import FallbackError, RawFileError
-from stemstream.streaming.protocol import FRAME_SHAPE, SECTOR_SHAPE
+from stemstream.wire.protocol import FRAME_SHAPE, SECTOR_SHAPE
 
 logger = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ Every process is configured with the store's address only; everything else (Node
 sessions, scans) is found in the store. See docs/store.md for the wire protocol and key paths.
 """
 
-from stemstream.streaming.store.client import StoreClient
-from stemstream.streaming.store.kvmsg import KVMsg
-from stemstream.streaming.store.registry import ROLES, Record, Registration, Registry
-from stemstream.streaming.store.server import StoreServer
+from stemstream.store.client import StoreClient
+from stemstream.store.kvmsg import KVMsg
+from stemstream.store.registry import ROLES, Record, Registration, Registry
+from stemstream.store.server import StoreServer
 
 __all__ = ["ROLES", "KVMsg", "Record", "Registration", "Registry", "StoreClient", "StoreServer"]

@@ -48,10 +48,12 @@ import zmq
 from stemstream.config import Settings, get_settings
 from stemstream.errors import ProtocolError
 from stemstream.log import RateLimitedLog
-from stemstream.streaming.actor import POLL_MS, Publisher, Worker
-from stemstream.streaming.consumer import FrameConsumer, ScanInfo, ScanSummary
-from stemstream.streaming.fallback import nodegroup_scan_key
-from stemstream.streaming.protocol import (
+from stemstream.nodes.consumer import FrameConsumer, ScanInfo, ScanSummary
+from stemstream.scans import keys
+from stemstream.transport.actor import POLL_MS, Publisher, Worker
+from stemstream.transport.security import curve_security
+from stemstream.transport.sockets import bind_random, make_socket, term_context
+from stemstream.wire.protocol import (
     DTYPE,
     MAX_HEADER_BYTES,
     MAX_INFO_PART_BYTES,
@@ -63,8 +65,6 @@ from stemstream.streaming.protocol import (
     decode_data_message,
     decode_info,
 )
-from stemstream.streaming.security import curve_security
-from stemstream.streaming.sockets import bind_random, make_socket, term_context
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class NodeGroup:
     def start(self, timeout: float = 10.0) -> NodeGroup:
         """Bind the sockets, then register ``/nodegroups/<uid>`` with its endpoints, status "ready"."""
         if self._registry is None:
-            from stemstream.streaming.store import Registry
+            from stemstream.store import Registry
 
             self._registry = Registry(self.store, ttl=self.settings.store_ttl_s)
         for w in self._workers:
@@ -753,7 +753,7 @@ class NodeGroup:
             sent=sum(sent),
             closed_at=time.time(),
         )
-        self._publisher.put(nodegroup_scan_key(n, self._uid), record)
+        self._publisher.put(keys.nodegroup(n, self._uid), record)
         self._publisher.put("", None)
         with self._cond:
             self._totals["received"] += summary.received

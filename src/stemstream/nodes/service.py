@@ -1,7 +1,7 @@
 """Electron counting on the NodeGroups: frames counted as they arrive, one sparse HDF5 file per scan.
 
 One :class:`CountingService` per NodeGroup process (per MPI rank) serves every NodeGroup of that process
-through :meth:`CountingService.consumer`, a :class:`~stemstream.streaming.consumer.FrameConsumer`.
+through :meth:`CountingService.consumer`, a :class:`~stemstream.nodes.consumer.FrameConsumer`.
 
 Per scan:
 
@@ -27,7 +27,7 @@ Per scan:
 While a scan streams, each rank publishes ``/scans/<n>/preview/<rank>`` about once a second: frames counted
 of its share, and the bright-field events per probe position so far (a live virtual bright-field image).
 
-Messages between ranks are :mod:`stemstream.streaming.ranks` (MPI point-to-point, msgpack maps).
+Messages between ranks are :mod:`stemstream.nodes.ranks` (MPI point-to-point, msgpack maps).
 """
 
 from __future__ import annotations
@@ -48,11 +48,12 @@ import numpy as np
 from stemstream.counting import CountingEngine, Thresholds, compute_thresholds, get_engine, write_counted
 from stemstream.errors import CountingError, StemstreamError
 from stemstream.log import RateLimitedLog
-from stemstream.streaming.consumer import ScanInfo, ScanSummary
-from stemstream.streaming.countworkers import ProcessCounter, SharedBatch, unpack
-from stemstream.streaming.fallback import KeyValue
-from stemstream.streaming.protocol import FRAME_SHAPE, N_SECTORS
-from stemstream.streaming.ranks import RankTransport
+from stemstream.nodes.consumer import ScanInfo, ScanSummary
+from stemstream.nodes.ranks import RankTransport
+from stemstream.nodes.workers import ProcessCounter, SharedBatch, unpack
+from stemstream.scans import keys
+from stemstream.scans.plan import KeyValue
+from stemstream.wire.protocol import FRAME_SHAPE, N_SECTORS
 
 logger = logging.getLogger(__name__)
 _rlog = RateLimitedLog(logger)
@@ -64,15 +65,6 @@ _IDLE_FLUSH_S = 0.02  # a batch whose filling paused this long is counted as far
 _BUFFER_WAIT_S = 2.0  # past this wait for a free batch, one more is allocated (never deadlock)
 
 _FREE, _FILLING, _READY, _COUNTING, _DONE = range(5)
-
-
-def counted_key(scan_number: int) -> str:
-    """Where rank 0 publishes the counted file of a scan."""
-    return f"/scans/{scan_number}/counted"
-
-
-def preview_key(scan_number: int, rank: int) -> str:
-    return f"/scans/{scan_number}/preview/{rank}"
 
 
 def counted_path(output_dir: Path, scan_number: int) -> Path:
@@ -674,7 +666,7 @@ class CountingService:
                 "at": time.time(),
             }
         try:
-            self.store.set(preview_key(ls.number, self.rank), record)
+            self.store.set(keys.preview(ls.number, self.rank), record)
         except StemstreamError as exc:
             _rlog.warning("preview", "scan %d: preview not published: %s", ls.number, exc)
 
@@ -996,7 +988,7 @@ class CountingService:
         )
         if self.store is not None:
             try:
-                self.store.set(counted_key(cs.number), record)
+                self.store.set(keys.counted(cs.number), record)
             except StemstreamError as exc:
                 logger.error("scan %d: the counted record did not reach the store: %s", cs.number, exc)
         with self._written_cond:
@@ -1007,7 +999,7 @@ class CountingService:
 class CountingConsumer:
     """One NodeGroup's view of the :class:`CountingService` (a FrameConsumer)."""
 
-    # Producers hold a scan until its counted file is written (streaming.retention).
+    # Producers hold a scan until its counted file is written (plane.retention).
     acknowledges = "counted"
 
     def __init__(self, service: CountingService, uid: str) -> None:
@@ -1047,7 +1039,7 @@ def _binned(image: np.ndarray) -> np.ndarray:
 
 def preview_image(items: dict[str, Any], scan_number: int) -> tuple[np.ndarray | None, int, int]:
     """From store items under ``/scans/<n>/preview/``: (bright-field image so far, frames counted, frames)."""
-    prefix = f"/scans/{scan_number}/preview/"
+    prefix = keys.preview_prefix(scan_number)
     image = None
     counted = share = 0
     for key, rec in items.items():

@@ -17,7 +17,7 @@ Streaming: each thread has a data PUSH and an info PUSH connected to the aggrega
 ``members[f % len(members)]`` for each present frame) before its data and one ``end`` (what it sent, how
 many of its share were lost upstream) after. Sends block at the HWM and never drop.
 
-Disk fallback: the same calls write the sector with :class:`~stemstream.streaming.fallback.SectorDiskWriter`.
+Disk fallback: the same calls write the sector with :class:`~stemstream.scans.plan.SectorDiskWriter`.
 
 Sockets live as long as the producer (closing one with messages still queued could drop them after
 LINGER): the thread that first uses slot ``t`` creates its sockets, the slot's lock hands them from
@@ -46,33 +46,29 @@ import zmq
 from stemstream.config import Settings, get_settings
 from stemstream.errors import ProtocolError
 from stemstream.log import RateLimitedLog
-from stemstream.streaming.actor import SendAborted, Worker, send_parts
-from stemstream.streaming.fallback import (
+from stemstream.plane.retention import ScanKeeper, SectorSource
+from stemstream.scans import keys
+from stemstream.scans.plan import (
     ROUTE_STREAM,
     KeyValue,
     ScanPlan,
-    aggregator_scan_key,
     close_scan_record,
     decide_plan,
-    producer_scan_key,
-    scan_key,
     share_counts,
     wait_plan,
 )
-from stemstream.streaming.protocol import (
+from stemstream.transport.actor import SendAborted, Worker, send_parts
+from stemstream.transport.sockets import make_socket
+from stemstream.wire.protocol import (
     N_SECTORS,
     SECTOR_SHAPE,
     EndMessage,
     ExpectMessage,
     SectorHeader,
 )
-from stemstream.streaming.retention import ScanKeeper, SectorSource
-from stemstream.streaming.sockets import make_socket
 
 logger = logging.getLogger(__name__)
 _rlog = RateLimitedLog(logger)
-
-CONTROL_SCAN_KEY = "/control/scan"
 
 
 class Registrar(Protocol):
@@ -132,7 +128,7 @@ def request_scan(
 ) -> ScanRequest:
     """Ask every watching producer to acquire a scan (writes ``/control/scan``)."""
     req = ScanRequest(scan_number, (int(scan_shape[0]), int(scan_shape[1])), fallback_dir, extra)
-    store.set(CONTROL_SCAN_KEY, req.to_value())
+    store.set(keys.CONTROL_SCAN, req.to_value())
     return req
 
 
@@ -144,7 +140,7 @@ class Watchable(Protocol):
 class ScanRequests:
     """New scan requests from ``/control/scan``, in order; a request present before :meth:`start` is old."""
 
-    def __init__(self, store: Watchable, key: str = CONTROL_SCAN_KEY) -> None:
+    def __init__(self, store: Watchable, key: str = keys.CONTROL_SCAN) -> None:
         self._store = store
         self._key = key
         self._queue: queue.Queue[ScanRequest] = queue.Queue()
@@ -301,7 +297,7 @@ class Producer:
     def start(self) -> Producer:
         """Register as ``/producers/<uid>`` (status "ready")."""
         if self._registry is None:
-            from stemstream.streaming.store import Registry
+            from stemstream.store import Registry
 
             self._registry = Registry(self.store, ttl=self.settings.store_ttl_s)
         self.keeper = ScanKeeper(
@@ -334,7 +330,7 @@ class Producer:
     ) -> ScanSession:
         """Plan the scan (the leader decides, the others read its decision) and open a session.
 
-        The producer holds every streamed sector until the scan is acknowledged (``streaming.retention``):
+        The producer holds every streamed sector until the scan is acknowledged (``plane.retention``):
         by reference to the buffer passed to ``send``, which must then stay unchanged until the scan is
         released (``on_release(scan_number)``), or, with ``source`` (frame number -> the sector's buffer in
         the DAQ's RAM), by frame number only.
@@ -351,7 +347,7 @@ class Producer:
                 fallback_dir=str(fallback_dir) if fallback_dir else None,
                 n_sectors=self.n_sectors,
             )
-            self.store.set(scan_key(scan_number), plan.to_record())
+            self.store.set(keys.scan(scan_number), plan.to_record())
         else:
             plan = wait_plan(self.store, scan_number, self.plan_timeout)
         if plan.scan_shape != scan_shape:
@@ -412,7 +408,7 @@ class Producer:
         """Wait until the aggregator reports this sector of the last streamed scan routed."""
         if self._last_streamed is None:
             return True
-        key = aggregator_scan_key(self._last_streamed, self.sector)
+        key = keys.aggregator(self._last_streamed, self.sector)
 
         def routed(items: dict[str, Any]) -> bool:
             rec = items.get(key)
@@ -585,7 +581,7 @@ class ScanSession:
         result = ProducerScanResult(
             self.scan_number, self.producer.sector, self.route, sent, lost, paths, time.time() - self.started
         )
-        self.producer.store.set(producer_scan_key(self.scan_number, self.producer.uid), record)
+        self.producer.store.set(keys.producer(self.scan_number, self.producer.uid), record)
         self._result = result
         self.producer._scan_finished(self, result)
         return result

@@ -20,7 +20,7 @@ from typing import Any
 
 from stemstream.errors import ProtocolError, StoreError
 from stemstream.log import RateLimitedLog
-from stemstream.streaming.store.client import StoreClient
+from stemstream.store.client import StoreClient
 
 logger = logging.getLogger(__name__)
 

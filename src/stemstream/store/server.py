@@ -36,10 +36,8 @@ import zmq
 from stemstream.config import Settings, get_settings
 from stemstream.errors import StoreError
 from stemstream.log import RateLimitedLog
-from stemstream.streaming.security import curve_security
-from stemstream.streaming.sockets import CURVE_HANDSHAKE_BYTES, make_socket, term_context
-from stemstream.streaming.store.bstar import BinaryStar, Event, State
-from stemstream.streaming.store.kvmsg import (
+from stemstream.store.bstar import BinaryStar, Event, State
+from stemstream.store.kvmsg import (
     DEFAULT_MAX_BODY,
     HUGZ,
     ICANHAZ,
@@ -53,6 +51,8 @@ from stemstream.streaming.store.kvmsg import (
     decode_subscription,
     format_ttl,
 )
+from stemstream.transport.security import curve_security
+from stemstream.transport.sockets import CURVE_HANDSHAKE_BYTES, make_socket, term_context
 
 logger = logging.getLogger(__name__)
 

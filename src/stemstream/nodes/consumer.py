@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from stemstream.streaming.protocol import FRAME_SHAPE
+from stemstream.wire.protocol import FRAME_SHAPE
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class FrameConsumer(Protocol):
     """Receives a NodeGroup's assembled frames; all methods may be called from several threads.
 
     A consumer may set ``acknowledges = "counted"`` when it writes a counted file per scan: producers then
-    hold a scan until that file is reported (``streaming.retention``); by default a scan is acknowledged
+    hold a scan until that file is reported (``plane.retention``); by default a scan is acknowledged
     once the NodeGroups have received it.
     """
 

@@ -25,7 +25,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from stemstream.errors import FallbackError, ProtocolError, StemstreamError
-from stemstream.streaming.protocol import N_SECTORS, SECTOR_SHAPE
+from stemstream.scans import keys
+from stemstream.wire.protocol import N_SECTORS, SECTOR_SHAPE
 
 logger = logging.getLogger(__name__)
 
@@ -41,22 +42,6 @@ STATUS_INCOMPLETE = "incomplete"  # closed with something missing or late (see t
 NODEGROUP_DONE = ("received", "timeout")
 PRODUCER_DONE = ("done", "failed")
 AGGREGATOR_DONE = ("done", "timeout")
-
-
-def scan_key(scan_number: int) -> str:
-    return f"/scans/{scan_number}"
-
-
-def producer_scan_key(scan_number: int, uid: str) -> str:
-    return f"/scans/{scan_number}/producers/{uid}"
-
-
-def aggregator_scan_key(scan_number: int, sector: int) -> str:
-    return f"/scans/{scan_number}/aggregator/{sector}"
-
-
-def nodegroup_scan_key(scan_number: int, uid: str) -> str:
-    return f"/scans/{scan_number}/nodegroups/{uid}"
 
 
 class KeyValue(Protocol):
@@ -93,7 +78,7 @@ class ScanPlan:
     reason: str = ""
     ack: str = "received"  # what acknowledges the scan: "counted" (a member counts) or "received"
     # When each member registered: a NodeGroup restarted under the same UID is another process, which
-    # does not have this scan (streaming.retention treats the member as gone).
+    # does not have this scan (plane.retention treats the member as gone).
     member_started: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -217,7 +202,7 @@ class ScanPlanError(StemstreamError):
 
 def wait_plan(store: KeyValue, scan_number: int, timeout: float) -> ScanPlan:
     """Wait for the leader's plan of ``scan_number`` (raises :class:`ScanPlanError`)."""
-    key = scan_key(scan_number)
+    key = keys.scan(scan_number)
 
     def planned(items: dict[str, Any]) -> bool:
         rec = items.get(key)
@@ -246,7 +231,7 @@ class SectorDiskWriter:
         n_sectors: int = N_SECTORS,
         sector_shape: tuple[int, int] = SECTOR_SHAPE,
     ) -> None:
-        from stemstream.streaming.rawfile import RawScanWriter
+        from stemstream.wire.rawfile import RawScanWriter
 
         self.sector = sector
         try:
@@ -276,7 +261,7 @@ class SectorDiskWriter:
 
 def summarize_scan(plan: ScanPlan, items: Mapping[str, Any]) -> dict[str, Any]:
     """Totals of a scan from its sub-records (``items`` under ``/scans/<n>/``), and its closing status."""
-    base = scan_key(plan.scan_number) + "/"
+    base = keys.scan(plan.scan_number) + "/"
     producers = [v for k, v in items.items() if k.startswith(base + "producers/") and isinstance(v, Mapping)]
     sectors = [v for k, v in items.items() if k.startswith(base + "aggregator/") and isinstance(v, Mapping)]
     groups = {
@@ -316,7 +301,7 @@ def summarize_scan(plan: ScanPlan, items: Mapping[str, Any]) -> dict[str, Any]:
 
 def scan_closed_inputs(plan: ScanPlan) -> Callable[[dict[str, Any]], bool]:
     """Predicate over ``/scans/<n>/`` items: every record the leader waits for before closing the scan."""
-    base = scan_key(plan.scan_number) + "/"
+    base = keys.scan(plan.scan_number) + "/"
 
     def ready(items: dict[str, Any]) -> bool:
         finished = [
@@ -333,13 +318,13 @@ def scan_closed_inputs(plan: ScanPlan) -> Callable[[dict[str, Any]], bool]:
             return False
         if plan.route == ROUTE_DISK or any(v.get("status") == "failed" for v in finished):
             return True  # a failed producer: the NodeGroups will not get everything; close it now
-        groups = [items.get(nodegroup_scan_key(plan.scan_number, uid)) for uid in plan.members]
+        groups = [items.get(keys.nodegroup(plan.scan_number, uid)) for uid in plan.members]
         if not all(isinstance(g, Mapping) and g.get("status") in NODEGROUP_DONE for g in groups):
             return False
         if all(g["status"] == "received" for g in groups):
             # Everything arrived, so every aggregator thread has routed its share; its closing record is
             # published after it sends the end messages, and can land after the NodeGroups' records.
-            sectors = [items.get(aggregator_scan_key(plan.scan_number, m)) for m in range(plan.n_sectors)]
+            sectors = [items.get(keys.aggregator(plan.scan_number, m)) for m in range(plan.n_sectors)]
             return all(isinstance(a, Mapping) and a.get("status") in AGGREGATOR_DONE for a in sectors)
         return True
 
@@ -349,7 +334,7 @@ def scan_closed_inputs(plan: ScanPlan) -> Callable[[dict[str, Any]], bool]:
 def close_scan_record(store: KeyValue, plan: ScanPlan, timeout: float) -> dict[str, Any]:
     """The leader's last write of a scan: wait (up to ``timeout``) for every producer, and when streaming
     every NodeGroup of the plan, then write the totals and the closing status into ``/scans/<n>``."""
-    prefix = scan_key(plan.scan_number) + "/"
+    prefix = keys.scan(plan.scan_number) + "/"
     try:
         items = store.wait_for(scan_closed_inputs(plan), prefix=prefix, timeout=timeout)
     except TimeoutError:
@@ -360,7 +345,7 @@ def close_scan_record(store: KeyValue, plan: ScanPlan, timeout: float) -> dict[s
             timeout,
         )
     record = {**plan.to_record(), **summarize_scan(plan, items), "closed_at": time.time()}
-    store.set(scan_key(plan.scan_number), record)
+    store.set(keys.scan(plan.scan_number), record)
     logger.info(
         "scan %d closed: route=%s status=%s sent=%d lost_upstream=%d",
         plan.scan_number,
@@ -374,7 +359,7 @@ def close_scan_record(store: KeyValue, plan: ScanPlan, timeout: float) -> dict[s
 
 def scan_details(store: KeyValue, scan_number: int) -> dict[str, Any]:
     """``/scans/<n>`` and its sub-records, grouped: {"scan", "producers", "aggregator", "nodegroups"}."""
-    base = scan_key(scan_number)
+    base = keys.scan(scan_number)
     items = store.items(base)
     out: dict[str, Any] = {"scan": items.get(base), "producers": {}, "aggregator": {}, "nodegroups": {}}
     for key, value in items.items():

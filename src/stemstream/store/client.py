@@ -34,9 +34,7 @@ import zmq
 from stemstream.config import Settings, get_settings
 from stemstream.errors import StoreError, StoreUnavailable
 from stemstream.log import RateLimitedLog
-from stemstream.streaming.security import curve_security
-from stemstream.streaming.sockets import make_socket
-from stemstream.streaming.store.kvmsg import (
+from stemstream.store.kvmsg import (
     HUGZ,
     ICANHAZ,
     KTHXBAI,
@@ -48,7 +46,9 @@ from stemstream.streaming.store.kvmsg import (
     format_ttl,
     new_uuid,
 )
-from stemstream.streaming.store.server import PUB_HWM, endpoint, split_address
+from stemstream.store.server import PUB_HWM, endpoint, split_address
+from stemstream.transport.security import curve_security
+from stemstream.transport.sockets import make_socket
 
 logger = logging.getLogger(__name__)
 

@@ -37,9 +37,12 @@ import zmq
 from stemstream.config import Settings, get_settings
 from stemstream.errors import ProtocolError
 from stemstream.log import RateLimitedLog
-from stemstream.streaming.actor import POLL_MS, Publisher, SendAborted, Worker, send_parts
-from stemstream.streaming.fallback import aggregator_scan_key
-from stemstream.streaming.protocol import (
+from stemstream.scans import keys
+from stemstream.store.registry import record_key, role_prefix
+from stemstream.transport.actor import POLL_MS, Publisher, SendAborted, Worker, send_parts
+from stemstream.transport.security import curve_security
+from stemstream.transport.sockets import bind_random, make_socket, term_context
+from stemstream.wire.protocol import (
     DTYPE,
     MAX_HEADER_BYTES,
     MAX_INFO_PART_BYTES,
@@ -50,8 +53,6 @@ from stemstream.streaming.protocol import (
     SectorHeader,
     decode_info,
 )
-from stemstream.streaming.security import curve_security
-from stemstream.streaming.sockets import bind_random, make_socket, term_context
 
 logger = logging.getLogger(__name__)
 
@@ -453,11 +454,11 @@ class _Router:
         records = {r.uid: r for r in agg._registry.members("nodegroup")}
         missing = [u for u in members if u not in records]
         if missing:
-            keys = [f"/nodegroups/{u}" for u in missing]
+            wanted = [record_key("nodegroup", u) for u in missing]
             with contextlib.suppress(TimeoutError):
                 agg.store.wait_for(
-                    lambda items: all(k in items for k in keys),
-                    "/nodegroups/",
+                    lambda items: all(k in items for k in wanted),
+                    role_prefix("nodegroup"),
                     agg.resolve_timeout,
                 )
             records = {r.uid: r for r in agg._registry.members("nodegroup")}
@@ -547,7 +548,7 @@ class _Router:
 
     def _publish(self, scan: _Scan, status: str) -> None:
         self.agg._publisher.put(
-            aggregator_scan_key(scan.number, self.m),
+            keys.aggregator(scan.number, self.m),
             {
                 "aggregator": self.agg.uid,
                 "sector": self.m,
@@ -630,7 +631,7 @@ class Aggregator:
     def start(self, timeout: float = 10.0) -> Aggregator:
         """Bind every sector's sockets, register with the endpoints, status "ready"."""
         if self._registry is None:
-            from stemstream.streaming.store import Registry
+            from stemstream.store import Registry
 
             self._registry = Registry(self.store, ttl=self.settings.store_ttl_s)
         for r in self._routers:
@@ -647,7 +648,7 @@ class Aggregator:
         )
         self._publisher._registration = self._registration
         self._publisher.start()
-        self._unwatch = self.store.watch(self._on_nodegroup_change, prefix="/nodegroups/")
+        self._unwatch = self.store.watch(self._on_nodegroup_change, prefix=role_prefix("nodegroup"))
         logger.info("aggregator %s ready: %s", self._uid, self.endpoints)
         return self
 

@@ -42,18 +42,9 @@ import msgpack
 
 from stemstream.errors import FallbackError, StemstreamError
 from stemstream.log import RateLimitedLog
-from stemstream.streaming.actor import Worker
-from stemstream.streaming.fallback import (
-    ROUTE_DISK,
-    ROUTE_STREAM,
-    STATUS_ON_DISK,
-    KeyValue,
-    ScanPlan,
-    SectorDiskWriter,
-    nodegroup_scan_key,
-    producer_scan_key,
-    scan_key,
-)
+from stemstream.scans import keys
+from stemstream.scans.plan import ROUTE_DISK, ROUTE_STREAM, STATUS_ON_DISK, KeyValue, ScanPlan, SectorDiskWriter
+from stemstream.transport.actor import Worker
 
 logger = logging.getLogger(__name__)
 _rlog = RateLimitedLog(logger)
@@ -64,15 +55,6 @@ ACK_RECEIVED = "received"
 WAIT, ACK, REPLAY = "wait", "ack", "replay"
 
 SectorSource = Callable[[int], Any]  # frame number -> the sector's buffer (the DAQ's RAM)
-
-
-def replay_key(scan_number: int, sector: int) -> str:
-    return f"/scans/{scan_number}/replay/{sector}"
-
-
-def counted_key(scan_number: int) -> str:
-    # Same key as streaming.counting.counted_key (kept here so that producers need not import counting).
-    return f"/scans/{scan_number}/counted"
 
 
 class Members(Protocol):
@@ -88,7 +70,7 @@ def ack_verdict(
     every producer sees, so the four producers of a scan decide alike.
     """
     n = plan.scan_number
-    base = scan_key(n) + "/producers/"
+    base = keys.scan(n) + "/producers/"
     producers = [v for k, v in items.items() if k.startswith(base) and isinstance(v, Mapping)]
     for p in producers:
         if p.get("status") == "failed" or p.get("degraded"):
@@ -96,7 +78,7 @@ def ack_verdict(
     sent = sum(int(p.get("sent_total") or 0) for p in producers)
     all_sent = len(producers) >= plan.n_sectors
     if plan.ack == ACK_COUNTED:
-        counted = items.get(counted_key(n))
+        counted = items.get(keys.counted(n))
         if isinstance(counted, Mapping):
             status = counted.get("status")
             if status != "counted":
@@ -109,7 +91,7 @@ def ack_verdict(
                 return REPLAY, f"{received} of {sent} sent sectors reached the NodeGroups"
             return ACK, f"counted in {counted.get('path')}"
     else:
-        records = [items.get(nodegroup_scan_key(n, uid)) for uid in plan.members]
+        records = [items.get(keys.nodegroup(n, uid)) for uid in plan.members]
         if all(isinstance(r, Mapping) for r in records):
             statuses = {r.get("status") for r in records}  # type: ignore[union-attr]
             if statuses != {"received"}:
@@ -517,7 +499,7 @@ class ScanKeeper:
         paths = [str(p) for p in held.paths]
         if plan.route == ROUTE_STREAM:
             self._set(
-                replay_key(held.number, self.sector),
+                keys.replay(held.number, self.sector),
                 {"sector": self.sector, "producer": self.producer_uid, "reason": held.reason,
                  "sectors": held.on_disk, "paths": paths, "at": time.time()},
             )  # fmt: skip
@@ -529,7 +511,7 @@ class ScanKeeper:
             held.record["paths"] = paths
             if held.record.get("status") == "held":
                 held.record["status"] = "done"
-            self._set(producer_scan_key(held.number, self.producer_uid), held.record)
+            self._set(keys.producer(held.number, self.producer_uid), held.record)
         logger.warning("scan %d sector %d: %d sectors on disk in %s", held.number, self.sector, held.on_disk,
                        held.directory)  # fmt: skip
         if self.on_release is not None:
@@ -542,8 +524,8 @@ class ScanKeeper:
             todo = dict(self._to_mark)
         for n, (plan, reason, since) in todo.items():
             items = self._scan_items(n)
-            replays = [items.get(replay_key(n, m)) for m in range(self.n_sectors)]
-            record = items.get(scan_key(n))
+            replays = [items.get(keys.replay(n, m)) for m in range(self.n_sectors)]
+            record = items.get(keys.scan(n))
             closed = isinstance(record, Mapping) and "closed_at" in record
             late = time.monotonic() - since > self.ack_timeout_s
             if not (all(isinstance(r, Mapping) for r in replays) and closed) and not late:
@@ -552,7 +534,7 @@ class ScanKeeper:
             base = dict(record) if isinstance(record, Mapping) else plan.to_record()
             base.update(status=STATUS_ON_DISK, replayed=True, replay_reason=reason, fallback_paths=paths,
                         replayed_at=time.time())  # fmt: skip
-            if self._set(scan_key(n), base):
+            if self._set(keys.scan(n), base):
                 with self._lock:
                     self._to_mark.pop(n, None)
                 logger.warning("scan %d replayed to disk (%s): %d files", n, reason, len(paths))
@@ -567,10 +549,10 @@ class ScanKeeper:
 
     def _scan_items(self, n: int) -> dict[str, Any]:
         """``/scans/<n>`` and its sub-records (a prefix of ``/scans/<n>`` alone would match scan n0 too)."""
-        items = self.store.items(scan_key(n) + "/")
-        record = self.store.get(scan_key(n))
+        items = self.store.items(keys.scan(n) + "/")
+        record = self.store.get(keys.scan(n))
         if record is not None:
-            items[scan_key(n)] = record
+            items[keys.scan(n)] = record
         return items
 
     def _judge(self, held: HeldScan, live: dict[str, float], now: float) -> None:

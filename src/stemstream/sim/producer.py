@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from stemstream.errors import StemstreamError
-from stemstream.streaming.actor import Worker
-from stemstream.streaming.fallback import producer_scan_key
-from stemstream.streaming.producer import Producer, ProducerScanResult, ScanRequest, ScanRequests
+from stemstream.plane.producer import Producer, ProducerScanResult, ScanRequest, ScanRequests
+from stemstream.scans import keys
+from stemstream.transport.actor import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def serve(
                 except StemstreamError as exc:  # this scan failed (disk full, no plan...): say so, serve on
                     logger.error("scan %d: %s", req.scan_number, exc)
                     store.set(
-                        producer_scan_key(req.scan_number, producer.uid),
+                        keys.producer(req.scan_number, producer.uid),
                         {"producer": producer.uid, "sector": sector, "status": "failed", "error": str(exc)},
                     )
     finally:

@@ -1,6 +1,6 @@
 """Messages between the NodeGroup ranks of one job: MPI point-to-point, or in-process for a single rank.
 
-The counting service (:mod:`stemstream.streaming.counting`) needs two exchanges per scan: a threshold
+The counting service (:mod:`stemstream.nodes.service`) needs two exchanges per scan: a threshold
 sample gathered to rank 0 and the thresholds sent back, then every rank's events gathered to rank 0,
 which writes the file. Scans overlap and ranks may hold NodeGroups that are not members of a scan, so
 these are point-to-point messages rather than collectives: no rank ever waits in MPI for a scan it

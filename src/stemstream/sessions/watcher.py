@@ -1,0 +1,85 @@
+"""Watching a session's scans in the store: each scan reported once when counted or landed on disk, and the
+live state of the others."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stemstream.scans import keys
+
+
+@dataclass
+class ScanView:
+    """What the store says about one scan, for the flows."""
+
+    number: int
+    record: dict[str, Any]  # /scans/<n>
+    counted: dict[str, Any] | None  # /scans/<n>/counted
+    preview: tuple[np.ndarray | None, int, int] = (None, 0, 0)  # image so far, frames counted, frames
+
+    @property
+    def route(self) -> str:
+        return str(self.record.get("route", ""))
+
+    @property
+    def on_disk(self) -> bool:
+        """Landed on disk: a disk-route scan, or a streamed one the producers replayed to disk because it
+        could not be counted (a NodeGroup died, the counted file is partial: docs/reliability.md)."""
+        return _landed_on_disk(self.record)
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.record.get("n_frames") or 0)
+
+
+@dataclass
+class ScanWatcher:
+    """Reports each scan once when it is counted (or landed on disk), and the live state of the others."""
+
+    client: Any
+    since: float = field(default_factory=time.time)
+    seen_counted: set[int] = field(default_factory=set)
+    seen_disk: set[int] = field(default_factory=set)
+
+    def poll(self) -> tuple[list[ScanView], list[ScanView], list[ScanView]]:
+        """(newly counted, newly on disk, still streaming) scans decided after ``since``."""
+        from stemstream.nodes.service import preview_image
+
+        items = self.client.items(keys.SCANS)
+        counted, disk, live = [], [], []
+        for key, record in items.items():
+            n = keys.scan_number_of(key)
+            if n is None or not isinstance(record, dict) or float(record.get("decided_at") or 0) < self.since:
+                continue
+            view = ScanView(n, record, items.get(keys.counted(n)))
+            if view.on_disk and record.get("replayed"):  # its counted file, if any, is partial: count again
+                if n not in self.seen_disk:
+                    self.seen_disk.add(n)
+                    disk.append(view)
+            elif view.counted is not None:
+                if n not in self.seen_counted:
+                    self.seen_counted.add(n)
+                    counted.append(view)
+            elif view.on_disk:
+                if n not in self.seen_disk:
+                    self.seen_disk.add(n)
+                    disk.append(view)
+            elif view.route == "stream":
+                view.preview = preview_image(items, n)
+                live.append(view)
+        return sorted(counted, key=_num), sorted(disk, key=_num), sorted(live, key=_num)
+
+
+def _num(view: ScanView) -> int:
+    return view.number
+
+
+def _landed_on_disk(record: dict[str, Any]) -> bool:
+    status = record.get("status")
+    return (record.get("route") == "disk" and status in ("on_disk", "incomplete")) or (
+        bool(record.get("replayed")) and status == "on_disk"
+    )

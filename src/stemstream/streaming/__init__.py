@@ -1,1 +1,0 @@
-"""The data plane: wire protocol, Clone store, producers, aggregator, NodeGroups. Never imports Prefect."""

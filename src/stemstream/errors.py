@@ -5,6 +5,11 @@ class StemstreamError(Exception):
     """Base class of every error stemstream raises on purpose."""
 
 
+class WaitTimeout(StemstreamError, TimeoutError):
+    """Something awaited did not happen in time; the message says what and where to look. Also a
+    ``TimeoutError``, so callers that wait with a deadline catch it as one."""
+
+
 class ConfigError(StemstreamError):
     """A setting is missing or invalid; the message names the variable and what is allowed."""
 

@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from stemstream.errors import WaitTimeout
 from stemstream.wire.protocol import FRAME_SHAPE
 
 logger = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ class CollectingConsumer(ChecksumConsumer):
         with self._lock:
             event = self._ended.setdefault(scan_number, threading.Event())
         if not event.wait(timeout):
-            raise TimeoutError(f"scan {scan_number} did not end within {timeout:.1f} s")
+            raise WaitTimeout(f"scan {scan_number} did not end within {timeout:.1f} s")
         return self.scans[scan_number]
 
 

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from stemstream.counting import CountingEngine, Thresholds, compute_thresholds, get_engine, write_counted
-from stemstream.errors import CountingError, StemstreamError
+from stemstream.errors import CountingError, StemstreamError, WaitTimeout
 from stemstream.log import RateLimitedLog
 from stemstream.nodes.consumer import ScanInfo, ScanSummary
 from stemstream.nodes.ranks import RankTransport
@@ -319,7 +319,7 @@ class CountingService:
             while scan_number not in self._written:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"scan {scan_number} not written within {timeout:.0f} s")
+                    raise WaitTimeout(f"scan {scan_number} not written within {timeout:.0f} s")
                 self._written_cond.wait(left)
             return self._written[scan_number]
 

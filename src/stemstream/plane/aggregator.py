@@ -35,7 +35,7 @@ from typing import Any
 import zmq
 
 from stemstream.config import Settings, get_settings
-from stemstream.errors import ProtocolError
+from stemstream.errors import ProtocolError, WaitTimeout
 from stemstream.log import RateLimitedLog
 from stemstream.scans import keys
 from stemstream.store.registry import record_key, role_prefix
@@ -641,7 +641,7 @@ class Aggregator:
             while not r.bound.wait(0.1):
                 r.worker.maybe_raise()
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"router {r.m} did not bind within {timeout:.0f} s")
+                    raise WaitTimeout(f"router {r.m} did not bind within {timeout:.0f} s")
         self._started = True
         self._registration = self._registry.register(
             "aggregator", self._uid, status="ready", endpoints=self.endpoints, sectors=self.n_sectors
@@ -705,7 +705,7 @@ class Aggregator:
                 self.maybe_raise()
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"aggregator: scan {scan_number} not routed within {timeout:.0f} s")
+                    raise WaitTimeout(f"aggregator: scan {scan_number} not routed within {timeout:.0f} s")
                 self._done_cond.wait(min(left, 0.2))
 
     def maybe_raise(self) -> None:

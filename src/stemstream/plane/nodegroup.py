@@ -46,7 +46,7 @@ import numpy as np
 import zmq
 
 from stemstream.config import Settings, get_settings
-from stemstream.errors import ProtocolError
+from stemstream.errors import ProtocolError, WaitTimeout
 from stemstream.log import RateLimitedLog
 from stemstream.nodes.consumer import FrameConsumer, ScanInfo, ScanSummary
 from stemstream.scans import keys
@@ -241,7 +241,7 @@ class NodeGroup:
             while not event.wait(0.1):
                 self.maybe_raise()
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"NodeGroup {self._uid}: sockets not bound within {timeout:.0f} s")
+                    raise WaitTimeout(f"NodeGroup {self._uid}: sockets not bound within {timeout:.0f} s")
         self._started = True
         # "ack": what tells the producers they may let go of a scan (docs/reliability.md).
         ack = getattr(self.consumer, "acknowledges", "received")
@@ -295,7 +295,7 @@ class NodeGroup:
                 return summary
             self.maybe_raise()
             if left <= 0:
-                raise TimeoutError(f"NodeGroup {self._uid}: scan {scan_number} not in within {timeout:.1f} s")
+                raise WaitTimeout(f"NodeGroup {self._uid}: scan {scan_number} not in within {timeout:.1f} s")
 
     def counts(self) -> dict[str, int]:
         """Totals: received, frames_complete, frames_incomplete, lost_upstream, scans, rejected(.<kind>),

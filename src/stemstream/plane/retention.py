@@ -40,7 +40,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from stemstream.errors import FallbackError, StemstreamError
+from stemstream.errors import FallbackError, StemstreamError, WaitTimeout
 from stemstream.log import RateLimitedLog
 from stemstream.scans import keys
 from stemstream.scans.plan import ROUTE_DISK, ROUTE_STREAM, STATUS_ON_DISK, KeyValue, ScanPlan, SectorDiskWriter
@@ -259,7 +259,7 @@ class ScanKeeper:
         if held is None:
             raise KeyError(f"scan {scan_number} is not held by this producer")
         if not held.settled.wait(timeout):
-            raise TimeoutError(f"scan {scan_number}: not acknowledged or on disk within {timeout:.0f} s")
+            raise WaitTimeout(f"scan {scan_number}: not acknowledged or on disk within {timeout:.0f} s")
         return held.state
 
     def _settle(self, held: HeldScan, state: str) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import zmq
 
 from stemstream.config import Settings, get_settings
-from stemstream.errors import StoreError, StoreUnavailable
+from stemstream.errors import StoreError, StoreUnavailable, WaitTimeout
 from stemstream.log import RateLimitedLog
 from stemstream.store.kvmsg import (
     HUGZ,
@@ -303,7 +303,7 @@ class StoreClient:
                         raise StoreError(f"store client agent died: {self._error}")
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        raise TimeoutError(f"store: condition on {prefix!r} not met within {timeout:g} s")
+                        raise WaitTimeout(f"store: condition on {prefix!r} not met within {timeout:g} s")
                     self._changed.wait(remaining)
 
     # ------------------------------------------------------------------ internals

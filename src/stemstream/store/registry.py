@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from stemstream.errors import ProtocolError, StoreError
+from stemstream.errors import ProtocolError, StoreError, WaitTimeout
 from stemstream.log import RateLimitedLog
 from stemstream.store.client import StoreClient
 
@@ -219,7 +219,7 @@ class Registry:
         except TimeoutError:
             have = [r.uid for r in self.members(role, status)]
             what = f"{role} records" + (f" with status {status!r}" if status else "")
-            raise TimeoutError(
+            raise WaitTimeout(
                 f"waited {timeout:g} s for {n} {what}; have {len(have)}: {', '.join(have) or 'none'}"
             ) from None
         return _records(items, role, status)

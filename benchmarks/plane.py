@@ -294,7 +294,7 @@ class StreamingPlane:
 
     def measure(self, n_frames: int) -> dict[str, float]:
         """Stream one scan of ``n_frames``; bytes, seconds (first sector sent .. last one in) and GB/s."""
-        from stemstream.plane.producer import request_scan
+        from stemstream.plane.requests import request_scan
         from stemstream.scans.plan import scan_details
 
         self.scan += 1
@@ -316,7 +316,7 @@ class StreamingPlane:
     def count(self, n_frames: int, seed: int = 1) -> dict[str, Any]:
         """Stream one scan to counting NodeGroups; the ``/scans/<n>/counted`` record, plus ``started``
         (first sector sent) and ``seconds`` (first sector sent .. counted file written)."""
-        from stemstream.plane.producer import request_scan
+        from stemstream.plane.requests import request_scan
         from stemstream.scans.plan import scan_details
 
         self.scan += 1

@@ -33,7 +33,7 @@ import psutil
 
 from stemstream.audit import ScanAudit, audit_scan, entered_from_sim
 from stemstream.counting.files import count_raw_files
-from stemstream.plane.producer import request_scan
+from stemstream.plane.requests import request_scan
 from stemstream.sessions.supervise import ProcessSpec, Supervisor
 from stemstream.sim import FourDCameraSim
 from stemstream.sim.site import LocalSite

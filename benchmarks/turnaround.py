@@ -172,7 +172,7 @@ class StreamSite:
         self.plane.__exit__()
 
     def run(self, shape: tuple[int, int]) -> Run:
-        from stemstream.plane.producer import request_scan
+        from stemstream.plane.requests import request_scan
         from stemstream.scans.plan import scan_details
 
         plane = self.plane
@@ -239,7 +239,7 @@ class FileSite:
 
     def run(self, shape: tuple[int, int]) -> Run:
         from stemstream.counting import count_raw_files
-        from stemstream.plane.producer import request_scan
+        from stemstream.plane.requests import request_scan
         from stemstream.scans.plan import scan_details
 
         self.scan += 1

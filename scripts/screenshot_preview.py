@@ -130,7 +130,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="stemstream-preview-") as tmp, LocalSite(Path(tmp)) as site:
         from stemstream.flows import streaming_session
-        from stemstream.plane.producer import request_scan
+        from stemstream.plane.requests import request_scan
         from stemstream.store import Registry, StoreClient
 
         uid = "preview-screenshot"

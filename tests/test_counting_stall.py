@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import zmq
 
-from stemstream.nodes import service as counting
+from stemstream.nodes import batches
 from stemstream.nodes.consumer import ScanInfo, ScanSummary
 from stemstream.nodes.ranks import LocalTransport
 from stemstream.nodes.service import CountingConfig, CountingService
@@ -163,7 +163,7 @@ def test_frames_stuck_in_assembly_do_not_throttle_the_next_scans_buffers(
     # timeout (minutes in production). frame_buffer waited _BUFFER_WAIT_S for every batch past the pool's cap
     # although counting could free none of them: the next scan got a few frames a second. Here that wait is
     # made long enough to fail the test outright, so that timing noise cannot hide it.
-    monkeypatch.setattr(counting, "_BUFFER_WAIT_S", 60.0)
+    monkeypatch.setattr(batches, "BUFFER_WAIT_S", 60.0)
     rng = np.random.default_rng(3)
     service = _service(tmp_path, client)
     consumer = service.consumer("ng-a")

@@ -40,7 +40,7 @@ def _dark_file(tmp_path: Path) -> Path:
 
 def _stream_and_count(tmp_path: Path, *, ranks: int, groups_per_rank: int, engine: str, dark: Path) -> dict:
     """Run store + aggregator + NodeGroups (under mpiexec when ranks > 1) + 4 producers; one scan."""
-    from stemstream.plane.producer import request_scan
+    from stemstream.plane.requests import request_scan
     from stemstream.store import Registry
 
     out = tmp_path / "counted"

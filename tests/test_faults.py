@@ -123,7 +123,7 @@ def _kill(tree: ProcessTree, name: str) -> None:
 
 def test_a_nodegroup_killed_mid_scan_is_replayed_to_disk_and_the_next_scan_streams(tmp_path: Path):
     from stemstream.counting.files import count_raw_files
-    from stemstream.plane.producer import request_scan
+    from stemstream.plane.requests import request_scan
 
     shape, out, fallback = (24, 24), tmp_path / "counted", tmp_path / "fallback"
     with ProcessTree(tmp_path / "logs", env=ENV) as tree:
@@ -165,7 +165,7 @@ def test_a_nodegroup_killed_mid_scan_is_replayed_to_disk_and_the_next_scan_strea
 
 
 def test_the_aggregator_killed_and_restarted_mid_scan(tmp_path: Path):
-    from stemstream.plane.producer import request_scan
+    from stemstream.plane.requests import request_scan
 
     # Scan 1 is larger than the NodeGroups' counting buffers (512 frames): the producers are still held back
     # by counting when the aggregator dies, so it dies mid-scan however fast the machine is.
@@ -198,7 +198,7 @@ def test_the_aggregator_killed_and_restarted_mid_scan(tmp_path: Path):
 
 
 def test_the_store_primary_killed_mid_scan_fails_over_without_loss(tmp_path: Path):
-    from stemstream.plane.producer import request_scan
+    from stemstream.plane.requests import request_scan
 
     shape, out, fallback = (24, 24), tmp_path / "counted", tmp_path / "fallback"
     p, b = free_port_block(4), free_port_block(4)
@@ -230,7 +230,7 @@ def test_the_store_primary_killed_mid_scan_fails_over_without_loss(tmp_path: Pat
 
 
 def test_a_nodegroup_that_joins_mid_scan_takes_part_from_the_next_scan(tmp_path: Path):
-    from stemstream.plane.producer import request_scan
+    from stemstream.plane.requests import request_scan
 
     shape, results, fallback = (24, 24), tmp_path / "results", tmp_path / "fallback"
     with ProcessTree(tmp_path / "logs", env=ENV) as tree:
@@ -290,7 +290,7 @@ def _fill(path: Path) -> None:
 
 
 def test_a_full_fallback_disk_keeps_the_data_in_ram_and_streaming_goes_on(tmp_path: Path):
-    from stemstream.plane.producer import request_scan
+    from stemstream.plane.requests import request_scan
     from stemstream.store import Registry
 
     shape, small_shape, out = (12, 12), (8, 8), tmp_path / "counted"
@@ -344,8 +344,8 @@ def test_a_full_fallback_disk_keeps_the_data_in_ram_and_streaming_goes_on(tmp_pa
 
 def test_ack_verdicts():
     """The decision every producer makes from the store's records (a pure function)."""
-    from stemstream.plane.retention import ACK, REPLAY, WAIT, ack_verdict
-    from stemstream.scans.plan import ScanPlan
+    from stemstream.scans.ack import ACK, REPLAY, WAIT, ack_verdict
+    from stemstream.scans.records import ScanPlan
 
     plan = ScanPlan(7, (2, 2), "stream", members=("a", "b"), n_sectors=2, ack="counted")
     producers = {f"/scans/7/producers/p{m}": {"producer": f"p{m}", "status": "done", "sent_total": 4}

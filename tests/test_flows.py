@@ -104,7 +104,7 @@ def test_session_streams_scans_counted_archived_and_catalogued(tmp_path, plane):
 
 def test_a_killed_nodegroup_is_restarted_and_the_next_scan_is_counted(tmp_path, plane):
     from stemstream.flows import streaming_session
-    from stemstream.plane.producer import request_scan
+    from stemstream.plane.requests import request_scan
     from stemstream.store import Registry
 
     store, _tree = plane
@@ -149,7 +149,7 @@ def _status(catalog: Catalog, n: int) -> str | None:
 
 def test_fallback_scan_is_counted_from_disk(tmp_path, plane):
     from stemstream.flows import count_fallback_scan
-    from stemstream.plane.producer import request_scan
+    from stemstream.plane.requests import request_scan
 
     store, _tree = plane
     with store_client(store) as client:  # no NodeGroups: the scan goes to disk

@@ -434,10 +434,11 @@ def test_error_messages_stay_short_whatever_the_field_holds(value: Any) -> None:
 def nodegroup() -> Iterator[Any]:
     """A NodeGroup that is never started (no sockets, no store), with scan 5 begun: for its fast path."""
     from stemstream.nodes.consumer import NullConsumer
-    from stemstream.plane.nodegroup import NodeGroup, _Scan
+    from stemstream.plane.nodegroup import NodeGroup
+    from stemstream.plane.nodescan import NodeGroupScan
 
     ng = NodeGroup(NullConsumer(), None, uid="ng-b")
-    scan = _Scan(ExpectMessage("agg", 5, 0, 1, (4, 6), ("ng-a", "ng-b", "ng-c"), {}), "ng-b", 4, ng.frame_shape)
+    scan = NodeGroupScan(ExpectMessage("agg", 5, 0, 1, (4, 6), ("ng-a", "ng-b", "ng-c"), {}), "ng-b", 4, ng.frame_shape)
     scan.begun = True
     ng._scans[5] = scan
     try:

@@ -18,7 +18,7 @@ MAX_SKEW = 16  # frame numbers a producer thread may run ahead of its sibling
 
 @pytest.mark.slow
 def test_slow_nodegroup_slows_the_producers_and_nothing_is_dropped(tmp_path: Path):
-    from stemstream.plane.producer import request_scan
+    from stemstream.plane.requests import request_scan
     from stemstream.store import Registry
 
     n_frames = SHAPE[0] * SHAPE[1]

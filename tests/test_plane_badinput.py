@@ -52,7 +52,7 @@ NG_BURST = {"rejected.malformed": 3, "rejected.wrong_sector": 1, "rejected.info_
 
 @pytest.mark.slow
 def test_bad_messages_are_rejected_counted_logged_and_the_scan_still_arrives(tmp_path: Path):
-    from stemstream.plane.producer import request_scan
+    from stemstream.plane.requests import request_scan
     from stemstream.store import Registry
 
     results = tmp_path / "results"

@@ -26,7 +26,7 @@ LOSS = 0.01
 def test_disk_without_nodegroups_then_stream_once_one_registers(tmp_path: Path):
     import stempy.io
 
-    from stemstream.plane.producer import request_scan
+    from stemstream.plane.requests import request_scan
     from stemstream.sim import FourDCameraSim
     from stemstream.store import Registry
 

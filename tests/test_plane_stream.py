@@ -29,7 +29,7 @@ GROUPS = ("ng-0", "ng-1", "ng-2")
 
 @pytest.mark.slow
 def test_stream_64x64_with_loss_through_three_nodegroups(tmp_path: Path):
-    from stemstream.plane.producer import request_scan
+    from stemstream.plane.requests import request_scan
     from stemstream.sim import FourDCameraSim
     from stemstream.store import Registry
 

@@ -18,7 +18,8 @@ import zmq
 from stemstream.nodes.consumer import CollectingConsumer, NullConsumer, ScanSummary
 from stemstream.plane.aggregator import Aggregator
 from stemstream.plane.nodegroup import NodeGroup
-from stemstream.plane.producer import Producer, ScanRequests, request_scan
+from stemstream.plane.producer import Producer
+from stemstream.plane.requests import ScanRequests, request_scan
 from stemstream.scans import keys
 from stemstream.scans.plan import ROUTE_DISK, ROUTE_STREAM, ScanPlan, scan_closed_inputs, scan_details, summarize_scan
 from stemstream.store import Registry, StoreClient, StoreServer

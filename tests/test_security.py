@@ -424,7 +424,7 @@ def test_scan_streams_complete_with_curve_everywhere_and_no_secret_in_any_log(
 ):
     """Store, aggregator, NodeGroup and 4 producers as processes, all with CURVE from STEMSTREAM_KEYS_DIR and
     DEBUG logging; a forged client tries to inject into the aggregator meanwhile."""
-    from stemstream.plane.producer import request_scan
+    from stemstream.plane.requests import request_scan
 
     caplog.set_level("DEBUG")
     keys, scan, shape = curve_env, 1, (8, 8)

@@ -27,8 +27,8 @@ def _count(args: argparse.Namespace) -> int:
 
     from stemstream.config import get_settings
     from stemstream.counting import count_raw_files
+    from stemstream.counting.output import counted_path
     from stemstream.errors import CountingError
-    from stemstream.nodes.service import counted_path
 
     s = get_settings()
     dark = None

@@ -93,7 +93,7 @@ def _flush_prefect_logs() -> None:
 
 def _one_scan_to_disk(store: str, scan_number: int, shape: tuple[int, int]) -> int:
     """With the session over (no NodeGroup registered), one more scan: the producers write it to disk."""
-    from stemstream.plane.producer import request_scan
+    from stemstream.plane.requests import request_scan
     from stemstream.store import Registry, StoreClient
 
     with StoreClient(store, timeout=10) as client:

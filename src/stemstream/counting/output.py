@@ -27,7 +27,12 @@ GROUP = "stemstream"
 FORMAT_VERSION = 1
 FRAME_SHAPE = (576, 576)
 
-__all__ = ["read_counted", "save_png", "virtual_bright_field", "write_counted"]
+__all__ = ["counted_path", "read_counted", "save_png", "virtual_bright_field", "write_counted"]
+
+
+def counted_path(output_dir: str | os.PathLike[str], scan_number: int) -> Path:
+    """Where a scan's counted file goes: ``<output_dir>/scan_<n>_counted.h5``."""
+    return Path(output_dir) / f"scan_{scan_number}_counted.h5"
 
 
 def _frames_array(events: Sequence[np.ndarray], n_positions: int, n_pixels: int) -> np.ndarray:

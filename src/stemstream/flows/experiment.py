@@ -61,7 +61,7 @@ def multi_scan_experiment(
     ``start_session``), acquire ``n_scans`` scans ``interval_s`` apart, wait until each is counted, archived
     and catalogued, and report per-scan turnaround (an artifact ``experiment-turnaround``)."""
     from stemstream.flows.session import streaming_session
-    from stemstream.plane.producer import request_scan
+    from stemstream.plane.requests import request_scan
     from stemstream.store import Registry, StoreClient
 
     logger = get_run_logger()

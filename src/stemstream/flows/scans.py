@@ -9,8 +9,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from stemstream.config import get_settings
+from stemstream.counting.output import counted_path
 from stemstream.errors import ArchiveError, CatalogError, StemstreamError
-from stemstream.nodes.service import counted_path
 from stemstream.scans import keys
 from stemstream.sessions import SessionParams, session_params
 from stemstream.tasks.scans import (

@@ -134,7 +134,7 @@ def streaming_session(
                         logger.error("scan %d: %s", view.number, exc)
                 for view in on_disk:
                     logger.warning("scan %d went to disk (%s); counting it from its files", view.number,
-                                   view.record.get("reason"))  # fmt: skip
+                                   view.record.reason)  # fmt: skip
                     try:
                         count_fallback_scan(view.number, store=store, session=session, catalog_url=catalog_url,
                                             archive_options=archive_options)  # fmt: skip

@@ -1,7 +1,10 @@
 """Electron counting on the NodeGroups: frames counted as they arrive, one sparse HDF5 file per scan.
 
 One :class:`CountingService` per NodeGroup process (per MPI rank) serves every NodeGroup of that process
-through :meth:`CountingService.consumer`, a :class:`~stemstream.nodes.consumer.FrameConsumer`.
+through :meth:`CountingService.consumer`, a :class:`~stemstream.nodes.consumer.FrameConsumer`. Its parts:
+the batch pool (``nodes.batches``), the count loop (here), rank 0's threshold decision and file
+(``nodes.coordinator``), the live preview (``nodes.preview``), messages between ranks (``nodes.ranks``)
+and counting worker processes (``nodes.workers``).
 
 Per scan:
 
@@ -26,16 +29,12 @@ Per scan:
 
 While a scan streams, each rank publishes ``/scans/<n>/preview/<rank>`` about once a second: frames counted
 of its share, and the bright-field events per probe position so far (a live virtual bright-field image).
-
-Messages between ranks are :mod:`stemstream.nodes.ranks` (MPI point-to-point, msgpack maps).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import queue
-import socket
 import threading
 import time
 from collections import deque
@@ -45,12 +44,15 @@ from typing import Any
 
 import numpy as np
 
-from stemstream.counting import CountingEngine, Thresholds, compute_thresholds, get_engine, write_counted
-from stemstream.errors import CountingError, StemstreamError, WaitTimeout
+from stemstream.counting import CountingEngine, Thresholds, get_engine
+from stemstream.errors import CountingError, StemstreamError
 from stemstream.log import RateLimitedLog
+from stemstream.nodes.batches import COUNTING, DONE, READY, Batch, BatchPool
 from stemstream.nodes.consumer import ScanInfo, ScanSummary
+from stemstream.nodes.coordinator import Coordinator
+from stemstream.nodes.preview import bright_field_mask, preview_record
 from stemstream.nodes.ranks import RankTransport
-from stemstream.nodes.workers import ProcessCounter, SharedBatch, unpack
+from stemstream.nodes.workers import ProcessCounter, unpack
 from stemstream.scans import keys
 from stemstream.scans.plan import KeyValue
 from stemstream.wire.protocol import FRAME_SHAPE, N_SECTORS
@@ -59,16 +61,7 @@ logger = logging.getLogger(__name__)
 _rlog = RateLimitedLog(logger)
 
 DEFAULT_BATCH = {"stempy": 4, "cpu": 16, "gpu": 64}
-BF_RADIUS = 60.0  # pixels around the frame centre counted as bright field in the live preview
-PREVIEW_MAX_SIDE = 256  # the preview image is binned down to at most this many positions a side
 _IDLE_FLUSH_S = 0.02  # a batch whose filling paused this long is counted as far as it is ready
-_BUFFER_WAIT_S = 2.0  # past this wait for a free batch, one more is allocated (never deadlock)
-
-_FREE, _FILLING, _READY, _COUNTING, _DONE = range(5)
-
-
-def counted_path(output_dir: Path, scan_number: int) -> Path:
-    return Path(output_dir) / f"scan_{scan_number}_counted.h5"
 
 
 @dataclass
@@ -103,41 +96,6 @@ class CountingConfig:
             raise CountingError(f"workers must be 0 (count in this process) .. 1024, got {self.workers}")
 
 
-class _Batch:
-    """A batch buffer and the state of each of its slots."""
-
-    def __init__(self, size: int, frame_shape: tuple[int, int], shared: bool = False) -> None:
-        self.shared = SharedBatch(size, frame_shape) if shared else None
-        self.data = self.shared.array if self.shared else np.empty((size, *frame_shape), dtype=np.uint16)
-        self.size = size
-        self.reset(-1)
-
-    def reset(self, scan: int) -> None:
-        self.scan = scan
-        self.frames = [-1] * self.size
-        self.state = [_FREE] * self.size
-        self.n_assigned = 0
-        self.last_assign = time.monotonic()
-        self.queued = False
-
-    def ready_runs(self) -> list[tuple[int, int]]:
-        """Contiguous runs ``[i, j)`` of ready slots."""
-        runs, i = [], 0
-        while i < self.n_assigned:
-            if self.state[i] == _READY:
-                j = i
-                while j < self.n_assigned and self.state[j] == _READY:
-                    j += 1
-                runs.append((i, j))
-                i = j
-            else:
-                i += 1
-        return runs
-
-    def finished(self) -> bool:
-        return all(s == _DONE for s in self.state[: self.n_assigned])
-
-
 @dataclass
 class _LocalScan:
     """What one rank holds of a scan."""
@@ -153,8 +111,8 @@ class _LocalScan:
     failed: str | None = None
     events: dict[int, np.ndarray] = field(default_factory=dict)
     incomplete: dict[int, tuple[int, ...]] = field(default_factory=dict)
-    batches: set[_Batch] = field(default_factory=set)  # holding slots of this scan
-    queue: deque[_Batch] = field(default_factory=deque)  # batches with ready slots, oldest first
+    batches: set[Batch] = field(default_factory=set)  # holding slots of this scan
+    queue: deque[Batch] = field(default_factory=deque)  # batches with ready slots, oldest first
     outstanding: int = 0  # slots handed out and not yet done
     counted: int = 0
     engine_s: float = 0.0  # seconds inside the engine
@@ -173,30 +131,6 @@ class _LocalScan:
     @property
     def all_ended(self) -> bool:
         return self.local_uids <= self.ended
-
-
-@dataclass
-class _CoordScan:
-    """What rank 0 gathers of a scan."""
-
-    number: int
-    members: tuple[str, ...]
-    scan_shape: tuple[int, int]
-    window: int
-    samples: dict[int, bytes] = field(default_factory=dict)
-    incomplete: set[int] = field(default_factory=set)
-    ended_ranks: set[int] = field(default_factory=set)
-    events: dict[int, dict[str, Any]] = field(default_factory=dict)
-    thresholds: Thresholds | None = None
-    thresholds_at: float | None = None
-    sample_frames: list[int] = field(default_factory=list)
-    failed: str | None = None
-    decided: bool = False
-    first_sample_at: float | None = None
-    given_up: set[int] = field(default_factory=set)
-    stall: tuple[int, float] | None = None  # (frame the sample waits for, since when)
-    touched: float = field(default_factory=time.monotonic)
-    written: bool = False
 
 
 class CountingService:
@@ -222,27 +156,23 @@ class CountingService:
         self.workers = config.workers if config.workers is not None else (1 if self.engine.name == "stempy" else 0)
         self._counter: ProcessCounter | None = None
         self._in_flight = 0
-        self._all_batches: list[_Batch] = []
-        self._cap = max(2, math.ceil(config.max_buffered_frames / self.batch_size))
         self._cond = threading.Condition()
-        self._free: list[_Batch] = []
-        self._n_batches = 0
-        self._to_count = 0  # slots handed over (ready) or being counted: what counting will free
-        self._filling: _Batch | None = None
-        self._where: dict[tuple[int, int], tuple[_Batch, int]] = {}
         self._scans: dict[int, _LocalScan] = {}
         self._finished: set[int] = set()
         self._stop = threading.Event()
+        self._pool = BatchPool(
+            self.batch_size,
+            config.frame_shape,
+            shared=self.workers > 0,
+            max_buffered_frames=config.max_buffered_frames,
+            cond=self._cond,
+            stop=self._stop,
+        )
         self._threads: list[threading.Thread] = []
         self._error: BaseException | None = None
         self._inbox: queue.Queue[dict[str, Any]] = queue.Queue()
-        # rank 0 only
-        self._uid_rank: dict[str, int] = {}
-        self._heard: dict[int, float] = {}  # rank -> when rank 0 last heard from it (monotonic)
-        self._coord: dict[int, _CoordScan] = {}
-        self._written: dict[int, dict[str, Any]] = {}
-        self._written_cond = threading.Condition()
-        self._inside = _bright_field_mask(config.frame_shape)
+        self._coordinator: Coordinator | None = None  # rank 0 only
+        self._inside = bright_field_mask(config.frame_shape)
 
     # ---- life cycle
 
@@ -256,13 +186,12 @@ class CountingService:
                 frame_shape=self.config.frame_shape,
                 cpus=self.config.worker_cpus,
             )
-        # Allocate and touch every buffer now: first-touch page faults cost ~200 us per sector copy on the
-        # receiving threads (measured), which is more than the copy itself.
+        if self.rank == 0:
+            self._coordinator = Coordinator(
+                self.config, self.transport, self.store, self.engine.name, self._counter, self._inbox.put
+            )
         with self._cond:
-            while self._n_batches < self._cap:
-                b = self._new_batch()
-                b.data.fill(0)
-                self._free.append(b)
+            self._pool.prefill()
         self.transport.start(self._inbox.put)
         for name, target in (("count", self._count_loop), ("control", self._control_loop)):
             t = threading.Thread(target=self._guard(target), name=f"counting-{name}-{self.rank}", daemon=True)
@@ -288,10 +217,7 @@ class CountingService:
         self.transport.close()
         if self._counter is not None:
             self._counter.close()
-        for b in self._all_batches:
-            if b.shared is not None:
-                b.shared.release()
-        self._all_batches.clear()
+        self._pool.close()
 
     def maybe_raise(self) -> None:
         if self._error is not None:
@@ -314,14 +240,9 @@ class CountingService:
 
     def wait_written(self, scan_number: int, timeout: float) -> dict[str, Any]:
         """Rank 0: the ``/scans/<n>/counted`` record once the scan's file is written (or failed)."""
-        deadline = time.monotonic() + timeout
-        with self._written_cond:
-            while scan_number not in self._written:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise WaitTimeout(f"scan {scan_number} not written within {timeout:.0f} s")
-                self._written_cond.wait(left)
-            return self._written[scan_number]
+        if self._coordinator is None:
+            raise CountingError(f"rank {self.rank} does not write files; ask rank 0")
+        return self._coordinator.wait_written(scan_number, timeout)
 
     # ---- the consumer side (NodeGroup threads)
 
@@ -354,78 +275,25 @@ class CountingService:
     def _frame_buffer(self, scan_number: int, frame: int) -> np.ndarray:
         with self._cond:
             ls = self._scans[scan_number]
-            while True:
-                b = self._filling
-                if b is not None and b.scan == scan_number and b.n_assigned < b.size:
-                    k = b.n_assigned
-                    b.n_assigned += 1
-                    b.frames[k] = frame
-                    b.state[k] = _FILLING
-                    b.last_assign = time.monotonic()
-                    self._where[(scan_number, frame)] = (b, k)
-                    ls.outstanding += 1
-                    if b.n_assigned == b.size:
-                        self._filling = None
-                    return b.data[k]
-                self._filling = None
-                fresh = self._take_batch(scan_number)
-                if self._filling is None:
-                    self._filling = fresh
-                    ls.batches.add(fresh)
-                else:  # another thread installed one while we waited
-                    self._free.append(fresh)
-
-    def _take_batch(self, scan_number: int) -> _Batch:
-        """A free batch (waits while the pool is at its cap, then grows it rather than deadlock).
-
-        Only frames waiting to be counted hold it back: the wait is back-pressure on counting that is
-        behind (or thresholds that are late), and only counting frees those slots. A batch can also be held
-        by a frame still in assembly, which only the NodeGroup frees: a frame with sectors lost upstream, or
-        every frame a scan had in flight when its aggregator died, until that scan times out (minutes in
-        production). Waiting _BUFFER_WAIT_S per batch for those throttled every other scan to a few frames
-        a second while it lasted, so the next scan stalled behind the dead one: the pool grows instead."""
-        deadline = time.monotonic() + _BUFFER_WAIT_S
-        while not self._free and self._n_batches >= self._cap and self._to_count >= self.config.max_buffered_frames:
-            left = deadline - time.monotonic()
-            if left <= 0 or self._stop.is_set():
-                _rlog.warning(
-                    "pool",
-                    "counting buffers full (%d frames): allocating more; thresholds late or counting too slow?",
-                    self._n_batches * self.batch_size,
-                )
-                break
-            self._cond.wait(left)
-        if not self._free and self._n_batches >= self._cap and self._to_count < self.config.max_buffered_frames:
-            _rlog.warning(
-                "pool-held",
-                "counting buffers held by frames still in assembly (%d frames in the pool, %d to count): "
-                "allocating more",
-                self._n_batches * self.batch_size,
-                self._to_count,
-            )
-        b = self._free.pop() if self._free else self._new_batch()
-        b.reset(scan_number)
-        return b
-
-    def _new_batch(self) -> _Batch:
-        b = _Batch(self.batch_size, self.config.frame_shape, shared=self.workers > 0)
-        self._all_batches.append(b)
-        self._n_batches += 1
-        return b
+            b, k, taken = self._pool.slot(scan_number, frame)
+            if taken is not None:
+                ls.batches.add(taken)
+            ls.outstanding += 1
+            return b.data[k]
 
     def _frame_ready(self, scan_number: int, frame: int, missing: tuple[int, ...]) -> None:
         sample = None
         with self._cond:
-            b, k = self._where.pop((scan_number, frame))
+            b, k = self._pool.locate(scan_number, frame)
             ls = self._scans[scan_number]
             if missing:
                 ls.incomplete[frame] = tuple(missing)
             if len(missing) >= self.config.n_sectors:
-                b.state[k] = _DONE  # nothing of it arrived: no events, as stempy gives
+                b.state[k] = DONE  # nothing of it arrived: no events, as stempy gives
                 self._slots_done(ls, b, 1)
             else:
-                b.state[k] = _READY
-                self._to_count += 1
+                b.state[k] = READY
+                self._pool.to_count += 1
                 if not b.queued:
                     b.queued = True
                     ls.queue.append(b)
@@ -458,29 +326,27 @@ class CountingService:
 
     # ---- counting (one thread)
 
-    def _slots_done(self, ls: _LocalScan, b: _Batch, n: int) -> None:
+    def _slots_done(self, ls: _LocalScan, b: Batch, n: int) -> None:
         ls.outstanding -= n
-        if b.finished() and b is not self._filling:
+        if b.finished() and b is not self._pool.filling:
             self._release(ls, b)
 
-    def _release(self, ls: _LocalScan, b: _Batch) -> None:
+    def _release(self, ls: _LocalScan, b: Batch) -> None:
         ls.batches.discard(b)
         if b.queued:
             ls.queue.remove(b)
-        b.reset(-1)
-        self._free.append(b)
-        self._cond.notify_all()
+        self._pool.release(b)
 
-    def _pick_work(self, now: float) -> tuple[_LocalScan, _Batch, list[tuple[int, int]]] | None:
+    def _pick_work(self, now: float) -> tuple[_LocalScan, Batch, list[tuple[int, int]]] | None:
         """The oldest batch with ready slots that is due: full, or no longer filling, or idle, or its
         scan has ended here. Its ready runs are marked as being counted."""
         for ls in self._scans.values():
             if ls.thresholds is None and ls.failed is None:
                 continue
-            if ls.all_ended and self._filling is not None and self._filling.scan == ls.number:
-                self._filling = None  # nothing more comes for this scan
+            if ls.all_ended:
+                self._pool.stop_filling(ls.number)  # nothing more comes for this scan
             for b in ls.queue:
-                due = b is not self._filling or b.n_assigned == b.size or now - b.last_assign > _IDLE_FLUSH_S
+                due = b is not self._pool.filling or b.n_assigned == b.size or now - b.last_assign > _IDLE_FLUSH_S
                 if not due:
                     continue
                 ls.queue.remove(b)
@@ -488,7 +354,7 @@ class CountingService:
                 runs = b.ready_runs()
                 for i, j in runs:
                     for k in range(i, j):
-                        b.state[k] = _COUNTING
+                        b.state[k] = COUNTING
                 return ls, b, runs
         return None
 
@@ -529,7 +395,7 @@ class CountingService:
                 error = f"counting failed: {exc}"
             self._counted(ls, b, runs, results, error, time.perf_counter() - t0)
 
-    def _collect(self, future: Any, ls: _LocalScan, b: _Batch, runs: list[tuple[int, int]], t0: float) -> None:
+    def _collect(self, future: Any, ls: _LocalScan, b: Batch, runs: list[tuple[int, int]], t0: float) -> None:
         """A worker process's answer (called on the pool's result thread)."""
         try:
             results, error = unpack(future.result()), None
@@ -540,7 +406,7 @@ class CountingService:
     def _counted(
         self,
         ls: _LocalScan,
-        b: _Batch,
+        b: Batch,
         runs: list[tuple[int, int]],
         results: list[tuple[int, list[np.ndarray]]],
         error: str | None,
@@ -565,10 +431,10 @@ class CountingService:
             n = 0
             for i, j in runs:
                 for k in range(i, j):
-                    b.state[k] = _DONE
+                    b.state[k] = DONE
                 n += j - i
             ls.counted += n
-            self._to_count -= n
+            self._pool.to_count -= n
             ls.preview_dirty = True
             self._slots_done(ls, b, n)
             self._cond.notify_all()
@@ -597,8 +463,7 @@ class CountingService:
             ls.reported = True
             del self._scans[scan_number]
             self._finished.add(scan_number)
-            if self._filling is not None and self._filling.scan == scan_number:
-                self._filling = None
+            self._pool.stop_filling(scan_number)
             for b in list(ls.batches):
                 self._release(ls, b)
         frames = np.fromiter(sorted(ls.events), np.uint32, count=len(ls.events))
@@ -655,18 +520,10 @@ class CountingService:
             return
         with self._cond:
             ls.preview_dirty = False
-            image = _binned(ls.bf.reshape(ls.scan_shape))
-            record = {
-                "rank": self.rank,
-                "counted": ls.counted + sum(1 for m in ls.incomplete.values() if len(m) >= self.config.n_sectors),
-                "share": ls.share,
-                "shape": list(image.shape),
-                "bf": image.astype(np.uint32).tobytes(),
-                "final": final,
-                "at": time.time(),
-            }
+            gone = sum(1 for m in ls.incomplete.values() if len(m) >= self.config.n_sectors)
+            record = preview_record(self.rank, ls.bf, ls.scan_shape, ls.counted + gone, ls.share, final)
         try:
-            self.store.set(keys.preview(ls.number, self.rank), record)
+            self.store.set(keys.preview(ls.number, self.rank), record.to_record())
         except StemstreamError as exc:
             _rlog.warning("preview", "scan %d: preview not published: %s", ls.number, exc)
 
@@ -683,57 +540,20 @@ class CountingService:
                     self._on_message(message)
                 except Exception:
                     logger.exception("rank %d: a %r message could not be handled", self.rank, message.get("kind"))
-            if self.rank == 0:
-                self._coordinate_timers(time.monotonic())
+            if self._coordinator is not None:
+                self._coordinator.tick(time.monotonic())
 
     def _on_message(self, message: dict[str, Any]) -> None:
         kind = message.get("kind")
-        if isinstance(message.get("rank"), int):
-            self._heard[message["rank"]] = time.monotonic()
         if kind == "thresholds":
             self._on_thresholds(message)
             return
-        if self.rank != 0:
+        if self._coordinator is None:
             logger.error("rank %d got a %r message, which only rank 0 handles", self.rank, kind)
             return
-        if kind == "hello":
-            for uid in message["uids"]:
-                self._uid_rank[uid] = int(message["rank"])
-            return
-        n = int(message["scan"])
-        cs = self._coord.get(n)
-        if kind == "_decided":  # from our own thresholds worker
-            if cs is not None:
-                self._decided(cs, message["thresholds"], message["error"])
-            return
-        if cs is None:
-            if kind == "progress":
-                return  # the scan is written already
-            if kind != "begin":
-                logger.error("scan %d: %r before its begin; ignored", n, kind)
-                return
-            shape = (int(message["scan_shape"][0]), int(message["scan_shape"][1]))
-            cs = self._coord[n] = _CoordScan(
-                number=n,
-                members=tuple(message["members"]),
-                scan_shape=shape,
-                window=min(shape[0] * shape[1], 2 * self.config.threshold_frames),
-            )
-        cs.touched = time.monotonic()
-        if kind == "sample":
-            cs.first_sample_at = cs.first_sample_at or time.time()
-            if not cs.decided:
-                cs.samples.setdefault(int(message["frame"]), message["data"])
-        elif kind == "ended":
-            cs.ended_ranks.add(int(message["rank"]))
-            cs.incomplete.update(int(f) for f in message["incomplete"])
-        elif kind == "events":
-            cs.events[int(message["rank"])] = message
-        elif kind not in ("begin", "progress"):
-            logger.error("scan %d: unknown message kind %r", n, kind)
-            return
-        self._try_decide(cs, time.monotonic())
-        self._try_write(cs)
+        if isinstance(message.get("rank"), int):
+            self._coordinator.heard(message["rank"])
+        self._coordinator.on_message(kind, message)
 
     def _on_thresholds(self, message: dict[str, Any]) -> None:
         n = int(message["scan"])
@@ -747,253 +567,6 @@ class CountingService:
                 ls.thresholds = Thresholds.from_dict(message["thresholds"])
             self._cond.notify_all()
         self._maybe_report(n)
-
-    def _ranks_of(self, cs: _CoordScan) -> set[int] | None:
-        """The ranks holding the scan's members, or None while a member's rank is not known yet."""
-        ranks = set()
-        for uid in cs.members:
-            if uid not in self._uid_rank:
-                return None
-            ranks.add(self._uid_rank[uid])
-        return ranks
-
-    def _owner_ended(self, cs: _CoordScan, frame: int) -> bool:
-        uid = cs.members[frame % len(cs.members)]
-        return self._uid_rank.get(uid, -1) in cs.ended_ranks
-
-    def _try_decide(self, cs: _CoordScan, now: float) -> None:
-        if cs.decided:
-            return
-        ranks = self._ranks_of(cs)
-        if ranks is None:
-            return
-        want = self.config.threshold_frames
-        highest = max(cs.samples, default=-1)
-        chosen: list[int] = []
-        for f in range(cs.window):
-            if f in cs.samples:
-                chosen.append(f)
-                if len(chosen) == want:
-                    break
-            elif f in cs.incomplete or self._owner_ended(cs, f) or f in cs.given_up:
-                continue
-            elif f < highest:
-                # Later frames are in and this one is not: wait for it, but not for ever (a sector of it
-                # may have been lost upstream, and its rank reports that only at the scan's end).
-                if cs.stall is None or cs.stall[0] != f:
-                    cs.stall = (f, now)
-                if now - cs.stall[1] < self.config.sample_grace_s:
-                    return
-                cs.given_up.add(f)
-                logger.info("scan %d: frame %d left out of the threshold sample (not complete in time)", cs.number, f)
-            else:
-                return
-        cs.decided = True
-        cs.sample_frames = chosen
-        if not chosen:
-            error = f"no complete frame among the first {cs.window} of the scan to compute thresholds from"
-            self._decided(cs, None, error)
-            return
-        shape = self.config.frame_shape
-        settings = (self.config.background_n_sigma, self.config.xray_n_sigma)
-        if self._counter is not None:
-            # On a counting core, not on this process's (which receives): ~0.1 s of CPU per scan.
-            sample = SharedBatch(len(chosen), shape)
-            for k, f in enumerate(chosen):
-                sample.array[k] = np.frombuffer(cs.samples[f], np.uint16).reshape(shape)
-            cs.samples.clear()
-            future = self._counter.thresholds(sample, *settings)
-
-            def done(fut: Any, cs: _CoordScan = cs, sample: SharedBatch = sample) -> None:
-                sample.release()
-                try:
-                    result, error = Thresholds.from_dict(fut.result()), None
-                except CountingError as exc:
-                    result, error = None, str(exc)
-                except Exception as exc:  # a worker that died
-                    result, error = None, f"thresholds: the counting worker failed: {exc}"
-                self._inbox.put({"kind": "_decided", "scan": cs.number, "thresholds": result, "error": error})
-
-            future.add_done_callback(done)
-            return
-        frames = np.stack([np.frombuffer(cs.samples[f], np.uint16).reshape(shape) for f in chosen])
-        cs.samples.clear()
-        try:
-            thresholds = compute_thresholds(
-                frames, dark=self.config.dark, gain=self.config.gain, background_n_sigma=settings[0],
-                xray_n_sigma=settings[1],
-            )  # fmt: skip
-        except CountingError as exc:
-            self._decided(cs, None, str(exc))
-        else:
-            self._decided(cs, thresholds, None)
-
-    def _decided(self, cs: _CoordScan, thresholds: Thresholds | None, error: str | None) -> None:
-        """The scan's thresholds (or why there are none): sent to every rank of the scan."""
-        cs.thresholds, cs.failed = thresholds, error
-        cs.thresholds_at = time.time()
-        if cs.failed:
-            logger.error("scan %d: %s", cs.number, cs.failed)
-        else:
-            assert cs.thresholds is not None
-            logger.info(
-                "scan %d: thresholds from %d frames (%.2f s after the first came): background %.2f, x-ray %.2f",
-                cs.number,
-                len(cs.sample_frames),
-                cs.thresholds_at - (cs.first_sample_at or cs.thresholds_at),
-                cs.thresholds.background,
-                cs.thresholds.xray,
-            )
-        reply = {
-            "kind": "thresholds",
-            "scan": cs.number,
-            "thresholds": cs.thresholds.to_dict() if cs.thresholds else None,
-            "error": cs.failed,
-        }
-        for r in sorted(self._ranks_of(cs) or ()):
-            self.transport.send(r, reply)
-        self._try_write(cs)
-
-    def _coordinate_timers(self, now: float) -> None:
-        for cs in list(self._coord.values()):
-            if not cs.decided:
-                self._try_decide(cs, now)
-            if not cs.written and now - cs.touched > self.config.scan_timeout_s:
-                ranks = self._ranks_of(cs) or set()
-                missing = sorted(ranks - set(cs.events))
-                timeout = self.config.scan_timeout_s
-                if missing and all(now - self._heard.get(r, -math.inf) <= timeout for r in missing):
-                    continue  # those ranks are alive and counting (an earlier scan, say): not stalled
-                logger.error(
-                    "scan %d: no word from rank(s) %s for %.0f s; writing what was counted",
-                    cs.number,
-                    missing,
-                    self.config.scan_timeout_s,
-                )
-                self._write(cs, partial=missing)
-
-    def _try_write(self, cs: _CoordScan) -> None:
-        ranks = self._ranks_of(cs)
-        if cs.written or ranks is None or not ranks <= set(cs.events) or cs.thresholds_at is None:
-            return
-        self._write(cs, partial=[])
-
-    def _write(self, cs: _CoordScan, partial: list[int]) -> None:
-        cs.written = True
-        self._coord.pop(cs.number, None)
-        n_frames = cs.scan_shape[0] * cs.scan_shape[1]
-        empty = np.zeros(0, np.uint32)
-        events: list[np.ndarray] = [empty] * n_frames
-        missing_pairs: list[tuple[int, int]] = []
-        summaries: dict[str, dict[str, Any]] = {}
-        failures = [cs.failed] if cs.failed else []
-        counted_at = 0.0
-        for msg in cs.events.values():
-            frames = np.frombuffer(msg["frames"], np.uint32)
-            lengths = np.frombuffer(msg["lengths"], np.uint32)
-            flat = np.frombuffer(msg["events"], np.uint32)
-            for f, part in zip(frames.tolist(), np.split(flat, np.cumsum(lengths)[:-1]), strict=False):
-                if 0 <= f < n_frames:
-                    events[f] = part
-            for f, sectors in msg["incomplete"]:
-                missing_pairs.extend((int(f), int(s)) for s in sectors)
-            summaries.update(msg["summaries"])
-            if msg.get("failed") and msg["failed"] not in failures:
-                failures.append(msg["failed"])
-            counted_at = max(counted_at, float(msg.get("counted_at") or 0))
-        engine_s = sum(float(m.get("engine_s") or 0) for m in cs.events.values())
-        count_span = [t for m in cs.events.values() for t in (m.get("first_count"), m.get("last_count")) if t]
-        firsts = [s["first_ts"] for s in summaries.values() if s.get("first_ts")]
-        lasts = [s["last_ts"] for s in summaries.values() if s.get("last_ts")]
-        messages = {
-            key: sum(int(s.get(key, 0)) for s in summaries.values())
-            for key in ("expected", "received", "lost_upstream", "frames_complete", "frames_incomplete")
-        }
-        messages["rejected"] = sum(sum(s.get("rejected", {}).values()) for s in summaries.values())
-        # Frames of a NodeGroup that never reported (its rank died or went silent) were not counted: the
-        # file says so, with every sector of them missing, so that nothing claims to be counted that is not.
-        n_members = len(cs.members)
-        for i, uid in enumerate(cs.members):
-            if uid not in summaries:
-                for f in range(i, n_frames, n_members):
-                    missing_pairs.extend((f, s) for s in range(self.config.n_sectors))
-        incomplete_frames = sorted({f for f, _ in missing_pairs})
-        n_events = int(sum(e.size for e in events))
-        record: dict[str, Any] = {
-            "scan": cs.number,
-            "frames": n_frames,
-            "frames_incomplete": len(incomplete_frames),
-            "events": n_events,
-            "engine": self.engine.name,
-            "thresholds": cs.thresholds.to_dict() if cs.thresholds else None,
-            "background_n_sigma": self.config.background_n_sigma,
-            "members": list(cs.members),
-            "ranks": len(cs.events),
-            "first_frame": min(firsts) if firsts else None,
-            "last_frame": max(lasts) if lasts else None,
-            "messages": messages,
-            "engine_seconds": engine_s,
-            "first_count": min(count_span) if count_span else None,
-            "last_count": max(count_span) if count_span else None,
-            "thresholds_at": cs.thresholds_at,
-            "host": socket.gethostname(),
-        }
-        if failures:
-            record.update(status="failed", error="; ".join(failures), path=None)
-        else:
-            path = counted_path(self.config.output_dir, cs.number)
-            metadata = {
-                "engine": self.engine.name,
-                "source": "stream",
-                "scan_number": cs.number,
-                "thresholds": cs.thresholds,
-                "background_n_sigma": self.config.background_n_sigma,
-                "xray_n_sigma": self.config.xray_n_sigma,
-                "threshold_sample_frames": cs.sample_frames,
-                "frames_incomplete": len(incomplete_frames),
-                "missing_sectors": np.asarray(sorted(missing_pairs), dtype=np.int64).reshape(-1, 2),
-                "members": list(cs.members),
-                "ranks_missing": partial,
-                "messages": messages,
-                "timings": {
-                    "first_frame": record["first_frame"] or 0.0,
-                    "last_frame": record["last_frame"] or 0.0,
-                    "thresholds": cs.thresholds_at or 0.0,
-                    "counted": counted_at,
-                },
-            }
-            try:
-                written = write_counted(path, events, scan_shape=cs.scan_shape, metadata=metadata)
-            except (OSError, StemstreamError) as exc:
-                record.update(status="failed", error=f"writing {path} failed: {exc}; free space there", path=None)
-            else:
-                now = time.time()
-                record.update(
-                    status="partial" if partial else "counted",
-                    path=str(written.resolve()),
-                    written_at=now,
-                    seconds_after_last_frame=(now - record["last_frame"]) if record["last_frame"] else None,
-                )
-                if partial:
-                    record["ranks_missing"] = partial
-        log = logger.error if record["status"] == "failed" else logger.info
-        log(
-            "scan %d: %s (%d frames, %d incomplete, %d events)%s",
-            cs.number,
-            record.get("path") or record["status"],
-            n_frames,
-            len(incomplete_frames),
-            n_events,
-            f": {record.get('error')}" if record.get("error") else "",
-        )
-        if self.store is not None:
-            try:
-                self.store.set(keys.counted(cs.number), record)
-            except StemstreamError as exc:
-                logger.error("scan %d: the counted record did not reach the store: %s", cs.number, exc)
-        with self._written_cond:
-            self._written[cs.number] = record
-            self._written_cond.notify_all()
 
 
 class CountingConsumer:
@@ -1017,40 +590,3 @@ class CountingConsumer:
 
     def end_scan(self, scan_number: int, summary: ScanSummary) -> None:
         self._service._end(self.uid, scan_number, summary)
-
-
-def _bright_field_mask(frame_shape: tuple[int, int]) -> np.ndarray:
-    rows, cols = frame_shape
-    yy, xx = np.mgrid[0:rows, 0:cols]
-    cy, cx = (rows - 1) / 2, (cols - 1) / 2
-    return (((yy - cy) ** 2 + (xx - cx) ** 2) <= BF_RADIUS**2).ravel()
-
-
-def _binned(image: np.ndarray) -> np.ndarray:
-    """Sum ``image`` in blocks so that neither side exceeds PREVIEW_MAX_SIDE (store values stay small)."""
-    rows, cols = image.shape
-    f = max(1, math.ceil(max(rows, cols) / PREVIEW_MAX_SIDE))
-    if f == 1:
-        return image
-    pad = np.zeros((math.ceil(rows / f) * f, math.ceil(cols / f) * f), image.dtype)
-    pad[:rows, :cols] = image
-    return pad.reshape(pad.shape[0] // f, f, pad.shape[1] // f, f).sum(axis=(1, 3))
-
-
-def preview_image(items: dict[str, Any], scan_number: int) -> tuple[np.ndarray | None, int, int]:
-    """From store items under ``/scans/<n>/preview/``: (bright-field image so far, frames counted, frames)."""
-    prefix = keys.preview_prefix(scan_number)
-    image = None
-    counted = share = 0
-    for key, rec in items.items():
-        if not key.startswith(prefix) or not isinstance(rec, dict):
-            continue
-        shape = tuple(int(x) for x in rec.get("shape", ()))
-        part = np.frombuffer(rec.get("bf", b""), np.uint32)
-        if len(shape) != 2 or part.size != shape[0] * shape[1]:
-            continue
-        part = part.reshape(shape).astype(np.float64)
-        image = part if image is None else image + part
-        counted += int(rec.get("counted", 0))
-        share += int(rec.get("share", 0))
-    return image, counted, share

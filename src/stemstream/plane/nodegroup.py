@@ -39,112 +39,41 @@ import socket as _socket
 import threading
 import time
 from collections import OrderedDict
+from functools import partial
 from typing import Any
 
-import msgpack
 import numpy as np
 import zmq
 
-from stemstream.config import Settings, get_settings
+from stemstream.config import Settings
 from stemstream.errors import ProtocolError, WaitTimeout
-from stemstream.log import RateLimitedLog
-from stemstream.nodes.consumer import FrameConsumer, ScanInfo, ScanSummary
+from stemstream.nodes.consumer import FrameConsumer, ScanSummary
+from stemstream.plane.nodescan import Assembly, HeaderTemplate, NodeGroupScan, fast_check
+from stemstream.plane.receiver import Receiver, decode_info_parts, drain
 from stemstream.scans import keys
-from stemstream.transport.actor import POLL_MS, Publisher, Worker
-from stemstream.transport.security import curve_security
-from stemstream.transport.sockets import bind_random, make_socket, term_context
+from stemstream.scans.records import NodeGroupScanRecord
+from stemstream.transport.actor import POLL_MS
 from stemstream.wire.protocol import (
     DTYPE,
     MAX_HEADER_BYTES,
     MAX_INFO_PART_BYTES,
     N_SECTORS,
-    PROTOCOL_VERSION,
     SECTOR_SHAPE,
     EndMessage,
     ExpectMessage,
     decode_data_message,
-    decode_info,
 )
 
 logger = logging.getLogger(__name__)
 
-BURST = 256
 _FINISHED_KEPT = 256
 _INCOMPLETE_IN_STORE = 1000  # at most this many (frame, missing) pairs in /scans/<n>/nodegroups/<uid>
 
 
-def _same(value: Any, want: int) -> bool:
-    """``value == want`` for integers only (``True == 1`` and ``4.0 == 4`` in Python; not on the wire)."""
-    return type(value) is int and value == want
-
-
-def _same_pair(value: Any, want: list[int]) -> bool:
-    return type(value) is list and len(value) == 2 and _same(value[0], want[0]) and _same(value[1], want[1])
-
-
-class _Assembly:
-    """A frame being assembled: its buffer (set once its first sector is in it) and how many sectors are in.
-
-    The first sector's thread gets the buffer from the consumer (which may block) and copies its sector
-    before publishing the buffer; the other sectors' threads wait for it on the NodeGroup's condition.
-    """
-
-    __slots__ = ("buffer", "failed", "have")
-
-    def __init__(self) -> None:
-        self.buffer: np.ndarray | None = None
-        self.have = 0
-        self.failed = False  # the consumer raised instead of giving a buffer
-
-
-class _Scan:
-    """One scan on one NodeGroup. Mutable fields are guarded by the NodeGroup's lock."""
-
-    def __init__(self, msg: ExpectMessage, uid: str, n_sectors: int, frame_shape: tuple[int, int]) -> None:
-        self.number = msg.scan_number
-        self.scan_shape = msg.scan_shape
-        self.scan_shape_list = list(msg.scan_shape)  # as a header carries it
-        self.members = msg.members
-        self.n_members = len(msg.members)
-        self.my_index = msg.members.index(uid)
-        self.n_frames = msg.scan_shape[0] * msg.scan_shape[1]
-        self.info = ScanInfo(
-            self.number,
-            self.scan_shape,
-            frame_shape,
-            n_sectors,
-            self.members,
-            self.my_index,
-        )
-        self.expected: list[int | None] = [None] * n_sectors  # this NodeGroup's share, per sector
-        self.sent: list[int | None] = [None] * n_sectors  # from the aggregator's end
-        self.received = [0] * n_sectors
-        self.rejected: dict[str, int] = {}
-        self.mask = np.zeros(
-            self.n_frames,
-            dtype=np.uint8 if n_sectors <= 8 else np.uint64,
-        )  # sectors claimed
-        self.assembling: dict[int, _Assembly] = {}
-        # Per sector: the slowest other sector's progress when a bounded-assembly wait of this sector last
-        # timed out (-1: none did). While the others have not moved past it, waiting again cannot help.
-        self.lag_stuck = [-1.0] * n_sectors
-        self.n_complete = 0
-        self.in_flight = 0  # frame_ready calls under way
-        self.begun = False  # consumer.begin_scan has returned
-        self.closing = False
-        self.first_ts: float | None = None
-        self.last_ts: float | None = None
-        self.touched = time.monotonic()
-
-    def all_in(self) -> bool:
-        for m, sent in enumerate(self.sent):
-            if sent is None or self.expected[m] is None or self.received[m] < sent:
-                return False
-        return True
-
-
-class NodeGroup:
+class NodeGroup(Receiver):
     """Receives its share of every scan's frames and hands them, assembled, to ``consumer``."""
+
+    role = "nodegroup"
 
     def __init__(
         self,
@@ -165,37 +94,32 @@ class NodeGroup:
         job: str | None = None,
         job_size: int | None = None,
     ) -> None:
-        self.settings = settings or get_settings()
+        super().__init__(
+            store,
+            uid=uid or f"nodegroup-{_socket.gethostname()}-{os.getpid()}-{id(self) & 0xFFFF:04x}",
+            registry=registry,
+            host=host,
+            settings=settings,
+            n_sectors=n_sectors,
+            curve_roles=("server",),
+            publish_interval=publish_interval,
+        )
         self.consumer = consumer
         # NodeGroups of one MPI job share ``job``: a scan goes to one job's NodeGroups (fallback.decide_plan).
         self._job = {"job": job, "job_size": job_size or 1} if job else {}
         self.max_lag = max_lag
         self.lag_wait_s = lag_wait_s
-        self.store = store
-        self.n_sectors = n_sectors
         self.sector_shape = (int(sector_shape[0]), int(sector_shape[1]))
         self.frame_shape = (self.sector_shape[0] * n_sectors, self.sector_shape[1])
-        self._shape_list = list(self.sector_shape)
         self._sector_nbytes = self.sector_shape[0] * self.sector_shape[1] * np.dtype(DTYPE).itemsize
-        self.host = host or self.settings.bind_host
-        security = curve_security(self.settings, hosts=(self.host,))  # CURVE: a problem is an error now
-        if security is not None:
-            security.check("server")
+        self._template = HeaderTemplate(n_sectors, list(self.sector_shape), self._sector_nbytes)
         self.scan_timeout_s = scan_timeout_s or self.settings.scan_timeout_s
         self.expect_timeout = expect_timeout or self.scan_timeout_s
-        self._uid = uid or f"nodegroup-{_socket.gethostname()}-{os.getpid()}-{id(self) & 0xFFFF:04x}"
-        self._registry = registry
-        self._registration: Any = None
-        self._ctx = zmq.Context()
-        self._stop = threading.Event()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._scans: dict[int, _Scan] = {}
+        self._scans: dict[int, NodeGroupScan] = {}
         self._finished: OrderedDict[int, ScanSummary] = OrderedDict()
-        self._endpoints: dict[str, str] = {}
-        self._bound = [threading.Event() for _ in range(n_sectors + 1)]
         self._rejected: dict[str, int] = {}
-        self._rlog = RateLimitedLog(logger)  # bad input: one line per kind per 10 s
         self._unknown: OrderedDict[int, float] = OrderedDict()  # scan no expect named -> its first data
         self._totals = {
             "received": 0,
@@ -207,79 +131,15 @@ class NodeGroup:
         self._last_scan: int | None = None
         self._peak = 0  # most frames ever in assembly at once (all scans)
         self._lag_timeouts = 0
-        self._workers = [Worker(f"ng-data-{m}", lambda m=m: self._receive(m)) for m in range(n_sectors)]
-        self._workers.append(Worker("ng-info", self._info_loop))
-        self._publisher = Publisher(
-            store,
-            None,
-            self._snapshot,
-            interval=publish_interval,
-            name="ng-publisher",
-        )
-        self._started = False
-
-    @property
-    def uid(self) -> str:
-        return self._uid
-
-    @property
-    def endpoints(self) -> dict[str, str]:
-        return dict(self._endpoints)
+        for m in range(n_sectors):
+            self._add_worker(f"ng-data-{m}", lambda bound, m=m: self._receive(m, bound))
+        self._add_worker("ng-info", self._info_loop)
 
     # ---- life cycle
 
-    def start(self, timeout: float = 10.0) -> NodeGroup:
-        """Bind the sockets, then register ``/nodegroups/<uid>`` with its endpoints, status "ready"."""
-        if self._registry is None:
-            from stemstream.store import Registry
-
-            self._registry = Registry(self.store, ttl=self.settings.store_ttl_s)
-        for w in self._workers:
-            w.start()
-        deadline = time.monotonic() + timeout
-        for event in self._bound:
-            while not event.wait(0.1):
-                self.maybe_raise()
-                if time.monotonic() > deadline:
-                    raise WaitTimeout(f"NodeGroup {self._uid}: sockets not bound within {timeout:.0f} s")
-        self._started = True
+    def _registry_fields(self) -> dict[str, Any]:
         # "ack": what tells the producers they may let go of a scan (docs/reliability.md).
-        ack = getattr(self.consumer, "acknowledges", "received")
-        self._registration = self._registry.register(
-            "nodegroup",
-            self._uid,
-            status="ready",
-            endpoints=self.endpoints,
-            sectors=self.n_sectors,
-            ack=ack,
-            **self._job,
-        )
-        self._publisher._registration = self._registration
-        self._publisher.start()
-        logger.info("NodeGroup %s ready: %s", self._uid, self._endpoints)
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Deregister, stop the threads, close the sockets."""
-        if self._registration is not None:
-            self._registration.update(status="stopping")
-        self._stop.set()
-        for w in self._workers:
-            if w.is_alive():
-                w.join(timeout)
-        if self._started:
-            self._publisher.flush(timeout)
-            self._publisher.stop(timeout)
-        if self._registration is not None:
-            self._registration.close()
-            self._registration = None
-        term_context(self._ctx)
-
-    def maybe_raise(self) -> None:
-        """Re-raise, on the calling thread, the exception that ended a worker thread."""
-        for w in self._workers:
-            w.maybe_raise()
-        self._publisher.maybe_raise()
+        return {"ack": getattr(self.consumer, "acknowledges", "received"), **self._job}
 
     def wait_scan(self, scan_number: int, timeout: float) -> ScanSummary:
         """Block until ``scan_number`` is handed over completely; its summary (raises TimeoutError)."""
@@ -313,56 +173,32 @@ class NodeGroup:
         return out
 
     def _snapshot(self) -> dict[str, Any]:
-        snap: dict[str, Any] = {"counts": self.counts()}
+        snap = super()._snapshot()
         if self._last_scan is not None:
             snap["scan_number"] = self._last_scan
         return snap
 
-    def __enter__(self) -> NodeGroup:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # ---- receiving threads
 
-    def _bind(self, name: str, index: int, max_msg_size: int) -> zmq.Socket:
-        sock = make_socket(self._ctx, zmq.PULL, settings=self.settings, role="server")
-        try:
-            self._endpoints[name] = bind_random(sock, self.host, max_msg_size=max_msg_size)
-        except BaseException:
-            sock.close()
-            raise
-        self._bound[index].set()
-        return sock
-
-    def _receive(self, m: int) -> None:
-        sock = self._bind(f"data_{m}", m, MAX_HEADER_BYTES + self._sector_nbytes)
+    def _receive(self, m: int, bound: threading.Event) -> None:
+        sock = self._bind_pull(f"data_{m}", MAX_HEADER_BYTES + self._sector_nbytes)
+        bound.set()
+        handle = partial(self._on_data, m)
         try:
             while not self._stop.is_set():
-                if not sock.poll(POLL_MS):
-                    continue
-                for _ in range(BURST):
-                    try:
-                        parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._on_data(m, parts)
+                if sock.poll(POLL_MS):
+                    drain(sock, handle)
         finally:
             sock.close()
 
-    def _info_loop(self) -> None:
-        sock = self._bind("info", self.n_sectors, MAX_INFO_PART_BYTES)
+    def _info_loop(self, bound: threading.Event) -> None:
+        sock = self._bind_pull("info", MAX_INFO_PART_BYTES)
+        bound.set()
         try:
             housekeeping = time.monotonic() + 0.5
             while not self._stop.is_set():
                 if sock.poll(POLL_MS):
-                    for _ in range(BURST):
-                        try:
-                            parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._on_info(parts)
+                    drain(sock, self._on_info)
                 now = time.monotonic()
                 if now >= housekeeping:
                     self._housekeeping(now)
@@ -377,41 +213,10 @@ class NodeGroup:
         if checked is not None:
             self._assemble(m, *checked)
 
-    def _fast_check(self, m: int, parts: list[Any]) -> tuple[_Scan, int, memoryview] | None:
-        """The common case in a few microseconds: a header whose fixed fields equal those of a scan that
-        has begun. Anything else (None) goes through :meth:`_full_check`, where the protocol's decoder
-        validates it and says what is wrong; what passes here would pass there."""
-        if len(parts) != 2:
-            return None
-        raw = getattr(parts[0], "buffer", parts[0])
-        if len(raw) > MAX_HEADER_BYTES:
-            return None
-        try:
-            obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
-            scan_number, f, sector, ts = obj["scan"], obj["frame"], obj["sector"], obj["ts"]
-        except Exception:  # garbage of any kind: the full check names it
-            return None
-        if not all(type(v) is int for v in (scan_number, f, sector, ts)):
-            return None
-        scan = self._scans.get(scan_number)
-        if scan is None or not scan.begun or sector != m or not 0 <= ts < 2**63:
-            return None
-        if not 0 <= f < scan.n_frames or f % scan.n_members != scan.my_index:
-            return None
-        if not (
-            _same(obj.get("v"), PROTOCOL_VERSION)
-            and _same(obj.get("nsec"), self.n_sectors)
-            and _same_pair(obj.get("shape"), self._shape_list)
-            and obj.get("dtype") == DTYPE
-            and _same_pair(obj.get("scan_shape"), scan.scan_shape_list)
-        ):
-            return None
-        payload = memoryview(getattr(parts[1], "buffer", parts[1])).cast("B")
-        if payload.nbytes != self._sector_nbytes:
-            return None
-        return scan, f, payload
+    def _fast_check(self, m: int, parts: list[Any]) -> tuple[NodeGroupScan, int, memoryview] | None:
+        return fast_check(self._scans, m, parts, self._template)
 
-    def _full_check(self, m: int, parts: list[zmq.Frame]) -> tuple[_Scan, int, memoryview] | None:
+    def _full_check(self, m: int, parts: list[zmq.Frame]) -> tuple[NodeGroupScan, int, memoryview] | None:
         """Decode and check a data message with the protocol's decoder; reject (and count) what is wrong.
         Waits, bounded, for the expect of a scan that has not begun yet."""
         try:
@@ -450,7 +255,7 @@ class NodeGroup:
             return None
         return scan, f, payload
 
-    def _assemble(self, m: int, scan: _Scan, f: int, payload: memoryview) -> None:
+    def _assemble(self, m: int, scan: NodeGroupScan, f: int, payload: memoryview) -> None:
         """Copy sector ``m`` of frame ``f`` into the frame's buffer; hand the frame over if it is whole."""
         bit = 1 << m
         problem = None
@@ -467,8 +272,8 @@ class NodeGroup:
             # scan "touched" so that its scan timeout never came, and stalled the next scan behind it.
             give_up = None
             while f not in scan.assembling and not scan.closing:
-                slowest = self._slowest(scan, m)
-                if not self._ahead(scan, m, slowest) or slowest <= scan.lag_stuck[m]:
+                slowest = scan.slowest(m)
+                if not scan.ahead(m, slowest, self.max_lag) or slowest <= scan.lag_stuck[m]:
                     break
                 now = time.monotonic()
                 give_up = give_up or now + self.lag_wait_s
@@ -491,7 +296,7 @@ class NodeGroup:
                 asm = scan.assembling.get(f)
                 creator = asm is None
                 if asm is None:
-                    asm = scan.assembling[f] = _Assembly()
+                    asm = scan.assembling[f] = Assembly()
                     self._peak = max(self._peak, len(scan.assembling))
                 else:
                     while asm.buffer is None:  # its first sector's thread is still getting the buffer
@@ -542,25 +347,7 @@ class NodeGroup:
                     scan.in_flight -= 1
         self._maybe_finish(scan)
 
-    def _slowest(self, scan: _Scan, m: int) -> float:
-        """The least progress (received / expected) among the sectors other than ``m``; a sector whose
-        expect is not in yet is at 0. Caller holds the lock."""
-        slowest = 1.0
-        for k, expected in enumerate(scan.expected):
-            if k != m:
-                progress = 0.0 if expected is None else 1.0 if expected == 0 else scan.received[k] / expected
-                slowest = min(slowest, progress)
-        return slowest
-
-    def _ahead(self, scan: _Scan, m: int, slowest: float) -> bool:
-        """Whether sector ``m`` is more than ``max_lag`` messages ahead of the slowest other sector (whose
-        progress is ``slowest``, from :meth:`_slowest`). Caller holds the lock."""
-        expected_m = scan.expected[m]
-        if not expected_m:
-            return False
-        return scan.received[m] - slowest * expected_m > self.max_lag
-
-    def _scan_for(self, scan_number: int) -> _Scan | None:
+    def _scan_for(self, scan_number: int) -> NodeGroupScan | None:
         """The scan of a data message once its consumer scan has begun; waits for the expect (bounded).
 
         For a scan that no expect has named, the wait is counted from the first data of that scan number
@@ -606,11 +393,8 @@ class NodeGroup:
     # ---- info
 
     def _on_info(self, parts: list[zmq.Frame]) -> None:
-        if len(parts) != 1:
-            self._reject(None, "info_malformed", "info message of %d parts", len(parts))
-            return
         try:
-            msg = decode_info(parts[0].buffer)
+            msg = decode_info_parts(parts)
         except ProtocolError as exc:
             self._reject(None, "info_malformed", "%s", exc)
             return
@@ -623,7 +407,7 @@ class NodeGroup:
 
     def _on_expect(self, msg: ExpectMessage) -> None:
         n, m = msg.scan_number, msg.sector
-        begin: _Scan | None = None
+        begin: NodeGroupScan | None = None
         problem: tuple[str, str] | None = None
         with self._cond:
             scan = self._scans.get(n)
@@ -635,7 +419,7 @@ class NodeGroup:
                     f"expect for scan {n}, whose members do not include this NodeGroup",
                 )
             elif scan is None:
-                scan = begin = self._scans[n] = _Scan(msg, self._uid, self.n_sectors, self.frame_shape)
+                scan = begin = self._scans[n] = NodeGroupScan(msg, self._uid, self.n_sectors, self.frame_shape)
                 self._unknown.pop(n, None)
                 self._last_scan = n
             elif (scan.members, scan.scan_shape) != (msg.members, msg.scan_shape):
@@ -699,14 +483,14 @@ class NodeGroup:
 
     # ---- closing a scan
 
-    def _maybe_finish(self, scan: _Scan) -> None:
+    def _maybe_finish(self, scan: NodeGroupScan) -> None:
         with self._lock:
             if scan.closing or not scan.begun or scan.in_flight or not scan.all_in():
                 return
             scan.closing = True
         self._finalize(scan, "received")
 
-    def _finalize(self, scan: _Scan, status: str) -> None:
+    def _finalize(self, scan: NodeGroupScan, status: str) -> None:
         """Hand over the incomplete frames and the summary; called once per scan (``closing`` set)."""
         n, rows = scan.number, self.sector_shape[0]
         all_sectors = tuple(range(self.n_sectors))
@@ -744,16 +528,24 @@ class NodeGroup:
             status=status,
         )
         self.consumer.end_scan(n, summary)
-        record = summary.to_dict()
-        record["incomplete"] = record["incomplete"][:_INCOMPLETE_IN_STORE]
-        record.update(
+        record = NodeGroupScanRecord(
             uid=self._uid,
+            status=summary.status,
             index=scan.my_index,
-            members=list(scan.members),
+            members=scan.members,
+            expected=summary.expected,
+            received=summary.received,
             sent=sum(sent),
+            frames_complete=summary.frames_complete,
+            frames_incomplete=summary.frames_incomplete,
+            incomplete=tuple(summary.incomplete[:_INCOMPLETE_IN_STORE]),
+            lost_upstream=summary.lost_upstream,
+            rejected=dict(summary.rejected),
+            first_ts=summary.first_ts,
+            last_ts=summary.last_ts,
             closed_at=time.time(),
         )
-        self._publisher.put(keys.nodegroup(n, self._uid), record)
+        self._publisher.put(keys.nodegroup(n, self._uid), record.to_record())
         self._publisher.put("", None)
         with self._cond:
             self._totals["received"] += summary.received
@@ -779,7 +571,7 @@ class NodeGroup:
         )
 
     def _housekeeping(self, now: float) -> None:
-        stale: list[_Scan] = []
+        stale: list[NodeGroupScan] = []
         with self._lock:
             for scan in self._scans.values():
                 if scan.begun and not scan.closing and now - scan.touched > self.scan_timeout_s:
@@ -793,7 +585,7 @@ class NodeGroup:
             )
             self._finalize(scan, "timeout")
 
-    def _reject(self, scan: _Scan | None, kind: str, msg: str, *args: object) -> None:
+    def _reject(self, scan: NodeGroupScan | None, kind: str, msg: str, *args: object) -> None:
         with self._lock:
             self._rejected[kind] = self._rejected.get(kind, 0) + 1
             if scan is not None:

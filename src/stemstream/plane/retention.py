@@ -35,86 +35,32 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import msgpack
 
 from stemstream.errors import FallbackError, StemstreamError, WaitTimeout
 from stemstream.log import RateLimitedLog
+from stemstream.plane.diskwriter import SectorDiskWriter
 from stemstream.scans import keys
-from stemstream.scans.plan import ROUTE_DISK, ROUTE_STREAM, STATUS_ON_DISK, KeyValue, ScanPlan, SectorDiskWriter
+from stemstream.scans.ack import ACK, REPLAY, ack_verdict
+from stemstream.scans.plan import KeyValue, Members
+from stemstream.scans.records import (
+    ROUTE_DISK,
+    ROUTE_STREAM,
+    ProducerScanRecord,
+    ReplayRecord,
+    ScanPlan,
+    replayed_scan_record,
+)
 from stemstream.transport.actor import Worker
 
 logger = logging.getLogger(__name__)
 _rlog = RateLimitedLog(logger)
 
-ACK_COUNTED = "counted"
-ACK_RECEIVED = "received"
-
-WAIT, ACK, REPLAY = "wait", "ack", "replay"
-
 SectorSource = Callable[[int], Any]  # frame number -> the sector's buffer (the DAQ's RAM)
-
-
-class Members(Protocol):
-    def members(self, role: str, status: str | None = None) -> list[Any]: ...
-
-
-def ack_verdict(
-    plan: ScanPlan, items: Mapping[str, Any], live_nodegroups: Mapping[str, float] | set[str]
-) -> tuple[str, str]:
-    """(WAIT | ACK | REPLAY, why) for a streamed scan, from the store's records under ``/scans/<n>``.
-
-    ``live_nodegroups``: the registered NodeGroups (UID -> when they registered). A pure function of what
-    every producer sees, so the four producers of a scan decide alike.
-    """
-    n = plan.scan_number
-    base = keys.scan(n) + "/producers/"
-    producers = [v for k, v in items.items() if k.startswith(base) and isinstance(v, Mapping)]
-    for p in producers:
-        if p.get("status") == "failed" or p.get("degraded"):
-            return REPLAY, f"producer {p.get('producer')} could not stream its sector ({p.get('error')})"
-    sent = sum(int(p.get("sent_total") or 0) for p in producers)
-    all_sent = len(producers) >= plan.n_sectors
-    if plan.ack == ACK_COUNTED:
-        counted = items.get(keys.counted(n))
-        if isinstance(counted, Mapping):
-            status = counted.get("status")
-            if status != "counted":
-                why = counted.get("error") or f"rank(s) {counted.get('ranks_missing')} missing"
-                return REPLAY, f"the counted file is {status} ({why})"
-            if not all_sent:
-                return WAIT, "counted; waiting for the other producers' records"
-            received = int((counted.get("messages") or {}).get("received", -1))
-            if received != sent:
-                return REPLAY, f"{received} of {sent} sent sectors reached the NodeGroups"
-            return ACK, f"counted in {counted.get('path')}"
-    else:
-        records = [items.get(keys.nodegroup(n, uid)) for uid in plan.members]
-        if all(isinstance(r, Mapping) for r in records):
-            statuses = {r.get("status") for r in records}  # type: ignore[union-attr]
-            if statuses != {"received"}:
-                return REPLAY, f"NodeGroup scan status {sorted(map(str, statuses))}"
-            if not all_sent:
-                return WAIT, "received; waiting for the other producers' records"
-            received = sum(int(r.get("received") or 0) for r in records)  # type: ignore[union-attr]
-            if received != sent:
-                return REPLAY, f"{received} of {sent} sent sectors reached the NodeGroups"
-            return ACK, "received by every NodeGroup"
-    gone = [uid for uid in plan.members if not _same_member(plan, uid, live_nodegroups)]
-    if gone:
-        return REPLAY, f"NodeGroup(s) {', '.join(gone)} left before the scan was acknowledged"
-    return WAIT, "not acknowledged yet"
-
-
-def _same_member(plan: ScanPlan, uid: str, live: Mapping[str, float] | set[str]) -> bool:
-    """Whether the process the plan named as ``uid`` is still registered (not gone, not restarted)."""
-    if uid not in live:
-        return False
-    if isinstance(live, Mapping) and uid in plan.member_started:
-        return abs(float(live[uid]) - plan.member_started[uid]) < 1e-3
-    return True
 
 
 class HeldScan:
@@ -138,7 +84,7 @@ class HeldScan:
         self.reason = ""
         self.error: str | None = None
         self.failed_at = 0.0  # last disk failure (monotonic)
-        self.record: dict[str, Any] | None = None  # this producer's /scans/<n>/producers/<uid> record
+        self.record: ProducerScanRecord | None = None  # this producer's /scans/<n>/producers/<uid> record
         self.unprotected = 0
         self.progress = b""
         self.progress_at = time.monotonic()
@@ -348,7 +294,7 @@ class ScanKeeper:
             self.counts["replayed"] += 1
         logger.error("scan %d sector %d: %s; writing the sector to disk", held.number, self.sector, reason)
 
-    def sending_done(self, held: HeldScan, record: dict[str, Any]) -> dict[str, Any]:
+    def sending_done(self, held: HeldScan, record: ProducerScanRecord) -> ProducerScanRecord:
         """The producer's threads are done with the scan; ``record`` is its producer record, completed here
         with what is held and on disk (and re-set by the keeper when the disk catches up)."""
         with self._lock:
@@ -368,10 +314,10 @@ class ScanKeeper:
         with self._lock:
             if direct:
                 self._settle(held, "on_disk")
-            record.update(self._record_fields(held))
-            record["paths"] = [str(p) for p in held.paths]
+            record = self._with_holding(held, record)
             if held.plan.route == ROUTE_DISK and not direct:
-                record["status"] = "held"
+                record = replace(record, status="held")
+            held.record = record
         if direct and self.on_release is not None:
             self.on_release(held.number)
         return record
@@ -444,13 +390,16 @@ class ScanKeeper:
             held.error = None
         return True
 
-    def _record_fields(self, held: HeldScan) -> dict[str, Any]:
-        return {
-            "held_bytes": held.nbytes,
-            "on_disk": held.on_disk,
-            "unprotected": held.unprotected,
-            "disk_error": held.error,
-        }
+    def _with_holding(self, held: HeldScan, record: ProducerScanRecord) -> ProducerScanRecord:
+        """The producer record with what this keeper holds of the scan and where its files are."""
+        return replace(
+            record,
+            held_bytes=held.nbytes,
+            on_disk=held.on_disk,
+            unprotected=held.unprotected,
+            disk_error=held.error,
+            paths=tuple(str(p) for p in held.paths),
+        )
 
     def _replay(self, held: HeldScan, reason: str) -> None:
         with self._lock:
@@ -498,20 +447,19 @@ class ScanKeeper:
         plan = held.plan
         paths = [str(p) for p in held.paths]
         if plan.route == ROUTE_STREAM:
-            self._set(
-                keys.replay(held.number, self.sector),
-                {"sector": self.sector, "producer": self.producer_uid, "reason": held.reason,
-                 "sectors": held.on_disk, "paths": paths, "at": time.time()},
-            )  # fmt: skip
+            replay = ReplayRecord(
+                self.sector, self.producer_uid, held.reason or "", held.on_disk, tuple(paths), time.time()
+            )
+            self._set(keys.replay(held.number, self.sector), replay.to_record())
             if self.leader:
                 with self._lock:
                     self._to_mark[held.number] = (plan, held.reason, time.monotonic())
-        if held.record is not None and (held.record.get("status") == "held" or plan.route == ROUTE_STREAM):
-            held.record.update(self._record_fields(held))
-            held.record["paths"] = paths
-            if held.record.get("status") == "held":
-                held.record["status"] = "done"
-            self._set(keys.producer(held.number, self.producer_uid), held.record)
+        if held.record is not None and (held.record.status == "held" or plan.route == ROUTE_STREAM):
+            record = self._with_holding(held, held.record)
+            if record.status == "held":
+                record = replace(record, status="done")
+            held.record = record
+            self._set(keys.producer(held.number, self.producer_uid), record.to_record())
         logger.warning("scan %d sector %d: %d sectors on disk in %s", held.number, self.sector, held.on_disk,
                        held.directory)  # fmt: skip
         if self.on_release is not None:
@@ -524,17 +472,15 @@ class ScanKeeper:
             todo = dict(self._to_mark)
         for n, (plan, reason, since) in todo.items():
             items = self._scan_items(n)
-            replays = [items.get(keys.replay(n, m)) for m in range(self.n_sectors)]
+            replays = [ReplayRecord.parse(items.get(keys.replay(n, m))) for m in range(self.n_sectors)]
             record = items.get(keys.scan(n))
             closed = isinstance(record, Mapping) and "closed_at" in record
             late = time.monotonic() - since > self.ack_timeout_s
-            if not (all(isinstance(r, Mapping) for r in replays) and closed) and not late:
+            if not (all(r is not None for r in replays) and closed) and not late:
                 continue
-            paths = sorted(p for r in replays if isinstance(r, Mapping) for p in r.get("paths") or ())
-            base = dict(record) if isinstance(record, Mapping) else plan.to_record()
-            base.update(status=STATUS_ON_DISK, replayed=True, replay_reason=reason, fallback_paths=paths,
-                        replayed_at=time.time())  # fmt: skip
-            if self._set(keys.scan(n), base):
+            paths = sorted(p for r in replays if r is not None for p in r.paths)
+            current = record if isinstance(record, Mapping) else plan.to_record()
+            if self._set(keys.scan(n), replayed_scan_record(current, reason, paths, time.time())):
                 with self._lock:
                     self._to_mark.pop(n, None)
                 logger.warning("scan %d replayed to disk (%s): %d files", n, reason, len(paths))

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from stemstream.scans import keys
+from stemstream.scans.records import ROUTE_STREAM, CountedRecord, ScanRecord, preview_image
 
 
 @dataclass
@@ -17,23 +18,23 @@ class ScanView:
     """What the store says about one scan, for the flows."""
 
     number: int
-    record: dict[str, Any]  # /scans/<n>
-    counted: dict[str, Any] | None  # /scans/<n>/counted
+    record: ScanRecord  # /scans/<n>
+    counted: CountedRecord | None  # /scans/<n>/counted
     preview: tuple[np.ndarray | None, int, int] = (None, 0, 0)  # image so far, frames counted, frames
 
     @property
     def route(self) -> str:
-        return str(self.record.get("route", ""))
+        return self.record.route
 
     @property
     def on_disk(self) -> bool:
         """Landed on disk: a disk-route scan, or a streamed one the producers replayed to disk because it
         could not be counted (a NodeGroup died, the counted file is partial: docs/reliability.md)."""
-        return _landed_on_disk(self.record)
+        return self.record.landed_on_disk
 
     @property
     def n_frames(self) -> int:
-        return int(self.record.get("n_frames") or 0)
+        return self.record.n_frames
 
 
 @dataclass
@@ -47,16 +48,15 @@ class ScanWatcher:
 
     def poll(self) -> tuple[list[ScanView], list[ScanView], list[ScanView]]:
         """(newly counted, newly on disk, still streaming) scans decided after ``since``."""
-        from stemstream.nodes.service import preview_image
-
         items = self.client.items(keys.SCANS)
         counted, disk, live = [], [], []
-        for key, record in items.items():
+        for key, value in items.items():
             n = keys.scan_number_of(key)
-            if n is None or not isinstance(record, dict) or float(record.get("decided_at") or 0) < self.since:
+            record = ScanRecord.parse(value) if n is not None else None
+            if n is None or record is None or record.decided_at < self.since:
                 continue
-            view = ScanView(n, record, items.get(keys.counted(n)))
-            if view.on_disk and record.get("replayed"):  # its counted file, if any, is partial: count again
+            view = ScanView(n, record, CountedRecord.parse(items.get(keys.counted(n))))
+            if view.on_disk and record.replayed:  # its counted file, if any, is partial: count again
                 if n not in self.seen_disk:
                     self.seen_disk.add(n)
                     disk.append(view)
@@ -68,7 +68,7 @@ class ScanWatcher:
                 if n not in self.seen_disk:
                     self.seen_disk.add(n)
                     disk.append(view)
-            elif view.route == "stream":
+            elif view.route == ROUTE_STREAM:
                 view.preview = preview_image(items, n)
                 live.append(view)
         return sorted(counted, key=_num), sorted(disk, key=_num), sorted(live, key=_num)
@@ -76,10 +76,3 @@ class ScanWatcher:
 
 def _num(view: ScanView) -> int:
     return view.number
-
-
-def _landed_on_disk(record: dict[str, Any]) -> bool:
-    status = record.get("status")
-    return (record.get("route") == "disk" and status in ("on_disk", "incomplete")) or (
-        bool(record.get("replayed")) and status == "on_disk"
-    )

@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from stemstream.errors import StemstreamError
-from stemstream.plane.producer import Producer, ProducerScanResult, ScanRequest, ScanRequests
+from stemstream.plane.producer import Producer
+from stemstream.plane.requests import ScanRequests
+from stemstream.plane.session import ProducerScanResult
 from stemstream.scans import keys
+from stemstream.scans.records import ProducerScanRecord, ScanRequest
 from stemstream.transport.actor import Worker
 
 logger = logging.getLogger(__name__)
@@ -162,7 +165,7 @@ def serve(
                     logger.error("scan %d: %s", req.scan_number, exc)
                     store.set(
                         keys.producer(req.scan_number, producer.uid),
-                        {"producer": producer.uid, "sector": sector, "status": "failed", "error": str(exc)},
+                        ProducerScanRecord(producer.uid, sector, "failed", error=str(exc)).to_record(),
                     )
     finally:
         if requests is not None:

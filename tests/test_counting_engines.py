@@ -22,7 +22,7 @@ import stempy.image as simage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cuda_emulation import COMPILER, build_kernels
+from cuda_emulation import COMPILER, fake_cupy
 from stemstream.counting import Thresholds, get_engine, gpu_available
 from stemstream.counting.engines.cpu import CpuEngine
 from stemstream.errors import CountingError
@@ -335,90 +335,31 @@ def test_get_engine_errors():
 # --- the GPU engine without a GPU: its CUDA source compiled for the CPU, behind a fake cupy ------------
 
 
-class _FakeDeviceArray(np.ndarray):
-    def set(self, host, stream=None):
-        self[...] = host
-
-    def get(self, stream=None, out=None, blocking=True):
-        if out is None:
-            return np.array(self)
-        out[...] = self
-        return out
-
-
-def _emulated_kernel(launch, calls: list[int]):
-    """The real kernel run on the CPU; its keys then shuffled, as a GPU's atomics would leave them."""
-
-    def run(grid, block, args):
-        launch(grid, block, args)
-        keys, n_keys, cap = args[-3], args[-2], int(args[-1])
-        found = int(n_keys[0])
-        room = min(found, cap)
-        np.random.default_rng(len(calls)).shuffle(keys[:room])
-        calls.append(found)
-
-    return run
-
-
-def _fake_cupy(calls: list[int], build_dir):
-    """CuPy's API as the gpu engine uses it, on host memory, with the engine's CUDA source compiled for the
-    CPU (tests/cuda_emulation.py)."""
-    import types
-    from contextlib import nullcontext
-
-    def wrap(a):
-        return np.asarray(a).view(_FakeDeviceArray)
-
-    class Stream:
-        def __init__(self, non_blocking=False):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def synchronize(self):
-            pass
-
-    class RawModule:
-        def __init__(self, code, options=()):
-            assert "--fmad=false" in options
-            self._kernels = build_kernels(code, build_dir)
-
-        def get_function(self, name):
-            return _emulated_kernel(self._kernels[name], calls)
-
-    cuda = types.SimpleNamespace(
-        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
-        Device=lambda i: nullcontext(),
-        Stream=Stream,
-        alloc_pinned_memory=lambda nbytes: bytearray(nbytes),
-    )
-    return types.SimpleNamespace(
-        cuda=cuda,
-        RawModule=RawModule,
-        uint16=np.uint16,
-        uint32=np.uint32,
-        empty=lambda shape, dtype: wrap(np.empty(shape, dtype)),
-        zeros=lambda shape, dtype: wrap(np.zeros(shape, dtype)),
-        asarray=wrap,
-        sort=lambda a: wrap(np.sort(a)),
-    )
-
-
 needs_compiler = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler to build the kernels for the CPU")
 
 
 @pytest.fixture(scope="module")
 def emulated_gpu(tmp_path_factory) -> Iterator[Any]:
-    """A GpuEngine on the fake cupy: the engine's own kernels, compiled for the CPU."""
+    """A GpuEngine on the fake cupy: the engine's own kernels, compiled for the CPU, run asynchronously."""
     from stemstream.counting.engines import gpu
 
+    cupy, cupyx, runtime = fake_cupy(tmp_path_factory.mktemp("kernels"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "cupy", _fake_cupy([], tmp_path_factory.mktemp("kernels")))
-        yield gpu.GpuEngine(chunk_frames=32, streams=2)
+        mp.setitem(sys.modules, "cupy", cupy)
+        mp.setitem(sys.modules, "cupyx", cupyx)
+        yield _Idle(gpu.GpuEngine(chunk_frames=32, streams=2), runtime)
+
+
+class _Idle:
+    """An engine whose every ``count`` must leave no work queued on the (fake) device."""
+
+    def __init__(self, engine: Any, runtime: Any) -> None:
+        self.engine, self.runtime, self.name = engine, runtime, engine.name
+
+    def count(self, *args: Any, **kwargs: Any) -> list[np.ndarray]:
+        events = self.engine.count(*args, **kwargs)
+        assert not self.runtime.pending(), f"work left queued after count: {self.runtime.pending()}"
+        return events
 
 
 @needs_compiler
@@ -439,18 +380,21 @@ def test_gpu_kernels_emulated_on_the_cpu_equal_stempy_on_tiny_frames(emulated_gp
 
 @needs_compiler
 def test_gpu_engine_host_logic_on_a_fake_cupy(monkeypatch, reference, tmp_path):
-    """Chunking over two streams, key decoding, ordering and the overflow recount, against stempy."""
+    """Chunking over two streams, key decoding, ordering and the overflow recount, against stempy; every copy
+    and kernel runs only when its stream is synchronised (tests/cuda_emulation.py)."""
     from stemstream.counting.engines import gpu
 
-    calls: list[int] = []
-    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(calls, tmp_path))
+    cupy, cupyx, runtime = fake_cupy(tmp_path)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupyx", cupyx)
     monkeypatch.setattr(gpu, "_EVENTS_PER_FRAME", 64)  # small, so crowded chunks take the recount path
-    engine = gpu.GpuEngine(chunk_frames=24, streams=2)
+    engine = _Idle(gpu.GpuEngine(chunk_frames=24, streams=2), runtime)
     for k in (0, 3, 4):  # integer path, float path, float path with negative background
         config = CONFIGS[k]
         frames = synth_batch(k, 0, BATCH)
         got = engine.count(frames, thresholds_for(config), dark=_dark(config.dark), gain=_gain(config.gain))
         assert all(np.array_equal(g, e) for g, e in zip(got, reference[(k, 0)], strict=True)), config.name
+    found = [n for _, n in runtime.launches]
     chunks = 3 * -(-BATCH // 24)
-    assert len(calls) > chunks  # every chunk, plus the recounts of the crowded ones
-    assert max(calls) > 24 * 64  # some chunk had more events than its first-pass room
+    assert len(found) > chunks  # every chunk, plus the recounts of the crowded ones
+    assert max(found) > 24 * 64  # some chunk had more events than its first-pass room

@@ -252,7 +252,8 @@ def tiny_cases(draw):
         choices = st.sampled_from([0.0, 0.5, 1.0, 2.75, 4.0, -1.5, 70000.0])
         dark = np.array(draw(st.lists(choices, min_size=n, max_size=n)), np.float32).reshape(rows, cols)
     if draw(st.booleans()):
-        values = draw(st.lists(st.sampled_from([0.5, 1.0, 2.0, 0.25, 4.0]), min_size=n, max_size=n))
+        # A zero gain makes inf (and NaN where the pixel equals the dark: 0 * inf).
+        values = draw(st.lists(st.sampled_from([0.5, 1.0, 2.0, 0.25, 4.0, 0.0]), min_size=n, max_size=n))
         gain = np.array(values, np.float32).reshape(rows, cols)
     background = draw(st.sampled_from([-1.0, 0.0, 0.5, 1.0, 2.0, 3.0]))
     xray = draw(st.sampled_from([4.0, 9.0, 100.0, 70000.0]))
@@ -278,8 +279,39 @@ def test_cpu_engine_equals_stempy_on_tiny_frames(case):
 # --- behaviour around the kernel ------------------------------------------------------------------------
 
 
-def test_crowded_frames_are_recounted_with_room_for_every_event():
-    # Isolated maxima on every other row and column: 82,944 events, far over the first-pass room.
+def nan_neighbour_frames() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 4x5 peak of 4 counts (after a dark of 5) with one pixel made NaN (zero gain on a pixel equal to the
+    dark: 0 * inf) at each of its 8 neighbours, at the peak itself, and on the frame's edge; one frame each."""
+    frames, gains = [], []
+    for dr, dc in [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1), (0, 0), (-2, 2)]:
+        frame = np.full((4, 5), 5, np.uint16)
+        frame[2, 2] = 9
+        frame[0, 4] = 7  # a second peak, on the edge: the NaN at (-2, 2) from the first is beside it
+        gain = np.ones((4, 5), np.float32)
+        gain[2 + dr, 2 + dc] = 0.0
+        if (dr, dc) == (0, 0):
+            frame[2, 2] = 5
+        frames.append(frame)
+        gains.append(gain)
+    return np.stack(frames), np.full((4, 5), 5.0, np.float32), np.stack(gains)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero")
+@pytest.mark.parametrize("threads", [1, None])
+def test_nan_blocks_every_neighbour_and_is_never_an_event(threads):
+    """``v > NaN`` is false in stempy: a NaN next to a peak, wherever it is among the 8, removes the event."""
+    frames, dark, gains = nan_neighbour_frames()
+    config = Config("nan", 0.5, 100.0)
+    engine = CpuEngine(threads=threads)
+    for frame, gain in zip(frames, gains, strict=True):
+        expected = stempy_events(frame, stempy_options(config, dark, gain))
+        got = engine.count(frame[None], thresholds_for(config), dark=dark, gain=gain)[0]
+        assert np.array_equal(got, expected), (gain, got, expected)
+    assert stempy_events(frames[0], stempy_options(config, dark, gains[0])).tolist() == [4]  # the edge peak only
+
+
+def test_crowded_frames_have_room_for_every_event():
+    # Isolated maxima on every other row and column: 82,944 events, the most a 576 x 576 frame can hold.
     frame = np.zeros(SHAPE, np.uint16)
     frame[::2, ::2] = 100
     frames = np.stack([frame, NOISE[0], frame])

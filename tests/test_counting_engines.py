@@ -310,6 +310,18 @@ def test_nan_blocks_every_neighbour_and_is_never_an_event(threads):
     assert stempy_events(frames[0], stempy_options(config, dark, gains[0])).tolist() == [4]  # the edge peak only
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (3, 3)])
+def test_a_threshold_window_with_no_integer_in_it(shape):
+    # background 3.5, x-ray 4: no uint16 value is kept, so every pixel is 0; a 1x1 frame is still an event.
+    frames = np.arange(2 * shape[0] * shape[1], dtype=np.uint16).reshape(2, *shape) + 3
+    config = Config("empty window", 3.5, 4.0)
+    expected = [stempy_events(f, stempy_options(config, None, None)) for f in frames]
+    assert [e.tolist() for e in expected] == [[0], [0]] if shape == (1, 1) else [[], []]
+    for threads in (1, None):
+        got = _shared_cpu_engine(threads).count(frames, thresholds_for(config))
+        assert [g.tolist() for g in got] == [e.tolist() for e in expected] and got[0].dtype == np.uint32
+
+
 def test_crowded_frames_have_room_for_every_event():
     # Isolated maxima on every other row and column: 82,944 events, the most a 576 x 576 frame can hold.
     frame = np.zeros(SHAPE, np.uint16)

@@ -53,14 +53,18 @@ _CHUNK = 64
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _fill_u16(frames, dark16, b, r, lo, hi, dst):  # pragma: no cover - compiled by numba
-    """Preprocess row r of frame b into dst[1:-1] (uint16); returns non-zero when any value is."""
+def _fill_u16(frames, dark16, b, r, lo, span, dst):  # pragma: no cover - compiled by numba
+    """Preprocess row r of frame b into dst[1:-1]; returns non-zero when any value is.
+
+    Kept: lo <= v <= lo + span, tested as one unsigned 16-bit compare ``(v - lo) mod 2**16 <= span``, so the
+    whole row runs in 16-bit vector lanes.
+    """
     cols = frames.shape[2]
-    acc = np.uint32(0)
+    acc = np.uint16(0)
     for c in range(cols):
-        v = np.uint32((np.int32(frames[b, r, c]) - np.int32(dark16[r, c])) & 0xFFFF)
-        v = v if (v >= lo) & (v <= hi) else np.uint32(0)
-        dst[c + 1] = np.uint16(v)
+        v = np.uint16((np.int32(frames[b, r, c]) - np.int32(dark16[r, c])) & 0xFFFF)
+        v = v if np.uint16((np.int32(v) - np.int32(lo)) & 0xFFFF) <= span else np.uint16(0)
+        dst[c + 1] = v
         acc |= v
     return acc
 
@@ -133,23 +137,23 @@ def _append(flags, cols, base, out, b, n, slots):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def _frame_u16(frames, dark16, b, lo, hi, out, counts):  # pragma: no cover - compiled by numba
+def _frame_u16(frames, dark16, b, lo, span, out, counts):  # pragma: no cover - compiled by numba
     """Count frame b (integer path) into out[b], counts[b]."""
     _, rows, cols = frames.shape
     ring = np.zeros((3, cols + 2), np.uint16)
     zero = np.zeros(cols + 2, np.uint16)
     flags = np.zeros(cols, np.uint8)
     slots = np.empty(cols, np.uint32)
-    nonzero = np.zeros(3, np.uint32)
+    nonzero = np.zeros(3, np.uint16)
     n = 0
     if rows * cols == 1:  # no neighbour at all: always an event (stempy), even at 0
         out[b, 0] = 0
         counts[b] = 1
         return
-    nonzero[0] = _fill_u16(frames, dark16, b, 0, lo, hi, ring[0])
+    nonzero[0] = _fill_u16(frames, dark16, b, 0, lo, span, ring[0])
     for r in range(rows):
         if r + 1 < rows:
-            nonzero[(r + 1) % 3] = _fill_u16(frames, dark16, b, r + 1, lo, hi, ring[(r + 1) % 3])
+            nonzero[(r + 1) % 3] = _fill_u16(frames, dark16, b, r + 1, lo, span, ring[(r + 1) % 3])
         if nonzero[r % 3] == 0:
             continue  # an all-zero row holds no event
         up = ring[(r + 2) % 3] if r > 0 else zero
@@ -190,15 +194,15 @@ def _frame_f32(frames, dark32, gain32, b, background, xray, skip, out, counts): 
 
 
 @njit(nogil=True, cache=True)
-def _batch_u16_serial(frames, dark16, lo, hi, out, counts):  # pragma: no cover - compiled by numba
+def _batch_u16_serial(frames, dark16, lo, span, out, counts):  # pragma: no cover - compiled by numba
     for b in range(frames.shape[0]):
-        _frame_u16(frames, dark16, b, lo, hi, out, counts)
+        _frame_u16(frames, dark16, b, lo, span, out, counts)
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _batch_u16_parallel(frames, dark16, lo, hi, out, counts):  # pragma: no cover - compiled by numba
+def _batch_u16_parallel(frames, dark16, lo, span, out, counts):  # pragma: no cover - compiled by numba
     for b in prange(frames.shape[0]):
-        _frame_u16(frames, dark16, b, lo, hi, out, counts)
+        _frame_u16(frames, dark16, b, lo, span, out, counts)
 
 
 @njit(nogil=True, cache=True)
@@ -254,8 +258,12 @@ class CpuEngine:
         frames = _readonly(chunk)
         if corr.gain32 is None:
             lo, hi = integer_window(background, xray)
+            if lo > hi:  # no value survives: every pixel is 0, an event only where it has no neighbour
+                counts[:] = 1 if rows * cols == 1 else 0
+                out[:n_frames, :1] = 0
+                return counts
             dark16 = _readonly(corr.dark16 if corr.dark16 is not None else np.zeros((rows, cols), np.uint16))
-            kind, args = "u16", (frames, dark16, lo, hi, out, counts)
+            kind, args = "u16", (frames, dark16, np.uint16(lo), np.uint16(hi - lo), out, counts)
         else:
             dark32 = _readonly(corr.dark32 if corr.dark32 is not None else np.zeros((rows, cols), np.float32))
             skip = not (background < 0.0) and background == background  # a NaN background keeps negatives

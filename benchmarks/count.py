@@ -1,6 +1,7 @@
 """Counting throughput: stempy (in RAM, from raw files, per frame) against our engines, on the same frames.
 
     python benchmarks/count.py [--frames 2000] [--engines stempy,cpu,gpu] [--batch 64]
+    python benchmarks/count.py --sweep [--sweep-frames 256]      # the density sweep only
 
 Frames come from the 4D Camera simulator (``stemstream.sim``), all in RAM before any timing starts. Every
 engine counts them in batches, as a NodeGroup would, with the same thresholds and dark reference; every
@@ -10,11 +11,20 @@ stempy engine (``electron_count_frame`` per frame). "per core" is frames per CPU
 do not. Note: stempy's in-RAM ``electron_count`` (PyReader, its "classic" path) needs a dark reference
 (it dereferences a null pointer without one) and subtracts it differently from every other path (see
 docs/counting.md): its events are not compared here.
+
+The density sweep (``--sweep``) counts seeded simulated frames at ~20, ~200, ~1,000, ~15,000 and ~22,000
+events per frame with every engine in this one process: CPU-seconds per frame (``time.process_time``, all
+threads, median of 3 passes over the frames), the ratio to stempy, and the cores each engine needs for the
+4D Camera's 87 kHz, per density. The dense settings lower the background threshold (``background_n_sigma``)
+until noise maxima dominate: the frames a dark-less or high-dose scan gives. The simulator itself cannot make
+them (at most 500 electrons per frame, 3 pixels apart; its fixed dark pattern is only +-1 count, so counting
+it without a dark reference stays sparse).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -32,6 +42,7 @@ from stemstream.sim.camera import FourDCameraSim
 from stemstream.wire.rawfile import write_scan
 
 SHAPE = (576, 576)
+DETECTOR_HZ = 87_000  # 4D Camera frames per second
 
 
 @dataclass
@@ -161,6 +172,114 @@ def bench_streaming_path(n_frames: int, engine: str, dark: np.ndarray, workdir: 
     return Result(f"streaming path, {engine} engine", record["frames"], record["seconds"], float("nan"), 1, note)
 
 
+@dataclass(frozen=True)
+class Density:
+    """A simulator setting and the background n-sigma its thresholds are computed with."""
+
+    label: str
+    electrons: float
+    background_n_sigma: float
+    note: str
+
+
+DENSITIES = (
+    Density("~20", 20.0, 4.0, "20 electrons/frame (the simulator's default), background 4 sigma (stempy's)"),
+    Density("~200", 200.0, 4.0, "200 electrons/frame, background 4 sigma"),
+    Density("~1,000", 500.0, 2.75, "500 electrons/frame (the simulator's most), background 2.75 sigma"),
+    Density("~15,000", 500.0, 1.5, "500 electrons/frame, background 1.5 sigma: noise-dominated"),
+    Density("~22,000", 500.0, 1.0, "500 electrons/frame, background 1 sigma: noise-dominated"),
+)
+
+
+def density_frames(density: Density, n: int) -> tuple[np.ndarray, np.ndarray, Thresholds]:
+    """n seeded frames of a density, the dark reference and thresholds from 40 frames spread over them."""
+    cols = 50
+    sim = FourDCameraSim(
+        (-(-n // cols), cols), seed=1, loss_rate=0.0, pool_size=16, electrons_per_frame=density.electrons
+    )
+    frames = np.empty((n, *SHAPE), np.uint16)
+    for i in range(n):
+        frames[i] = sim.frame(i)
+    dark = sim.dark_reference() - 11.0  # below the data: stempy's uint16 subtraction never wraps
+    sample = frames[:: max(1, n // 40)][:40]
+    thresholds = compute_thresholds(sample, dark=dark, background_n_sigma=density.background_n_sigma)
+    return frames, dark, thresholds
+
+
+def cpu_seconds_per_frame(
+    engine: object,
+    frames: np.ndarray,
+    thresholds: Thresholds,
+    dark: np.ndarray,
+    batch: int,
+    reference: list[np.ndarray] | None,
+    repeats: int = 3,
+) -> tuple[float, float, list[np.ndarray]]:
+    """(CPU-seconds per frame, wall seconds per frame), medians of ``repeats`` passes; the first pass's events."""
+    engine.count(frames[:batch], thresholds, dark=dark)  # type: ignore[attr-defined]  # warm-up
+    cpu, wall, first = [], [], None
+    for _ in range(repeats):
+        events: list[np.ndarray] = []
+        with Clock() as clock:
+            for i in range(0, len(frames), batch):
+                events += engine.count(frames[i : i + batch], thresholds, dark=dark)  # type: ignore[attr-defined]
+        cpu.append(clock.cpu / len(frames))
+        wall.append(clock.wall / len(frames))
+        if reference is not None:
+            same = all(np.array_equal(a, b) for a, b in zip(events, reference, strict=True))
+            assert same, f"{getattr(engine, 'name', engine)} disagrees with stempy"
+        first = first or events
+    assert first is not None
+    return float(np.median(cpu)), float(np.median(wall)), first
+
+
+def density_sweep(n: int, batch: int, with_gpu: bool) -> None:
+    cores = os.cpu_count() or 1
+    columns = [("stempy", None), ("cpu", 1)] + ([("cpu", cores)] if cores > 1 else [])
+    names = ["stempy"] + [f"cpu {t} thr" for _, t in columns[1:]]
+    gpu = with_gpu and gpu_available()
+    print(
+        f"density sweep: {n} simulated frames per density, batches of {batch}, one process, {cores} cores.\n"
+        "ms: CPU-milliseconds per frame (time.process_time, all threads of the process; median of 3 passes); "
+        "x: stempy's ms / the engine's ms (per core). Every engine's events equal stempy's, frame by frame.\n"
+    )
+    head = f"{'events/frame':>12s}  {'bg, x-ray':>12s}  {'stempy ms':>9s}"
+    for name in names[1:]:
+        head += f"  {name + ' ms':>12s} {'x':>5s}"
+    head += f"  {'gpu frames/s':>12s}" if gpu else ""
+    print(head + "  setting")
+    capacity: list[tuple[float, list[str]]] = []
+    for density in DENSITIES:
+        frames, dark, thresholds = density_frames(density, n)
+        per_frame: list[float] = []
+        reference = None
+        for name, threads in columns:
+            engine = get_engine(name, threads=threads)
+            cpu_s, _, events = cpu_seconds_per_frame(engine, frames, thresholds, dark, batch, reference)
+            reference = reference or events
+            per_frame.append(cpu_s)
+        gpu_rate = None
+        if gpu:
+            _, wall, _ = cpu_seconds_per_frame(get_engine("gpu"), frames, thresholds, dark, batch, reference)
+            gpu_rate = 1 / wall
+        mean_events = float(np.mean([e.size for e in reference or []]))
+        row = f"{mean_events:12,.0f}  {f'{thresholds.background:.2f}, {thresholds.xray:.2f}':>12s}"
+        row += f"  {1e3 * per_frame[0]:9.3f}"
+        for s in per_frame[1:]:
+            row += f"  {1e3 * s:12.3f} {per_frame[0] / s:5.1f}"
+        row += f"  {gpu_rate:12,.0f}" if gpu_rate is not None else ""
+        print(row + f"  {density.note}")
+        needs = [str(math.ceil(DETECTOR_HZ * s)) for s in per_frame]
+        if gpu_rate is not None:
+            needs.append(f"{math.ceil(DETECTOR_HZ / gpu_rate)} GPU(s)")
+        capacity.append((mean_events, needs))
+        del frames
+    print(f"\ncapacity: cores to count {DETECTOR_HZ:,} frames/s = 87,000 x CPU-seconds per frame, rounded up")
+    print(f"{'events/frame':>12s}" + "".join(f"  {m:>10s}" for m in names) + (f"  {'gpu':>10s}" if gpu else ""))
+    for mean_events, needs in capacity:
+        print(f"{mean_events:12,.0f}" + "".join(f"  {x:>10s}" for x in needs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=2000, help="frames to count (default 2000)")
@@ -172,9 +291,14 @@ def main() -> None:
         default="stempy",
         help="engines to run the streaming count path with, comma-separated ('' to skip; default stempy)",
     )
+    parser.add_argument("--sweep", action="store_true", help="run the density sweep only")
+    parser.add_argument("--sweep-frames", type=int, default=256, help="frames per density (default 256)")
     args = parser.parse_args()
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     cores = os.cpu_count() or 1
+    if args.sweep:
+        density_sweep(args.sweep_frames, args.batch, "gpu" in engines)
+        return
 
     print(f"making {args.frames} simulated frames ...", flush=True)
     sim, frames = make_frames(args.frames)

@@ -22,7 +22,7 @@ import stempy.image as simage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cuda_emulation import COMPILER, build_kernels
+from cuda_emulation import COMPILER, fake_cupy
 from stemstream.counting import Thresholds, get_engine, gpu_available
 from stemstream.counting.engines.cpu import CpuEngine
 from stemstream.errors import CountingError
@@ -252,7 +252,8 @@ def tiny_cases(draw):
         choices = st.sampled_from([0.0, 0.5, 1.0, 2.75, 4.0, -1.5, 70000.0])
         dark = np.array(draw(st.lists(choices, min_size=n, max_size=n)), np.float32).reshape(rows, cols)
     if draw(st.booleans()):
-        values = draw(st.lists(st.sampled_from([0.5, 1.0, 2.0, 0.25, 4.0]), min_size=n, max_size=n))
+        # A zero gain makes inf (and NaN where the pixel equals the dark: 0 * inf).
+        values = draw(st.lists(st.sampled_from([0.5, 1.0, 2.0, 0.25, 4.0, 0.0]), min_size=n, max_size=n))
         gain = np.array(values, np.float32).reshape(rows, cols)
     background = draw(st.sampled_from([-1.0, 0.0, 0.5, 1.0, 2.0, 3.0]))
     xray = draw(st.sampled_from([4.0, 9.0, 100.0, 70000.0]))
@@ -278,8 +279,51 @@ def test_cpu_engine_equals_stempy_on_tiny_frames(case):
 # --- behaviour around the kernel ------------------------------------------------------------------------
 
 
-def test_crowded_frames_are_recounted_with_room_for_every_event():
-    # Isolated maxima on every other row and column: 82,944 events, far over the first-pass room.
+def nan_neighbour_frames() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 4x5 peak of 4 counts (after a dark of 5) with one pixel made NaN (zero gain on a pixel equal to the
+    dark: 0 * inf) at each of its 8 neighbours, at the peak itself, and on the frame's edge; one frame each."""
+    frames, gains = [], []
+    for dr, dc in [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1), (0, 0), (-2, 2)]:
+        frame = np.full((4, 5), 5, np.uint16)
+        frame[2, 2] = 9
+        frame[0, 4] = 7  # a second peak, on the edge: the NaN at (-2, 2) from the first is beside it
+        gain = np.ones((4, 5), np.float32)
+        gain[2 + dr, 2 + dc] = 0.0
+        if (dr, dc) == (0, 0):
+            frame[2, 2] = 5
+        frames.append(frame)
+        gains.append(gain)
+    return np.stack(frames), np.full((4, 5), 5.0, np.float32), np.stack(gains)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero")
+@pytest.mark.parametrize("threads", [1, None])
+def test_nan_blocks_every_neighbour_and_is_never_an_event(threads):
+    """``v > NaN`` is false in stempy: a NaN next to a peak, wherever it is among the 8, removes the event."""
+    frames, dark, gains = nan_neighbour_frames()
+    config = Config("nan", 0.5, 100.0)
+    engine = CpuEngine(threads=threads)
+    for frame, gain in zip(frames, gains, strict=True):
+        expected = stempy_events(frame, stempy_options(config, dark, gain))
+        got = engine.count(frame[None], thresholds_for(config), dark=dark, gain=gain)[0]
+        assert np.array_equal(got, expected), (gain, got, expected)
+    assert stempy_events(frames[0], stempy_options(config, dark, gains[0])).tolist() == [4]  # the edge peak only
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (3, 3)])
+def test_a_threshold_window_with_no_integer_in_it(shape):
+    # background 3.5, x-ray 4: no uint16 value is kept, so every pixel is 0; a 1x1 frame is still an event.
+    frames = np.arange(2 * shape[0] * shape[1], dtype=np.uint16).reshape(2, *shape) + 3
+    config = Config("empty window", 3.5, 4.0)
+    expected = [stempy_events(f, stempy_options(config, None, None)) for f in frames]
+    assert [e.tolist() for e in expected] == [[0], [0]] if shape == (1, 1) else [[], []]
+    for threads in (1, None):
+        got = _shared_cpu_engine(threads).count(frames, thresholds_for(config))
+        assert [g.tolist() for g in got] == [e.tolist() for e in expected] and got[0].dtype == np.uint32
+
+
+def test_crowded_frames_have_room_for_every_event():
+    # Isolated maxima on every other row and column: 82,944 events, the most a 576 x 576 frame can hold.
     frame = np.zeros(SHAPE, np.uint16)
     frame[::2, ::2] = 100
     frames = np.stack([frame, NOISE[0], frame])
@@ -335,90 +379,31 @@ def test_get_engine_errors():
 # --- the GPU engine without a GPU: its CUDA source compiled for the CPU, behind a fake cupy ------------
 
 
-class _FakeDeviceArray(np.ndarray):
-    def set(self, host, stream=None):
-        self[...] = host
-
-    def get(self, stream=None, out=None, blocking=True):
-        if out is None:
-            return np.array(self)
-        out[...] = self
-        return out
-
-
-def _emulated_kernel(launch, calls: list[int]):
-    """The real kernel run on the CPU; its keys then shuffled, as a GPU's atomics would leave them."""
-
-    def run(grid, block, args):
-        launch(grid, block, args)
-        keys, n_keys, cap = args[-3], args[-2], int(args[-1])
-        found = int(n_keys[0])
-        room = min(found, cap)
-        np.random.default_rng(len(calls)).shuffle(keys[:room])
-        calls.append(found)
-
-    return run
-
-
-def _fake_cupy(calls: list[int], build_dir):
-    """CuPy's API as the gpu engine uses it, on host memory, with the engine's CUDA source compiled for the
-    CPU (tests/cuda_emulation.py)."""
-    import types
-    from contextlib import nullcontext
-
-    def wrap(a):
-        return np.asarray(a).view(_FakeDeviceArray)
-
-    class Stream:
-        def __init__(self, non_blocking=False):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def synchronize(self):
-            pass
-
-    class RawModule:
-        def __init__(self, code, options=()):
-            assert "--fmad=false" in options
-            self._kernels = build_kernels(code, build_dir)
-
-        def get_function(self, name):
-            return _emulated_kernel(self._kernels[name], calls)
-
-    cuda = types.SimpleNamespace(
-        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
-        Device=lambda i: nullcontext(),
-        Stream=Stream,
-        alloc_pinned_memory=lambda nbytes: bytearray(nbytes),
-    )
-    return types.SimpleNamespace(
-        cuda=cuda,
-        RawModule=RawModule,
-        uint16=np.uint16,
-        uint32=np.uint32,
-        empty=lambda shape, dtype: wrap(np.empty(shape, dtype)),
-        zeros=lambda shape, dtype: wrap(np.zeros(shape, dtype)),
-        asarray=wrap,
-        sort=lambda a: wrap(np.sort(a)),
-    )
-
-
 needs_compiler = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler to build the kernels for the CPU")
 
 
 @pytest.fixture(scope="module")
 def emulated_gpu(tmp_path_factory) -> Iterator[Any]:
-    """A GpuEngine on the fake cupy: the engine's own kernels, compiled for the CPU."""
+    """A GpuEngine on the fake cupy: the engine's own kernels, compiled for the CPU, run asynchronously."""
     from stemstream.counting.engines import gpu
 
+    cupy, cupyx, runtime = fake_cupy(tmp_path_factory.mktemp("kernels"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "cupy", _fake_cupy([], tmp_path_factory.mktemp("kernels")))
-        yield gpu.GpuEngine(chunk_frames=32, streams=2)
+        mp.setitem(sys.modules, "cupy", cupy)
+        mp.setitem(sys.modules, "cupyx", cupyx)
+        yield _Idle(gpu.GpuEngine(chunk_frames=32, streams=2), runtime)
+
+
+class _Idle:
+    """An engine whose every ``count`` must leave no work queued on the (fake) device."""
+
+    def __init__(self, engine: Any, runtime: Any) -> None:
+        self.engine, self.runtime, self.name = engine, runtime, engine.name
+
+    def count(self, *args: Any, **kwargs: Any) -> list[np.ndarray]:
+        events = self.engine.count(*args, **kwargs)
+        assert not self.runtime.pending(), f"work left queued after count: {self.runtime.pending()}"
+        return events
 
 
 @needs_compiler
@@ -439,18 +424,21 @@ def test_gpu_kernels_emulated_on_the_cpu_equal_stempy_on_tiny_frames(emulated_gp
 
 @needs_compiler
 def test_gpu_engine_host_logic_on_a_fake_cupy(monkeypatch, reference, tmp_path):
-    """Chunking over two streams, key decoding, ordering and the overflow recount, against stempy."""
+    """Chunking over two streams, key decoding, ordering and the overflow recount, against stempy; every copy
+    and kernel runs only when its stream is synchronised (tests/cuda_emulation.py)."""
     from stemstream.counting.engines import gpu
 
-    calls: list[int] = []
-    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(calls, tmp_path))
+    cupy, cupyx, runtime = fake_cupy(tmp_path)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupyx", cupyx)
     monkeypatch.setattr(gpu, "_EVENTS_PER_FRAME", 64)  # small, so crowded chunks take the recount path
-    engine = gpu.GpuEngine(chunk_frames=24, streams=2)
+    engine = _Idle(gpu.GpuEngine(chunk_frames=24, streams=2), runtime)
     for k in (0, 3, 4):  # integer path, float path, float path with negative background
         config = CONFIGS[k]
         frames = synth_batch(k, 0, BATCH)
         got = engine.count(frames, thresholds_for(config), dark=_dark(config.dark), gain=_gain(config.gain))
         assert all(np.array_equal(g, e) for g, e in zip(got, reference[(k, 0)], strict=True)), config.name
+    found = [n for _, n in runtime.launches]
     chunks = 3 * -(-BATCH // 24)
-    assert len(calls) > chunks  # every chunk, plus the recounts of the crowded ones
-    assert max(calls) > 24 * 64  # some chunk had more events than its first-pass room
+    assert len(found) > chunks  # every chunk, plus the recounts of the crowded ones
+    assert max(found) > 24 * 64  # some chunk had more events than its first-pass room

@@ -4,12 +4,18 @@ Per frame (see docs/counting.md for the stempy source it mirrors):
 
 1. integer path (no gain): ``v = (raw - uint16(dark)) mod 2**16``; with a gain: ``v = (float32(raw) -
    float32(dark)) * float32(1 / gain)`` in float32;
-2. ``v = 0`` where ``v <= background`` or ``v >= xray``;
+2. ``v = 0`` where ``v <= background`` or ``v >= xray``, compared in double as stempy does (the integer
+   path turns the two double thresholds into the exact integer window ``lo <= v <= hi`` once per batch);
 3. a pixel is an event when it is strictly greater than each of its existing 8 neighbours (border
    pixels included, neighbours outside the frame ignored; equal maxima are never events).
 
-Each frame is swept once, row by row, through a ring of three preprocessed rows padded with a value
-below anything a real pixel can hold, so the neighbour test has no border branches.
+Each frame is swept once, row by row, through a ring of three preprocessed rows padded with a value that
+no pixel can beat by being next to it (0 on the integer path, where a zeroed pixel is never an event;
+-inf on the float path). The candidate pass has no branches: for every pixel of a row it takes the
+largest of its 8 neighbours (NaN-propagating on the float path, since a NaN neighbour blocks an event)
+and compares once, so the compiler vectorises it and dense frames cost no branch mispredictions. Rows
+whose values are all zero are skipped without that pass (they hold no event). A frame holds at most one
+event per 2x2 block, so each frame's output has room for all of them and is never counted twice.
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ from stemstream.errors import CountingError
 
 logger = logging.getLogger(__name__)
 
-# Events per frame the first pass makes room for; frames with more are counted again with room for all.
-_FIRST_CAPACITY = 2048
+# Frames per kernel call: bounds the per-frame output buffers (room for every possible event, ~330 KB
+# per 576 x 576 frame, only the part written is touched) to ~21 MB per call.
+_CHUNK = 64
 
 
 # The kernels are plain numba functions, not meant to be called from Python.
@@ -46,70 +53,113 @@ _FIRST_CAPACITY = 2048
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _fill_u16(frames, dark16, b, r, lo, hi, dst):  # pragma: no cover - compiled by numba
-    """Preprocess row r of frame b into dst[1:-1]; returns the row's largest value (0: nothing to scan)."""
+def _fill_u16(frames, dark16, b, r, lo, span, dst):  # pragma: no cover - compiled by numba
+    """Preprocess row r of frame b into dst[1:-1]; returns non-zero when any value is.
+
+    Kept: lo <= v <= lo + span, tested as one unsigned 16-bit compare ``(v - lo) mod 2**16 <= span``, so the
+    whole row runs in 16-bit vector lanes.
+    """
     cols = frames.shape[2]
-    top = 0
+    acc = np.uint16(0)
     for c in range(cols):
-        v = (np.int32(frames[b, r, c]) - np.int32(dark16[r, c])) & 0xFFFF
-        v = v if (v >= lo and v <= hi) else 0
+        v = np.uint16((np.int32(frames[b, r, c]) - np.int32(dark16[r, c])) & 0xFFFF)
+        v = v if np.uint16((np.int32(v) - np.int32(lo)) & 0xFFFF) <= span else np.uint16(0)
         dst[c + 1] = v
-        top = max(top, v)
-    return top
+        acc |= v
+    return acc
 
 
 @njit(nogil=True, cache=True, inline="always")
 def _fill_f32(frames, dark32, gain32, b, r, background, xray, dst):  # pragma: no cover - compiled by numba
-    """Preprocess row r of frame b into dst[1:-1]; returns how many values are > 0."""
+    """Preprocess row r of frame b into dst[1:-1] (float32); returns how many values are > 0."""
     cols = frames.shape[2]
     positive = 0
     for c in range(cols):
         v = (np.float32(frames[b, r, c]) - dark32[r, c]) * gain32[r, c]
-        x = np.float64(v)
-        v = np.float32(0.0) if (x <= background or x >= xray) else v
+        x = np.float64(v)  # stempy compares the float32 value with the double thresholds in double
+        v = np.float32(0.0) if (x <= background) | (x >= xray) else v
         dst[c + 1] = v
-        positive += 1 if v > 0 else 0
+        positive += v > 0
     return positive
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _max_u16(a, b):  # pragma: no cover - compiled by numba
+    return a if a > b else b
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _max_nan(a, b):  # pragma: no cover - compiled by numba
+    """max that propagates NaN: a NaN neighbour makes ``v > max`` false, as ``v > NaN`` is in stempy."""
+    return a if (a > b) | (a != a) else b
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _maxima_u16(up, cur, down, cols, flags):  # pragma: no cover - compiled by numba
+    """flags[c] = cur[c+1] beats its 8 neighbours (padded rows); returns how many do. Branch-free."""
+    n = 0
+    for c in range(1, cols + 1):
+        m = _max_u16(
+            _max_u16(_max_u16(up[c - 1], up[c]), _max_u16(up[c + 1], cur[c - 1])),
+            _max_u16(_max_u16(cur[c + 1], down[c - 1]), _max_u16(down[c], down[c + 1])),
+        )
+        e = np.uint8(cur[c] > m)
+        flags[c - 1] = e
+        n += e
+    return n
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _maxima_f32(up, cur, down, cols, flags):  # pragma: no cover - compiled by numba
+    """As _maxima_u16 on float32 rows padded with -inf; NaN is never an event and blocks its neighbours."""
+    n = 0
+    for c in range(1, cols + 1):
+        m = _max_nan(
+            _max_nan(_max_nan(up[c - 1], up[c]), _max_nan(up[c + 1], cur[c - 1])),
+            _max_nan(_max_nan(cur[c + 1], down[c - 1]), _max_nan(down[c], down[c + 1])),
+        )
+        e = np.uint8(cur[c] > m)
+        flags[c - 1] = e
+        n += e
+    return n
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _append(flags, cols, base, out, b, n, slots):  # pragma: no cover - compiled by numba
+    """Append base + c for every flagged c to out[b, n:]; returns the new n. Branch-free."""
+    k = 0
+    for c in range(cols):
+        slots[k] = base + c
+        k += flags[c]
+    for j in range(k):
+        out[b, n + j] = slots[j]
+    return n + k
+
+
 @njit(nogil=True, cache=True)
-def _frame_u16(frames, dark16, b, lo, hi, out, counts):  # pragma: no cover - compiled by numba
+def _frame_u16(frames, dark16, b, lo, span, out, counts):  # pragma: no cover - compiled by numba
     """Count frame b (integer path) into out[b], counts[b]."""
     _, rows, cols = frames.shape
-    capacity = out.shape[1]
-    single_pixel = rows * cols == 1
-    # -1 stands for "no neighbour": below every preprocessed value (0..65535).
-    ring = np.full((3, cols + 2), -1, np.int32)
-    edge = np.full(cols + 2, -1, np.int32)
-    top = np.zeros(3, np.int32)  # largest value of each ring row
+    ring = np.zeros((3, cols + 2), np.uint16)
+    zero = np.zeros(cols + 2, np.uint16)
+    flags = np.zeros(cols, np.uint8)
+    slots = np.empty(cols, np.uint32)
+    nonzero = np.zeros(3, np.uint16)
     n = 0
-    top[0] = _fill_u16(frames, dark16, b, 0, lo, hi, ring[0])
+    if rows * cols == 1:  # no neighbour at all: always an event (stempy), even at 0
+        out[b, 0] = 0
+        counts[b] = 1
+        return
+    nonzero[0] = _fill_u16(frames, dark16, b, 0, lo, span, ring[0])
     for r in range(rows):
         if r + 1 < rows:
-            top[(r + 1) % 3] = _fill_u16(frames, dark16, b, r + 1, lo, hi, ring[(r + 1) % 3])
-        if top[r % 3] == 0 and not single_pixel:
+            nonzero[(r + 1) % 3] = _fill_u16(frames, dark16, b, r + 1, lo, span, ring[(r + 1) % 3])
+        if nonzero[r % 3] == 0:
             continue  # an all-zero row holds no event
-        cur = ring[r % 3]
-        up = ring[(r + 2) % 3] if r > 0 else edge
-        down = ring[(r + 1) % 3] if r + 1 < rows else edge
-        for c in range(1, cols + 1):
-            v = cur[c]
-            # A zeroed pixel always has a neighbour >= 0 to tie with (except in a 1x1 frame).
-            if v == 0 and not single_pixel:
-                continue
-            if (
-                v > cur[c - 1]
-                and v > cur[c + 1]
-                and v > up[c - 1]
-                and v > up[c]
-                and v > up[c + 1]
-                and v > down[c - 1]
-                and v > down[c]
-                and v > down[c + 1]
-            ):
-                if n < capacity:
-                    out[b, n] = r * cols + (c - 1)
-                n += 1
+        up = ring[(r + 2) % 3] if r > 0 else zero
+        down = ring[(r + 1) % 3] if r + 1 < rows else zero
+        if _maxima_u16(up, ring[r % 3], down, cols, flags):
+            n = _append(flags, cols, np.uint32(r * cols), out, b, n, slots)
     counts[b] = n
 
 
@@ -117,53 +167,42 @@ def _frame_u16(frames, dark16, b, lo, hi, out, counts):  # pragma: no cover - co
 def _frame_f32(frames, dark32, gain32, b, background, xray, skip, out, counts):  # pragma: no cover
     """Count frame b (float path, with a gain) into out[b], counts[b]."""
     _, rows, cols = frames.shape
-    capacity = out.shape[1]
-    single_pixel = rows * cols == 1
     ring = np.full((3, cols + 2), -np.inf, np.float32)
     edge = np.full(cols + 2, -np.inf, np.float32)
+    flags = np.zeros(cols, np.uint8)
+    slots = np.empty(cols, np.uint32)
     positive = np.zeros(3, np.int64)  # values > 0 in each ring row
     n = 0
+    if rows * cols == 1:  # no neighbour at all: always an event (stempy)
+        out[b, 0] = 0
+        counts[b] = 1
+        return
     positive[0] = _fill_f32(frames, dark32, gain32, b, 0, background, xray, ring[0])
     for r in range(rows):
         if r + 1 < rows:
             nxt = (r + 1) % 3
             positive[nxt] = _fill_f32(frames, dark32, gain32, b, r + 1, background, xray, ring[nxt])
-        if skip and positive[r % 3] == 0 and not single_pixel:
-            continue  # no value > 0 in this row: no event
-        cur = ring[r % 3]
+        # With background >= 0 every kept value is > 0 and a pixel <= 0 (or NaN) cannot win: a row
+        # without a positive value holds no event.
+        if skip and positive[r % 3] == 0:
+            continue
         up = ring[(r + 2) % 3] if r > 0 else edge
         down = ring[(r + 1) % 3] if r + 1 < rows else edge
-        for c in range(1, cols + 1):
-            v = cur[c]
-            # With background >= 0 every kept value is > 0, so a pixel <= 0 (or NaN) cannot win.
-            if skip and not (v > 0) and not single_pixel:
-                continue
-            if single_pixel or (
-                v > cur[c - 1]
-                and v > cur[c + 1]
-                and v > up[c - 1]
-                and v > up[c]
-                and v > up[c + 1]
-                and v > down[c - 1]
-                and v > down[c]
-                and v > down[c + 1]
-            ):
-                if n < capacity:
-                    out[b, n] = r * cols + (c - 1)
-                n += 1
+        if _maxima_f32(up, ring[r % 3], down, cols, flags):
+            n = _append(flags, cols, np.uint32(r * cols), out, b, n, slots)
     counts[b] = n
 
 
 @njit(nogil=True, cache=True)
-def _batch_u16_serial(frames, dark16, lo, hi, out, counts):  # pragma: no cover - compiled by numba
+def _batch_u16_serial(frames, dark16, lo, span, out, counts):  # pragma: no cover - compiled by numba
     for b in range(frames.shape[0]):
-        _frame_u16(frames, dark16, b, lo, hi, out, counts)
+        _frame_u16(frames, dark16, b, lo, span, out, counts)
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _batch_u16_parallel(frames, dark16, lo, hi, out, counts):  # pragma: no cover - compiled by numba
+def _batch_u16_parallel(frames, dark16, lo, span, out, counts):  # pragma: no cover - compiled by numba
     for b in prange(frames.shape[0]):
-        _frame_u16(frames, dark16, b, lo, hi, out, counts)
+        _frame_u16(frames, dark16, b, lo, span, out, counts)
 
 
 @njit(nogil=True, cache=True)
@@ -176,6 +215,16 @@ def _batch_f32_serial(frames, dark32, gain32, background, xray, skip, out, count
 def _batch_f32_parallel(frames, dark32, gain32, background, xray, skip, out, counts):  # pragma: no cover
     for b in prange(frames.shape[0]):
         _frame_f32(frames, dark32, gain32, b, background, xray, skip, out, counts)
+
+
+@njit(nogil=True, cache=True)
+def _compact(out, counts, flat, start):  # pragma: no cover - compiled by numba
+    """Copy out[b, :counts[b]] for every b, one after the other, into flat[start:]; returns the end."""
+    k = start
+    for b in range(out.shape[0]):
+        flat[k : k + counts[b]] = out[b, : counts[b]]
+        k += counts[b]
+    return k
 
 
 _KERNELS = {
@@ -200,24 +249,21 @@ class CpuEngine:
         self.threads = min(threads or available, available)
         self._cache = CorrectionCache()
 
-    def _run(
-        self,
-        batch: np.ndarray,
-        corr: Corrections,
-        background: float,
-        xray: float,
-        capacity: int,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        n_frames, rows, cols = batch.shape
-        out = np.empty((n_frames, capacity), np.uint32)
+    def _run(self, chunk: np.ndarray, corr: Corrections, background: float, xray: float, out: np.ndarray) -> np.ndarray:
+        """Count ``chunk`` into ``out[:len(chunk)]``; returns the events per frame."""
+        n_frames, rows, cols = chunk.shape
         counts = np.zeros(n_frames, np.int64)
         parallel = self.threads > 1 and n_frames > 1
         # Inputs go in as read-only views: one numba specialisation whether or not the caller's are writable.
-        frames = _readonly(batch)
+        frames = _readonly(chunk)
         if corr.gain32 is None:
             lo, hi = integer_window(background, xray)
+            if lo > hi:  # no value survives: every pixel is 0, an event only where it has no neighbour
+                counts[:] = 1 if rows * cols == 1 else 0
+                out[:n_frames, :1] = 0
+                return counts
             dark16 = _readonly(corr.dark16 if corr.dark16 is not None else np.zeros((rows, cols), np.uint16))
-            kind, args = "u16", (frames, dark16, lo, hi, out, counts)
+            kind, args = "u16", (frames, dark16, np.uint16(lo), np.uint16(hi - lo), out, counts)
         else:
             dark32 = _readonly(corr.dark32 if corr.dark32 is not None else np.zeros((rows, cols), np.float32))
             skip = not (background < 0.0) and background == background  # a NaN background keeps negatives
@@ -229,7 +275,7 @@ class CpuEngine:
                 kernel(*args)
         else:
             kernel(*args)
-        return out, counts
+        return counts
 
     def count(
         self,
@@ -245,30 +291,22 @@ class CpuEngine:
         if n_frames == 0:
             return []
         corr = self._cache.get(dark, gain, (rows, cols))
-        capacity = min(_FIRST_CAPACITY, max_events(rows, cols))
-        out, counts = self._run(batch, corr, background, xray, capacity)
-        crowded = np.flatnonzero(counts > capacity)
-        if crowded.size:
-            # Rare (noise-dominated frames): recount just those frames with room for every possible event.
-            logger.debug("cpu engine: %d frame(s) over %d events, recounting", crowded.size, capacity)
-            full = max_events(rows, cols)
-            out2, counts2 = self._run(np.ascontiguousarray(batch[crowded]), corr, background, xray, full)
-            return _split(out, counts, {int(i): out2[k, : counts2[k]] for k, i in enumerate(crowded)})
-        return _split(out, counts, {})
+        # Room for every event a frame can hold: nothing is ever counted twice, however dense the frame.
+        out = np.empty((min(n_frames, _CHUNK), max_events(rows, cols)), np.uint32)
+        parts: list[tuple[np.ndarray, np.ndarray]] = []
+        for start in range(0, n_frames, _CHUNK):
+            chunk = batch[start : start + _CHUNK]
+            counts = self._run(chunk, corr, background, xray, out)
+            flat = np.empty(int(counts.sum()), np.uint32)
+            _compact(out[: len(chunk)], counts, flat, 0)
+            parts.append((flat, counts))
+        flat = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
+        counts = parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts])
+        # Per-frame views of one array: the caller owns it (nothing here keeps or reuses it).
+        return np.split(flat, np.cumsum(counts)[:-1])
 
 
 def _readonly(arr: np.ndarray) -> np.ndarray:
     view = arr.view()
     view.flags.writeable = False
     return view
-
-
-def _split(out: np.ndarray, counts: np.ndarray, replaced: dict[int, np.ndarray]) -> list[np.ndarray]:
-    """Compact the (frames, capacity) buffer into one array and hand out per-frame views of it."""
-    capacity = out.shape[1]
-    kept = np.minimum(counts, capacity)
-    flat = out[np.arange(capacity) < kept[:, None]]
-    frames = np.split(flat, np.cumsum(kept)[:-1])
-    for i, events in replaced.items():
-        frames[i] = events.copy()
-    return frames

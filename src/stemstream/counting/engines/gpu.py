@@ -131,6 +131,14 @@ def _import_cupy() -> Any:
     return cupy
 
 
+def _import_cupyx() -> Any:
+    try:
+        import cupyx
+    except Exception as exc:  # shipped with cupy: a broken install
+        raise CountingError(f"gpu engine unavailable: cupyx cannot be imported ({exc})") from None
+    return cupyx
+
+
 def gpu_available() -> bool:
     """True when cupy imports and sees at least one CUDA device."""
     try:
@@ -168,6 +176,7 @@ class GpuEngine:
         if chunk_frames < 1 or streams < 1:
             raise CountingError("gpu engine: chunk_frames and streams must be >= 1")
         self._cp = cupy
+        self._cpx = _import_cupyx()
         self._device = cupy.cuda.Device(device)
         self.chunk_frames = chunk_frames
         self.n_streams = streams
@@ -186,9 +195,7 @@ class GpuEngine:
     # -- buffers ---------------------------------------------------------------------------------------
 
     def _pinned(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        count = int(np.prod(shape))
-        mem = self._cp.cuda.alloc_pinned_memory(count * np.dtype(dtype).itemsize)
-        return np.frombuffer(mem, dtype=dtype, count=count).reshape(shape)
+        return self._cpx.empty_pinned(shape, dtype=dtype)  # a numpy array in page-locked memory
 
     def _ensure_slots(self, rows: int, cols: int) -> None:
         if self._slot_shape == (rows, cols):
@@ -196,12 +203,14 @@ class GpuEngine:
         cp = self._cp
         self._slots = []
         for _ in range(self.n_streams):
+            # Nothing is written here (empty, not zeros: cupy's zeros would fill on the default stream, which
+            # nothing orders before this slot's stream); _launch clears the count on the slot's stream.
             self._slots.append(
                 _Slot(
                     stream=cp.cuda.Stream(non_blocking=True),
                     pinned=self._pinned((self.chunk_frames, rows, cols), np.uint16),
                     d_frames=cp.empty((self.chunk_frames, rows, cols), dtype=cp.uint16),
-                    d_count=cp.zeros(1, dtype=cp.uint32),
+                    d_count=cp.empty(1, dtype=cp.uint32),
                     h_count=self._pinned((1,), np.uint32),
                     d_keys=cp.empty(self.chunk_frames * _EVENTS_PER_FRAME, dtype=cp.uint32),
                 )
@@ -217,9 +226,15 @@ class GpuEngine:
         ):
             return self._device_corr[1:]
         cp = self._cp
-        dark16 = cp.asarray(corr.dark16 if corr.dark16 is not None else np.zeros((rows, cols), np.uint16))
-        dark32 = cp.asarray(corr.dark32 if corr.dark32 is not None else np.zeros((rows, cols), np.float32))
-        gain32 = None if corr.gain32 is None else cp.asarray(corr.gain32)
+        # The kernels read these on every slot's stream, which are non-blocking: they do not wait for the
+        # default stream, where a bare cp.asarray would copy. Upload on one slot's stream and wait for the
+        # copies to finish before any kernel is queued.
+        stream = self._slots[0].stream
+        with stream:
+            dark16 = cp.asarray(corr.dark16 if corr.dark16 is not None else np.zeros((rows, cols), np.uint16))
+            dark32 = cp.asarray(corr.dark32 if corr.dark32 is not None else np.zeros((rows, cols), np.float32))
+            gain32 = None if corr.gain32 is None else cp.asarray(corr.gain32)
+        stream.synchronize()
         self._device_corr = (corr, dark16, dark32, gain32)
         return dark16, dark32, gain32
 

@@ -123,3 +123,32 @@ class CorrectionCache:
             )
             self._value = value
         return value
+
+
+class EngineBase:
+    """The part of :meth:`CountingEngine.count` every engine shares: the batch and thresholds checked, dark
+    and gain prepared once per distinct content. Engines implement :meth:`_count`."""
+
+    name = ""
+
+    def __init__(self) -> None:
+        self._cache = CorrectionCache()
+
+    def count(
+        self,
+        frames: np.ndarray,
+        thresholds: Thresholds,
+        *,
+        dark: np.ndarray | None = None,
+        gain: np.ndarray | None = None,
+    ) -> list[np.ndarray]:
+        batch = as_batch(frames)
+        background, xray = check_thresholds(thresholds)
+        if batch.shape[0] == 0:
+            return []
+        corr = self._cache.get(dark, gain, (batch.shape[1], batch.shape[2]))
+        return self._count(batch, background, xray, corr)
+
+    def _count(self, batch: np.ndarray, background: float, xray: float, corr: Corrections) -> list[np.ndarray]:
+        """Events of each frame of a checked, non-empty, C-contiguous batch."""
+        raise NotImplementedError

@@ -28,14 +28,11 @@ import numpy as np
 from numba import njit, prange
 
 from stemstream.counting.engines.base import (
-    CorrectionCache,
     Corrections,
-    as_batch,
-    check_thresholds,
+    EngineBase,
     integer_window,
     max_events,
 )
-from stemstream.counting.thresholds import Thresholds
 from stemstream.errors import CountingError
 
 logger = logging.getLogger(__name__)
@@ -237,7 +234,7 @@ _KERNELS = {
 _PARALLEL_LOCK = threading.Lock()
 
 
-class CpuEngine:
+class CpuEngine(EngineBase):
     """stempy's algorithm, bit for bit, compiled by numba; ``threads`` cores per batch (default: all)."""
 
     name = "cpu"
@@ -247,7 +244,7 @@ class CpuEngine:
         if threads is not None and threads < 1:
             raise CountingError(f"cpu engine: threads must be >= 1, got {threads}")
         self.threads = min(threads or available, available)
-        self._cache = CorrectionCache()
+        super().__init__()
 
     def _run(self, chunk: np.ndarray, corr: Corrections, background: float, xray: float, out: np.ndarray) -> np.ndarray:
         """Count ``chunk`` into ``out[:len(chunk)]``; returns the events per frame."""
@@ -277,20 +274,8 @@ class CpuEngine:
             kernel(*args)
         return counts
 
-    def count(
-        self,
-        frames: np.ndarray,
-        thresholds: Thresholds,
-        *,
-        dark: np.ndarray | None = None,
-        gain: np.ndarray | None = None,
-    ) -> list[np.ndarray]:
-        batch = as_batch(frames)
-        background, xray = check_thresholds(thresholds)
+    def _count(self, batch: np.ndarray, background: float, xray: float, corr: Corrections) -> list[np.ndarray]:
         n_frames, rows, cols = batch.shape
-        if n_frames == 0:
-            return []
-        corr = self._cache.get(dark, gain, (rows, cols))
         # Room for every event a frame can hold: nothing is ever counted twice, however dense the frame.
         out = np.empty((min(n_frames, _CHUNK), max_events(rows, cols)), np.uint32)
         parts: list[tuple[np.ndarray, np.ndarray]] = []

@@ -19,13 +19,10 @@ from typing import Any
 import numpy as np
 
 from stemstream.counting.engines.base import (
-    CorrectionCache,
     Corrections,
-    as_batch,
-    check_thresholds,
+    EngineBase,
     integer_window,
 )
-from stemstream.counting.thresholds import Thresholds
 from stemstream.errors import CountingError
 
 logger = logging.getLogger(__name__)
@@ -160,7 +157,7 @@ class _Slot:
     d_keys: Any
 
 
-class GpuEngine:
+class GpuEngine(EngineBase):
     """stempy's algorithm on one CUDA device with CuPy; ``streams`` >= 2 overlap copies with counting."""
 
     name = "gpu"
@@ -180,7 +177,7 @@ class GpuEngine:
         self._device = cupy.cuda.Device(device)
         self.chunk_frames = chunk_frames
         self.n_streams = streams
-        self._cache = CorrectionCache()
+        super().__init__()
         self._slots: list[_Slot] = []
         self._slot_shape: tuple[int, int] | None = None
         self._device_corr: tuple[Corrections, Any, Any, Any] | None = None
@@ -277,22 +274,10 @@ class GpuEngine:
         counts = np.bincount(frame_of, minlength=n)
         return np.split(pixels, np.cumsum(counts)[:-1])
 
-    def count(
-        self,
-        frames: np.ndarray,
-        thresholds: Thresholds,
-        *,
-        dark: np.ndarray | None = None,
-        gain: np.ndarray | None = None,
-    ) -> list[np.ndarray]:
-        batch = as_batch(frames)
-        background, xray = check_thresholds(thresholds)
+    def _count(self, batch: np.ndarray, background: float, xray: float, corr: Corrections) -> list[np.ndarray]:
         n_frames, rows, cols = batch.shape
-        if n_frames == 0:
-            return []
         if rows * cols * self.chunk_frames >= 2**32:
             raise CountingError(f"gpu engine: {self.chunk_frames} frames of {rows}x{cols} overflow the keys")
-        corr = self._cache.get(dark, gain, (rows, cols))
         results: list[np.ndarray] = []
         with self._device:
             self._ensure_slots(rows, cols)

@@ -6,14 +6,13 @@ import logging
 
 import numpy as np
 
-from stemstream.counting.engines.base import CorrectionCache, as_batch, check_thresholds
-from stemstream.counting.thresholds import Thresholds
+from stemstream.counting.engines.base import Corrections, EngineBase
 from stemstream.errors import CountingError
 
 logger = logging.getLogger(__name__)
 
 
-class StempyEngine:
+class StempyEngine(EngineBase):
     """``stempy._image.electron_count_frame`` per frame, serially.
 
     stempy 3.6.0's binding holds the GIL while it counts (two Python threads count no faster than one,
@@ -30,20 +29,10 @@ class StempyEngine:
         self.threads = 1
         if threads not in (None, 1):
             logger.debug("stempy engine: threads=%s ignored, stempy holds the GIL while counting", threads)
-        self._cache = CorrectionCache()
+        super().__init__()
 
-    def count(
-        self,
-        frames: np.ndarray,
-        thresholds: Thresholds,
-        *,
-        dark: np.ndarray | None = None,
-        gain: np.ndarray | None = None,
-    ) -> list[np.ndarray]:
-        batch = as_batch(frames)
-        background, xray = check_thresholds(thresholds)
+    def _count(self, batch: np.ndarray, background: float, xray: float, corr: Corrections) -> list[np.ndarray]:
         _, rows, cols = batch.shape
-        corr = self._cache.get(dark, gain, (rows, cols))
         options = self._image.ElectronCountOptionsClassic()
         options.background_threshold = background
         options.x_ray_threshold = xray

@@ -350,3 +350,94 @@ def test_primary_killed_clients_carry_on_against_the_backup(tmp_path):
         writer.set("/ha/after", "new")
         reader.wait_for(lambda items: items.get("/ha/after") == "new", "/ha/", timeout=5)
         writer.wait_for(lambda _: writer.connected and writer.server == backup_addr, timeout=5)
+
+
+GONE_WRITER = """
+import sys, threading
+from stemstream.store import StoreClient
+client = StoreClient(sys.argv[1], backup=sys.argv[2]).start()
+client.set("/live/gone/plain", "orphan")
+client.set("/live/gone/ephemeral", "outlives its writer", ttl=30)
+client.set("/live/gone/short", "expires", ttl=0.3)
+print("written", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_backup_follows_live_updates_and_serves_them_after_the_primary_is_sigkilled(tmp_path):
+    """The backup has taken its snapshot before the first write, so it can hold the writes only by following
+    the primary's update stream; then the primary is SIGKILLed and every key is read from the backup."""
+    p, b = free_base(), free_base()
+    primary_addr, backup_addr = f"tcp://127.0.0.1:{p}", f"tcp://127.0.0.1:{b}"
+    common = ["--heartbeat", HB, "--stats-interval", "0.1"]
+    pair = servers(
+        ["--port", str(p), "--primary-with-backup", backup_addr, *common],
+        ["--port", str(b), "--backup-of", primary_addr, *common],
+        log_dir=tmp_path,
+    )
+    child = None
+    with (
+        pair as (primary, _backup),
+        StoreClient(primary_addr, backup=backup_addr, timeout=10) as writer,
+        StoreClient(primary_addr, backup=backup_addr, timeout=10) as reader,
+    ):
+
+        def backup_stats(items):
+            return items.get("/store/backup/stats") or {}
+
+        def synced(items):
+            stats = backup_stats(items)
+            return stats.get("state") == "passive" and stats.get("counters", {}).get("peer_syncs", 0) >= 1
+
+        # 1. The backup has finished its snapshot sync (its stats come through the primary and say so).
+        syncs = backup_stats(reader.wait_for(synced, "/store/", timeout=10))["counters"]["peer_syncs"]
+
+        # 2. Only now the writes: sets, a delete, ephemeral keys, and keys whose writer process then dies.
+        short_events = []
+        reader.watch(lambda key, value: short_events.append(value), prefix="/live/gone/short")
+        expected = {f"/live/w/{i}": i for i in range(50)}
+        for key, value in expected.items():
+            writer.set(key, value)
+        writer.delete("/live/w/49")
+        del expected["/live/w/49"]
+        writer.set("/live/w/ephemeral", "kept", ttl=30)
+        expected["/live/w/ephemeral"] = "kept"
+        cmd = [sys.executable, "-c", GONE_WRITER, primary_addr, backup_addr]
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=ENV, text=True)
+        try:
+            ready, _, _ = select.select([child.stdout], [], [], 20)
+            assert ready and child.stdout.readline() == "written\n"
+            expected["/live/gone/plain"] = "orphan"
+            expected["/live/gone/ephemeral"] = "outlives its writer"
+            # Applied by the primary (the reader sees them), then the writer is gone: nobody can resend them.
+            reader.wait_for(lambda items: items == expected and short_events == ["expires", None], "/live/")
+        finally:
+            child.kill()
+            child.wait(10)
+        n_updates = 50 + 1 + 1 + 3 + 1  # sets, the delete, the ephemeral set, the child's sets, the expiry
+
+        # 3. The backup received all of it live: it followed past the primary's sequence after the last write,
+        # holds the keys, and took no snapshot since step 1.
+        seen_at = time.time()
+        primary_stats = reader.wait_for(
+            lambda items: items.get("/store/primary/stats", {}).get("time", 0) > seen_at, "/store/", timeout=10
+        )["/store/primary/stats"]
+
+        def followed_or_resynced(items):
+            stats = backup_stats(items)
+            counters = stats.get("counters", {})
+            return stats.get("sequence", 0) >= primary_stats["sequence"] or counters.get("peer_syncs") != syncs
+
+        stats = backup_stats(reader.wait_for(followed_or_resynced, "/store/", timeout=10))
+        assert stats["state"] == "passive" and stats["counters"]["peer_syncs"] == syncs, stats
+        assert stats["counters"]["followed"] >= n_updates, stats
+        assert stats["keys"] >= len(expected), f"the backup followed {stats['sequence']} but holds {stats['keys']}"
+
+        # 4. SIGKILL the primary: the reader fails over and reads every key from the backup, as does a new client.
+        primary.kill()
+        reader.wait_for(lambda _: reader.connected and reader.server == backup_addr, timeout=10)
+        assert reader.items("/live/") == expected
+        with StoreClient(backup_addr, timeout=10) as fresh:
+            assert fresh.items("/live/") == expected
+            final = backup_stats(fresh.wait_for(lambda items: backup_stats(items).get("state") == "active"))
+        assert final["counters"]["peer_syncs"] == syncs  # still no snapshot taken after the writes

@@ -517,6 +517,7 @@ class StoreServer:
         self._sequence = msg.sequence
         sync.synced = True
         sync.snapshot = {}
+        self._count("peer_syncs")
         backlog, sync.backlog = sync.backlog, []
         logger.info(
             "store %s: synced %d keys at sequence %d from %s",
@@ -544,6 +545,7 @@ class StoreServer:
         self._store(msg, time.monotonic())
         self._remember(msg.uuid)
         self._pending.pop(msg.uuid, None)
+        self._count("followed")
 
     def _resync(self, why: str) -> None:
         logger.warning("store %s: resyncing from %s: %s", self.role, self.peer, why)

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -97,6 +98,25 @@ def zctx():
     ctx.destroy(linger=0)
 
 
+class Seen(list):
+    """A watcher that records ``(key, value)`` in order. Watchers run on the client's agent thread, after the
+    replica changed: ``wait(n)`` waits for the first ``n`` calls rather than assume they have been made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cond = threading.Condition()
+
+    def __call__(self, key, value) -> None:
+        with self._cond:
+            self.append((key, value))
+            self._cond.notify_all()
+
+    def wait(self, n: int, timeout: float = 5.0) -> list:
+        with self._cond:
+            self._cond.wait_for(lambda: len(self) >= n, timeout)
+        return list(self)
+
+
 def recv_frames(sock: zmq.Socket, timeout: float = 5.0) -> list[bytes]:
     if not sock.poll(int(timeout * 1000)):
         raise AssertionError("nothing received in time")
@@ -111,27 +131,27 @@ def test_late_client_gets_full_snapshot_then_live_updates_in_order(store):
         with StoreClient(store.address) as late:
             items = late.wait_for(lambda items: len(items) == 300, "/late/", timeout=5)
             assert items["/late/007"] == {"i": 7, "blob": b"\x00" * 7}
-            seen = []
-            late.watch(lambda key, value: seen.append((key, value)), prefix="/late/")
+            seen = Seen()
+            late.watch(seen, prefix="/late/")
             for i in range(100):
                 writer.set(f"/late/{i:03d}", i)
             writer.delete("/late/299")
             late.wait_for(lambda items: "/late/299" not in items, "/late/")
-            assert seen == [(f"/late/{i:03d}", i) for i in range(100)] + [("/late/299", None)]
+            assert seen.wait(101) == [(f"/late/{i:03d}", i) for i in range(100)] + [("/late/299", None)]
             assert late.get("/late/050") == 50 and late.connected and late.server == store.address
 
 
 def test_own_writes_are_visible_at_once_and_echoes_do_not_refire(store):
     with StoreClient(store.address) as client:
-        seen = []
-        client.watch(lambda key, value: seen.append((key, value)), prefix="/own/")
+        seen = Seen()
+        client.watch(seen, prefix="/own/")
         client.set("/own/a", [1, 2, 3])
         assert client.get("/own/a") == [1, 2, 3]  # before any round trip
         client.set("/own/a", "second")
         assert client.get("/own/a") == "second"
         with StoreClient(store.address, subtree="/own/") as other:
             other.wait_for(lambda items: items.get("/own/a") == "second", "/own/")
-        assert seen == [("/own/a", [1, 2, 3]), ("/own/a", "second")]
+        assert seen.wait(2) == [("/own/a", [1, 2, 3]), ("/own/a", "second")]
         client.delete("/own/a")
         assert client.get("/own/a", "gone") == "gone"
 
@@ -211,14 +231,14 @@ def test_garbage_on_every_port_loses_no_good_update(store, zctx):
                 raw.sendall(os.urandom(64))
 
     with StoreClient(store.address) as writer, StoreClient(store.address, subtree="/flood/") as reader:
-        seen = []
-        reader.watch(lambda key, value: seen.append(value), prefix="/flood/")
+        seen = Seen()
+        reader.watch(seen, prefix="/flood/")
         for i in range(200):
             if i % 20 == 0:
                 spray()
             writer.set(f"/flood/{i}", i)
         reader.wait_for(lambda items: len(items) == 200, "/flood/", timeout=10)
-        assert seen == list(range(200))
+        assert [value for _, value in seen.wait(200)] == list(range(200))
 
         def rejected(items):
             counters = items.get("/store/primary/stats", {}).get("counters", {})
@@ -393,8 +413,8 @@ def test_backup_follows_live_updates_and_serves_them_after_the_primary_is_sigkil
         syncs = backup_stats(reader.wait_for(synced, "/store/", timeout=10))["counters"]["peer_syncs"]
 
         # 2. Only now the writes: sets, a delete, ephemeral keys, and keys whose writer process then dies.
-        short_events = []
-        reader.watch(lambda key, value: short_events.append(value), prefix="/live/gone/short")
+        short = Seen()
+        reader.watch(short, prefix="/live/gone/short")
         expected = {f"/live/w/{i}": i for i in range(50)}
         for key, value in expected.items():
             writer.set(key, value)
@@ -410,7 +430,8 @@ def test_backup_follows_live_updates_and_serves_them_after_the_primary_is_sigkil
             expected["/live/gone/plain"] = "orphan"
             expected["/live/gone/ephemeral"] = "outlives its writer"
             # Applied by the primary (the reader sees them), then the writer is gone: nobody can resend them.
-            reader.wait_for(lambda items: items == expected and short_events == ["expires", None], "/live/")
+            reader.wait_for(lambda items: items == expected, "/live/")
+            assert short.wait(2) == [("/live/gone/short", "expires"), ("/live/gone/short", None)]
         finally:
             child.kill()
             child.wait(10)

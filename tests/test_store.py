@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -97,6 +98,25 @@ def zctx():
     ctx.destroy(linger=0)
 
 
+class Seen(list):
+    """A watcher that records ``(key, value)`` in order. Watchers run on the client's agent thread, after the
+    replica changed: ``wait(n)`` waits for the first ``n`` calls rather than assume they have been made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cond = threading.Condition()
+
+    def __call__(self, key, value) -> None:
+        with self._cond:
+            self.append((key, value))
+            self._cond.notify_all()
+
+    def wait(self, n: int, timeout: float = 5.0) -> list:
+        with self._cond:
+            self._cond.wait_for(lambda: len(self) >= n, timeout)
+        return list(self)
+
+
 def recv_frames(sock: zmq.Socket, timeout: float = 5.0) -> list[bytes]:
     if not sock.poll(int(timeout * 1000)):
         raise AssertionError("nothing received in time")
@@ -111,27 +131,27 @@ def test_late_client_gets_full_snapshot_then_live_updates_in_order(store):
         with StoreClient(store.address) as late:
             items = late.wait_for(lambda items: len(items) == 300, "/late/", timeout=5)
             assert items["/late/007"] == {"i": 7, "blob": b"\x00" * 7}
-            seen = []
-            late.watch(lambda key, value: seen.append((key, value)), prefix="/late/")
+            seen = Seen()
+            late.watch(seen, prefix="/late/")
             for i in range(100):
                 writer.set(f"/late/{i:03d}", i)
             writer.delete("/late/299")
             late.wait_for(lambda items: "/late/299" not in items, "/late/")
-            assert seen == [(f"/late/{i:03d}", i) for i in range(100)] + [("/late/299", None)]
+            assert seen.wait(101) == [(f"/late/{i:03d}", i) for i in range(100)] + [("/late/299", None)]
             assert late.get("/late/050") == 50 and late.connected and late.server == store.address
 
 
 def test_own_writes_are_visible_at_once_and_echoes_do_not_refire(store):
     with StoreClient(store.address) as client:
-        seen = []
-        client.watch(lambda key, value: seen.append((key, value)), prefix="/own/")
+        seen = Seen()
+        client.watch(seen, prefix="/own/")
         client.set("/own/a", [1, 2, 3])
         assert client.get("/own/a") == [1, 2, 3]  # before any round trip
         client.set("/own/a", "second")
         assert client.get("/own/a") == "second"
         with StoreClient(store.address, subtree="/own/") as other:
             other.wait_for(lambda items: items.get("/own/a") == "second", "/own/")
-        assert seen == [("/own/a", [1, 2, 3]), ("/own/a", "second")]
+        assert seen.wait(2) == [("/own/a", [1, 2, 3]), ("/own/a", "second")]
         client.delete("/own/a")
         assert client.get("/own/a", "gone") == "gone"
 
@@ -211,14 +231,14 @@ def test_garbage_on_every_port_loses_no_good_update(store, zctx):
                 raw.sendall(os.urandom(64))
 
     with StoreClient(store.address) as writer, StoreClient(store.address, subtree="/flood/") as reader:
-        seen = []
-        reader.watch(lambda key, value: seen.append(value), prefix="/flood/")
+        seen = Seen()
+        reader.watch(seen, prefix="/flood/")
         for i in range(200):
             if i % 20 == 0:
                 spray()
             writer.set(f"/flood/{i}", i)
         reader.wait_for(lambda items: len(items) == 200, "/flood/", timeout=10)
-        assert seen == list(range(200))
+        assert [value for _, value in seen.wait(200)] == list(range(200))
 
         def rejected(items):
             counters = items.get("/store/primary/stats", {}).get("counters", {})
@@ -350,3 +370,95 @@ def test_primary_killed_clients_carry_on_against_the_backup(tmp_path):
         writer.set("/ha/after", "new")
         reader.wait_for(lambda items: items.get("/ha/after") == "new", "/ha/", timeout=5)
         writer.wait_for(lambda _: writer.connected and writer.server == backup_addr, timeout=5)
+
+
+GONE_WRITER = """
+import sys, threading
+from stemstream.store import StoreClient
+client = StoreClient(sys.argv[1], backup=sys.argv[2]).start()
+client.set("/live/gone/plain", "orphan")
+client.set("/live/gone/ephemeral", "outlives its writer", ttl=30)
+client.set("/live/gone/short", "expires", ttl=0.3)
+print("written", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_backup_follows_live_updates_and_serves_them_after_the_primary_is_sigkilled(tmp_path):
+    """The backup has taken its snapshot before the first write, so it can hold the writes only by following
+    the primary's update stream; then the primary is SIGKILLed and every key is read from the backup."""
+    p, b = free_base(), free_base()
+    primary_addr, backup_addr = f"tcp://127.0.0.1:{p}", f"tcp://127.0.0.1:{b}"
+    common = ["--heartbeat", HB, "--stats-interval", "0.1"]
+    pair = servers(
+        ["--port", str(p), "--primary-with-backup", backup_addr, *common],
+        ["--port", str(b), "--backup-of", primary_addr, *common],
+        log_dir=tmp_path,
+    )
+    child = None
+    with (
+        pair as (primary, _backup),
+        StoreClient(primary_addr, backup=backup_addr, timeout=10) as writer,
+        StoreClient(primary_addr, backup=backup_addr, timeout=10) as reader,
+    ):
+
+        def backup_stats(items):
+            return items.get("/store/backup/stats") or {}
+
+        def synced(items):
+            stats = backup_stats(items)
+            return stats.get("state") == "passive" and stats.get("counters", {}).get("peer_syncs", 0) >= 1
+
+        # 1. The backup has finished its snapshot sync (its stats come through the primary and say so).
+        syncs = backup_stats(reader.wait_for(synced, "/store/", timeout=10))["counters"]["peer_syncs"]
+
+        # 2. Only now the writes: sets, a delete, ephemeral keys, and keys whose writer process then dies.
+        short = Seen()
+        reader.watch(short, prefix="/live/gone/short")
+        expected = {f"/live/w/{i}": i for i in range(50)}
+        for key, value in expected.items():
+            writer.set(key, value)
+        writer.delete("/live/w/49")
+        del expected["/live/w/49"]
+        writer.set("/live/w/ephemeral", "kept", ttl=30)
+        expected["/live/w/ephemeral"] = "kept"
+        cmd = [sys.executable, "-c", GONE_WRITER, primary_addr, backup_addr]
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=ENV, text=True)
+        try:
+            ready, _, _ = select.select([child.stdout], [], [], 20)
+            assert ready and child.stdout.readline() == "written\n"
+            expected["/live/gone/plain"] = "orphan"
+            expected["/live/gone/ephemeral"] = "outlives its writer"
+            # Applied by the primary (the reader sees them), then the writer is gone: nobody can resend them.
+            reader.wait_for(lambda items: items == expected, "/live/")
+            assert short.wait(2) == [("/live/gone/short", "expires"), ("/live/gone/short", None)]
+        finally:
+            child.kill()
+            child.wait(10)
+        n_updates = 50 + 1 + 1 + 3 + 1  # sets, the delete, the ephemeral set, the child's sets, the expiry
+
+        # 3. The backup received all of it live: it followed past the primary's sequence after the last write,
+        # holds the keys, and took no snapshot since step 1.
+        seen_at = time.time()
+        primary_stats = reader.wait_for(
+            lambda items: items.get("/store/primary/stats", {}).get("time", 0) > seen_at, "/store/", timeout=10
+        )["/store/primary/stats"]
+
+        def followed_or_resynced(items):
+            stats = backup_stats(items)
+            counters = stats.get("counters", {})
+            return stats.get("sequence", 0) >= primary_stats["sequence"] or counters.get("peer_syncs") != syncs
+
+        stats = backup_stats(reader.wait_for(followed_or_resynced, "/store/", timeout=10))
+        assert stats["state"] == "passive" and stats["counters"]["peer_syncs"] == syncs, stats
+        assert stats["counters"]["followed"] >= n_updates, stats
+        assert stats["keys"] >= len(expected), f"the backup followed {stats['sequence']} but holds {stats['keys']}"
+
+        # 4. SIGKILL the primary: the reader fails over and reads every key from the backup, as does a new client.
+        primary.kill()
+        reader.wait_for(lambda _: reader.connected and reader.server == backup_addr, timeout=10)
+        assert reader.items("/live/") == expected
+        with StoreClient(backup_addr, timeout=10) as fresh:
+            assert fresh.items("/live/") == expected
+            final = backup_stats(fresh.wait_for(lambda items: backup_stats(items).get("state") == "active"))
+        assert final["counters"]["peer_syncs"] == syncs  # still no snapshot taken after the writes

@@ -8,9 +8,11 @@ Ports, from a base port P (the address ``tcp://host:P``):
 * P+2 PULL: updates from clients; the active server applies each, numbers it and republishes it.
 * P+3 PUB: Binary Star state, to the peer (only with a peer).
 
-With a peer (``role="backup"`` requires one) the pair runs Binary Star: the passive server follows the
-active one's updates, holds the updates clients send it directly on a pending list, and applies that list
-when it takes over. See docs/store.md for the wire protocol and the failover timing.
+With a peer (``role="backup"`` requires one) the pair runs Binary Star (:mod:`stemstream.store.bstar`): the
+passive server follows the active one's updates, holds the updates clients send it directly on a pending
+list, and applies that list when it takes over (:mod:`stemstream.store.peer`). The keys, the sequence and
+the TTLs are a :class:`~stemstream.store.table.Table`. See docs/store.md for the wire protocol and the
+failover timing.
 
 Bad input never stops the server: it is rejected, counted in :attr:`StoreServer.stats` (by kind, also
 published as ``/store/<role>/stats``) and logged once per kind per interval.
@@ -19,7 +21,6 @@ published as ``/store/<role>/stats``) and logged once per kind per interval.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import logging
 import os
 import random
@@ -27,8 +28,9 @@ import secrets
 import socket
 import threading
 import time
-from collections import Counter, OrderedDict
-from typing import Any
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import msgpack
 import zmq
@@ -40,7 +42,6 @@ from stemstream.store.bstar import BinaryStar, Event, State
 from stemstream.store.kvmsg import (
     DEFAULT_MAX_BODY,
     HUGZ,
-    ICANHAZ,
     KTHXBAI,
     MAX_KEY_BYTES,
     KVMsg,
@@ -51,34 +52,31 @@ from stemstream.store.kvmsg import (
     decode_subscription,
     format_ttl,
 )
+from stemstream.store.link import PUB_HWM, control_pipe, endpoint, split_address, waiting
+from stemstream.store.peer import Follower, PendingList
+from stemstream.store.table import Table
 from stemstream.transport.security import curve_security
 from stemstream.transport.sockets import CURVE_HANDSHAKE_BYTES, make_socket, term_context
 
 logger = logging.getLogger(__name__)
 
+# endpoint and split_address live in link.py; they are imported from here too.
+__all__ = ["ROLES", "StoreServer", "endpoint", "split_address"]
+
 ROLES = ("primary", "backup")
 _WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "")
-# PUB drops at the HWM and a dropped update costs every subscriber a resync: be generous.
-PUB_HWM = 100_000
 # A snapshot that hits this HWM is abandoned (no KTHXBAI) rather than silently truncated.
 SNAPSHOT_HWM = 1_000_000
-# uuids of applied updates remembered to drop duplicates (clients resend unacknowledged updates).
-SEEN_UUIDS = 100_000
 # How many messages to take from one socket before looking at the others (fairness under floods).
 _BATCH = 500
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """``tcp://host:port`` -> (host, port); raises StoreError for anything else."""
-    prefix = "tcp://"
-    host, _, port = address[len(prefix) :].rpartition(":") if address.startswith(prefix) else ("", "", "")
-    if not host or not port.isdigit() or not 0 < int(port) < 65533:
-        raise StoreError(f"store address {address!r} is not tcp://HOST:PORT")
-    return host, int(port)
+class _Handler(NamedTuple):
+    """What the loop does with a socket's messages: decode (bad input is rejected, counted), then handle."""
 
-
-def endpoint(host: str, port: int) -> str:
-    return f"tcp://{host}:{port}"
+    decode: Callable[[list[bytes]], Any]
+    where: str  # names the port in the reject log line
+    handle: Callable[[Any], None]
 
 
 class StoreServer:
@@ -132,15 +130,12 @@ class StoreServer:
         self._pipe: zmq.Socket | None = None
         self._bstar = BinaryStar(role == "primary", self.heartbeat_s) if peer else None
         # State below is owned by the server thread.
-        self._kvmap: dict[str, KVMsg] = {}
-        self._expiries: list[tuple[float, str, bytes]] = []  # heap of (deadline, key, uuid)
-        self._sequence = 0
-        self._seen: OrderedDict[bytes, None] = OrderedDict()
-        self._pending: OrderedDict[bytes, tuple[KVMsg, int]] = OrderedDict()  # uuid -> (update, our seq)
+        self._table = Table()
+        self._pending = PendingList(max_pending)  # passive: updates clients sent us directly
         self._sockets: dict[str, zmq.Socket] = {}
         self._poller_stale = True
         self._hugz_due = False
-        self._sync: _PeerSync | None = None
+        self._follower: Follower | None = None  # passive: following the active peer
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -162,7 +157,7 @@ class StoreServer:
 
     @property
     def sequence(self) -> int:
-        return self._sequence
+        return self._table.sequence
 
     @property
     def stats(self) -> dict[str, int]:
@@ -179,13 +174,7 @@ class StoreServer:
         if self._thread is not None:
             raise StoreError("the store server is already started")
         self._ctx = zmq.Context()
-        url = f"inproc://store-server-{id(self):x}"
-        self._pipe = self._ctx.socket(zmq.PAIR)
-        self._pipe.linger = 0
-        self._pipe.bind(url)
-        loop_end = self._ctx.socket(zmq.PAIR)
-        loop_end.linger = 0
-        loop_end.connect(url)
+        self._pipe, loop_end = control_pipe(self._ctx, f"store-server-{id(self):x}")
         name = f"store-{self.role}"
         self._thread = threading.Thread(target=self._main, args=(loop_end,), name=name, daemon=True)
         self._thread.start()
@@ -229,7 +218,7 @@ class StoreServer:
 
     def __repr__(self) -> str:
         where = self.address if self._port is not None else "not started"
-        return f"StoreServer({self.role}, {where}, {self.state}, seq={self._sequence})"
+        return f"StoreServer({self.role}, {where}, {self.state}, seq={self.sequence})"
 
     # ------------------------------------------------------------------ server thread
 
@@ -300,9 +289,9 @@ class StoreServer:
         self._port = base
 
     def _close_sockets(self) -> None:
-        if self._sync is not None:
-            self._sync.close()
-            self._sync = None
+        if self._follower is not None:
+            self._follower.close()
+            self._follower = None
         for sock in self._sockets.values():
             sock.close(linger=0)
         self._sockets = {}
@@ -314,7 +303,7 @@ class StoreServer:
         now = time.monotonic()
         timers = {"hugz": now, "state": now, "stats": now + self.stats_interval_s}
         poller = zmq.Poller()
-        handlers: dict[zmq.Socket, Any] = {}
+        handlers: dict[zmq.Socket, _Handler] = {}
         while True:
             if self._poller_stale:
                 poller, handlers = self._make_poller(pipe)
@@ -324,29 +313,31 @@ class StoreServer:
                 return  # TERMINATE is the only message
             for sock in events:
                 handler = handlers[sock]
-                for _ in range(_BATCH):
+                for frames in waiting(sock, _BATCH):
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    handler(frames)
+                        message = handler.decode(frames)
+                    except KVMsgError as exc:
+                        self._reject(exc.kind, handler.where, exc)
+                        continue
+                    handler.handle(message)
                     if self._poller_stale:
                         break  # a state change replaced sockets: poll again before reading more
                 if self._poller_stale:
                     break
             self._tick(timers, time.monotonic())
 
-    def _make_poller(self, pipe: zmq.Socket) -> tuple[zmq.Poller, dict[zmq.Socket, Any]]:
-        handlers: dict[zmq.Socket, Any] = {
-            self._sockets["router"]: self._on_request,
-            self._sockets["publisher"]: self._on_subscription,
-            self._sockets["collector"]: self._on_collect,
+    def _make_poller(self, pipe: zmq.Socket) -> tuple[zmq.Poller, dict[zmq.Socket, _Handler]]:
+        handlers = {
+            self._sockets["router"]: _Handler(decode_request, "snapshot port", self._on_request),
+            self._sockets["publisher"]: _Handler(decode_subscription, "update port", self._on_subscription),
+            self._sockets["collector"]: _Handler(self._decode_update, "collector", self._on_collect),
         }
         if "statesub" in self._sockets:
-            handlers[self._sockets["statesub"]] = self._on_peer_state
-        if self._sync is not None:
-            handlers[self._sync.sub] = self._on_peer_update
-            handlers[self._sync.dealer] = self._on_peer_snapshot
+            handlers[self._sockets["statesub"]] = _Handler(decode_peer_state, "peer state port", self._on_peer_state)
+        if self._follower is not None:
+            link = self._follower.link
+            handlers[link.sub] = _Handler(_decode_peer, "peer's update port", self._on_peer_update)
+            handlers[link.dealer] = _Handler(_decode_peer, "peer's snapshot port", self._on_peer_snapshot)
         poller = zmq.Poller()
         poller.register(pipe, zmq.POLLIN)
         for sock in handlers:
@@ -358,12 +349,13 @@ class StoreServer:
         deadlines = [now + 1.0, timers["stats"]]
         if self._state() is State.ACTIVE:
             deadlines.append(timers["hugz"])
-            if self._expiries:
-                deadlines.append(self._expiries[0][0])
+            expiry = self._table.next_expiry()
+            if expiry is not None:
+                deadlines.append(expiry)
         if self._bstar:
             deadlines.append(timers["state"])
-        if self._sync is not None:
-            deadlines.append(self._sync.next_deadline())
+        if self._follower is not None:
+            deadlines.append(self._follower.next_deadline(now))
         if self._hugz_due:
             deadlines.append(now)
         return max(0, int(1000 * (min(deadlines) - now)) + 1)
@@ -378,7 +370,7 @@ class StoreServer:
         if self._bstar and now >= timers["state"]:
             self._sockets["statepub"].send_string(str(int(self._bstar.state)))
             timers["state"] = now + self.heartbeat_s
-        if self._sync is not None and not self._sync.tick(now):
+        if self._follower is not None and not self._follower.tick(now):
             logger.warning("store %s: no snapshot from the active %s; asking again", self.role, self.peer)
             self._start_peer_sync()
         if now >= timers["stats"]:
@@ -398,12 +390,8 @@ class StoreServer:
             self._stats["rejected"] += 1
         self._rlog.warning(kind, "store %s: rejected input on the %s (%s): %s", self.role, where, kind, why)
 
-    def _on_request(self, frames: list[bytes]) -> None:
-        try:
-            identity, subtree = decode_request(frames)
-        except KVMsgError as exc:
-            self._reject(exc.kind, "snapshot port", exc)
-            return
+    def _on_request(self, request: tuple[bytes, str]) -> None:
+        identity, subtree = request
         if self._bstar is not None and not self._vote():
             self._count("refused")  # passive, or not sure yet: the client will try the other server
             return
@@ -421,10 +409,10 @@ class StoreServer:
         router = self._sockets["router"]
         prefix = (identity,)
         try:
-            for key, msg in self._kvmap.items():
+            for key, msg in self._table.kvmap.items():
                 if key.startswith(subtree):
                     msg.send(router, zmq.NOBLOCK, prefix)
-            done = KVMsg(KTHXBAI, self._sequence, subtree.encode(), self._control_properties(), b"")
+            done = KVMsg(KTHXBAI, self._table.sequence, subtree.encode(), self._control_properties(), b"")
             done.send(router, zmq.NOBLOCK, prefix)
         except zmq.Again:  # not bad input: counted, and logged like it, but not "rejected"
             self._count("snapshot_aborted")
@@ -438,112 +426,49 @@ class StoreServer:
             return
         self._count("snapshots")
 
-    def _on_subscription(self, frames: list[bytes]) -> None:
-        try:
-            subscribe, _ = decode_subscription(frames)
-        except KVMsgError as exc:
-            self._reject(exc.kind, "update port", exc)
-            return
+    def _on_subscription(self, subscription: tuple[bool, bytes]) -> None:
+        subscribe, _ = subscription
         if subscribe:
             self._hugz_due = True  # coalesced: at most one HUGZ per loop iteration
 
-    def _on_collect(self, frames: list[bytes]) -> None:
-        try:
-            msg = KVMsg.from_frames(frames, max_body=self.max_body)
-            check_path(msg.key)
-            _ = msg.ttl  # validates
-        except KVMsgError as exc:
-            self._reject(exc.kind, "collector", exc)
-            return
-        if msg.uuid and msg.uuid in self._seen:
+    def _decode_update(self, frames: list[bytes]) -> KVMsg:
+        """An update from a client, checked as the collector requires; raises KVMsgError."""
+        msg = KVMsg.from_frames(frames, max_body=self.max_body)
+        check_path(msg.key)
+        _ = msg.ttl  # validates
+        return msg
+
+    def _on_collect(self, msg: KVMsg) -> None:
+        if self._table.seen(msg.uuid):
             self._count("duplicates")  # a client resending after failover what we already applied
             return
         if self._state() is State.ACTIVE:
             self._apply(msg)
         elif msg.uuid:
             # Passive (or not sure yet): hold it until the active server publishes it, or we take over.
-            self._pending[msg.uuid] = (msg, self._sequence)
-            if len(self._pending) > self.max_pending:
-                self._pending.popitem(last=False)
+            if not self._pending.add(msg, self._table.sequence):
                 self._count("pending_dropped")
         else:
             self._count("unmatchable")  # no uuid: a passive server could never match it to the active's copy
 
-    def _on_peer_state(self, frames: list[bytes]) -> None:
+    def _on_peer_state(self, state: int) -> None:
         assert self._bstar is not None
-        try:
-            state = decode_peer_state(frames)
-        except KVMsgError as exc:
-            self._reject(exc.kind, "peer state port", exc)
-            return
         before = self._bstar.state
         self._bstar.peer_state(state)
         if self._bstar.state is not before:
             self._on_state_change(before)
 
-    def _on_peer_update(self, frames: list[bytes]) -> None:
-        assert self._sync is not None
-        try:
-            msg = KVMsg.from_frames(frames, max_body=None)
-        except KVMsgError as exc:
-            self._reject(exc.kind, "peer's update port", exc)
-            return
-        if not self._sync.synced:
-            self._sync.backlog.append(msg)
-            self._sync.ready = True
-            return
-        self._follow(msg)
+    def _on_peer_update(self, msg: KVMsg) -> None:
+        assert self._follower is not None
+        why = self._follower.on_update(msg)
+        if why is not None:
+            self._resync(why)
 
-    def _on_peer_snapshot(self, frames: list[bytes]) -> None:
-        sync = self._sync
-        assert sync is not None
-        try:
-            msg = KVMsg.from_frames(frames, max_body=None)
-        except KVMsgError as exc:
-            self._reject(exc.kind, "peer's snapshot port", exc)
-            return
-        if sync.synced:
-            return
-        if msg.key != KTHXBAI:
-            sync.snapshot[msg.key] = msg
-            sync.touch()
-            return
-        now = time.monotonic()
-        self._kvmap, self._expiries = {}, []
-        for entry in sync.snapshot.values():
-            self._store(entry, now)
-            self._remember(entry.uuid)
-            self._pending.pop(entry.uuid, None)
-        self._sequence = msg.sequence
-        sync.synced = True
-        sync.snapshot = {}
-        backlog, sync.backlog = sync.backlog, []
-        logger.info(
-            "store %s: synced %d keys at sequence %d from %s",
-            self.role,
-            len(self._kvmap),
-            msg.sequence,
-            self.peer,
-        )
-        for update in backlog:
-            if self._sync is sync:
-                self._follow(update)
-
-    def _follow(self, msg: KVMsg) -> None:
-        """Passive: apply an update published by the active server."""
-        if msg.key == HUGZ:
-            if msg.sequence > self._sequence:
-                self._resync("the active server is ahead of us (missed updates)")
-            return
-        if msg.sequence <= self._sequence:
-            return
-        if msg.sequence != self._sequence + 1:
-            self._resync(f"gap in the active server's updates ({self._sequence} -> {msg.sequence})")
-            return
-        self._sequence = msg.sequence
-        self._store(msg, time.monotonic())
-        self._remember(msg.uuid)
-        self._pending.pop(msg.uuid, None)
+    def _on_peer_snapshot(self, msg: KVMsg) -> None:
+        assert self._follower is not None
+        why = self._follower.on_snapshot(msg)
+        if why is not None:
+            self._resync(why)
 
     def _resync(self, why: str) -> None:
         logger.warning("store %s: resyncing from %s: %s", self.role, self.peer, why)
@@ -554,43 +479,21 @@ class StoreServer:
 
     def _apply(self, msg: KVMsg, *, count: bool = True) -> None:
         """Active: number the update, apply it, publish it."""
-        self._sequence += 1
-        msg.sequence = self._sequence
-        self._store(msg, time.monotonic())
-        self._remember(msg.uuid)
+        self._table.sequence += 1
+        msg.sequence = self._table.sequence
+        self._table.put(msg, time.monotonic())
         msg.send(self._sockets["publisher"])
         if count:
             self._count("deletes" if msg.is_delete else "updates")
 
-    def _store(self, msg: KVMsg, now: float) -> None:
-        if msg.is_delete:
-            self._kvmap.pop(msg.key, None)
-            return
-        self._kvmap[msg.key] = msg
-        try:
-            ttl = msg.ttl
-        except KVMsgError:
-            ttl = None  # only reachable for updates from the peer, which validated them already
-        if ttl is not None:
-            heapq.heappush(self._expiries, (now + ttl, msg.key, msg.uuid))
-
-    def _remember(self, uuid: bytes) -> None:
-        if uuid:
-            self._seen[uuid] = None
-            if len(self._seen) > SEEN_UUIDS:
-                self._seen.popitem(last=False)
-
     def _expire(self, now: float) -> None:
-        while self._expiries and self._expiries[0][0] <= now:
-            _, key, uuid = heapq.heappop(self._expiries)
-            current = self._kvmap.get(key)
-            if current is not None and current.uuid == uuid:  # else it was re-set since: not expired
-                self._apply(KVMsg(key), count=False)
-                self._count("expired")
+        for key in self._table.expired(now):
+            self._apply(KVMsg(key), count=False)
+            self._count("expired")
 
     def _send_hugz(self) -> None:
         self._hugz_due = False
-        KVMsg(HUGZ, self._sequence, b"", self._control_properties(), b"").send(self._sockets["publisher"])
+        KVMsg(HUGZ, self._table.sequence, b"", self._control_properties(), b"").send(self._sockets["publisher"])
 
     def _control_properties(self) -> dict[str, str]:
         return {"epoch": self.epoch, "heartbeat": repr(self.heartbeat_s), "state": self.state}
@@ -599,23 +502,22 @@ class StoreServer:
         after = self._state()
         self._count("state_changes")
         if after is State.ACTIVE:
-            if self._sync is not None:
-                if not self._sync.synced:
+            if self._follower is not None:
+                if not self._follower.synced:
                     logger.warning("store %s: taking over before the state sync finished", self.role)
-                self._sync.close()
-                self._sync = None
+                self._follower.close()
+                self._follower = None
                 self._poller_stale = True
             self._take_over()
         elif after is State.PASSIVE:
             self._start_peer_sync()
-        logger.info("store %s: %s -> %s at sequence %d", self.role, before.name, after.name, self._sequence)
+        logger.info("store %s: %s -> %s at sequence %d", self.role, before.name, after.name, self.sequence)
 
     def _take_over(self) -> None:
         """Apply the pending list: updates clients sent us that the old active never published."""
         applied = superseded = 0
-        pending, self._pending = self._pending, OrderedDict()
-        for msg, our_sequence in pending.values():
-            current = self._kvmap.get(msg.key)
+        for msg, our_sequence in self._pending.take():
+            current = self._table.kvmap.get(msg.key)
             if current is not None and current.sequence > our_sequence:
                 superseded += 1  # the key changed after this arrived: it is older than what we hold
                 continue
@@ -627,11 +529,20 @@ class StoreServer:
 
     def _start_peer_sync(self) -> None:
         """Passive: drop our state and take the active peer's (snapshot, then its update stream)."""
-        if self._sync is not None:
-            self._sync.close()
-        self._kvmap, self._expiries, self._sequence = {}, [], 0
-        assert self._ctx is not None
-        self._sync = _PeerSync(self._ctx, self._settings, self._peer_host, self._peer_port, self.heartbeat_s)
+        if self._follower is not None:
+            self._follower.close()
+        self._table.reset()
+        assert self._ctx is not None and self.peer is not None
+        self._follower = Follower(
+            self._ctx,
+            self._settings,
+            self.peer,
+            self.heartbeat_s,
+            self._table,
+            self._pending,
+            self._count,
+            self.role,
+        )
         self._poller_stale = True
 
     def _publish_stats(self) -> None:
@@ -641,8 +552,8 @@ class StoreServer:
             "address": self.address,
             "pid": os.getpid(),
             "epoch": self.epoch,
-            "sequence": self._sequence,
-            "keys": len(self._kvmap),
+            "sequence": self._table.sequence,
+            "keys": len(self._table.kvmap),
             "pending": len(self._pending),
             "counters": self.stats,
             "time": time.time(),
@@ -661,48 +572,6 @@ class StoreServer:
                 msg.send(self._sockets["peer_push"], zmq.NOBLOCK)
 
 
-class _PeerSync:
-    """A passive server's link to the active one: its update stream and, until synced, a snapshot request."""
-
-    def __init__(self, ctx: zmq.Context, settings: Settings, host: str, port: int, hb: float) -> None:
-        self.sub = make_socket(ctx, zmq.SUB, settings=settings, rcvhwm=PUB_HWM, role="peer")
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sub.connect(endpoint(host, port + 1))
-        self.dealer = make_socket(ctx, zmq.DEALER, settings=settings, role="peer")
-        self.dealer.connect(endpoint(host, port))
-        self.heartbeat_s = hb
-        self.synced = False
-        self.ready = False  # our subscription is live (we got something on it): safe to ask for a snapshot
-        self.requested = False
-        self.backlog: list[KVMsg] = []
-        self.snapshot: dict[str, KVMsg] = {}
-        now = time.monotonic()
-        self.ask_by = now + 2 * hb  # ask anyway after this, even if the stream is silent
-        self.touch(now)
-
-    def touch(self, now: float | None = None) -> None:
-        self.give_up_at = (now or time.monotonic()) + max(10 * self.heartbeat_s, 2.0)
-
-    def next_deadline(self) -> float:
-        if self.synced:
-            return time.monotonic() + 1.0
-        return self.give_up_at if self.requested else min(self.ask_by, self.give_up_at)
-
-    def tick(self, now: float) -> bool:
-        """Ask for the snapshot when it is time; False if the active server never answered (start over)."""
-        if self.synced:
-            return True
-        if now >= self.give_up_at:
-            return False
-        if not self.requested and (self.ready or now >= self.ask_by):
-            try:
-                self.dealer.send_multipart([ICANHAZ, b""], zmq.NOBLOCK)
-                self.requested = True
-                self.touch(now)
-            except zmq.Again:
-                pass  # not connected yet: the next tick tries again
-        return True
-
-    def close(self) -> None:
-        self.sub.close(linger=0)
-        self.dealer.close(linger=0)
+def _decode_peer(frames: list[bytes]) -> KVMsg:
+    """An update or snapshot part from the active peer: it checked the bodies against its own limit."""
+    return KVMsg.from_frames(frames, max_body=None)

@@ -107,21 +107,36 @@ class FrameConsumer(Protocol):
 
 
 class _BufferPool:
-    """Free list of frame buffers, so a consumer that does not keep frames does not allocate per frame."""
+    """The frame buffers lent to a NodeGroup, and a free list of returned ones, so that a consumer that does
+    not keep frames does not allocate per frame."""
 
     def __init__(self, frame_shape: tuple[int, int] = FRAME_SHAPE, keep: int = 16) -> None:
         self._shape = frame_shape
         self._keep = keep
         self._free: list[np.ndarray] = []
+        self._lent: dict[tuple[int, int], np.ndarray] = {}
         self._lock = threading.Lock()
 
-    def get(self) -> np.ndarray:
+    def lend(
+        self, scan_number: int, frame_number: int, shape: tuple[int, int] | None = None, fresh: bool = False
+    ) -> np.ndarray:
+        """A buffer for the frame: a recycled one, or (``fresh``, for consumers that keep frames) a new one."""
+        shape = shape or self._shape
         with self._lock:
-            if self._free:
-                return self._free.pop()
-        return np.empty(self._shape, dtype=np.uint16)
+            buf = self._free.pop() if self._free and not fresh and self._free[-1].shape == shape else None
+        if buf is None:
+            buf = np.empty(shape, dtype=np.uint16)
+        with self._lock:
+            self._lent[(scan_number, frame_number)] = buf
+        return buf
 
-    def put(self, buf: np.ndarray) -> None:
+    def returned(self, scan_number: int, frame_number: int) -> np.ndarray:
+        """The frame's buffer, back from the NodeGroup (the consumer's until it recycles it)."""
+        with self._lock:
+            return self._lent.pop((scan_number, frame_number))
+
+    def recycle(self, buf: np.ndarray) -> None:
+        """A buffer the consumer is done with, for :meth:`lend` to hand out again."""
         with self._lock:
             if len(self._free) < self._keep:
                 self._free.append(buf)
@@ -132,7 +147,6 @@ class NullConsumer:
 
     def __init__(self) -> None:
         self._pool = _BufferPool()
-        self._live: dict[tuple[int, int], np.ndarray] = {}
         self._lock = threading.Lock()
         self.frames = 0
         self.summaries: dict[int, ScanSummary] = {}
@@ -141,16 +155,12 @@ class NullConsumer:
         pass
 
     def frame_buffer(self, scan_number: int, frame_number: int) -> np.ndarray:
-        buf = self._pool.get()
-        with self._lock:
-            self._live[(scan_number, frame_number)] = buf
-        return buf
+        return self._pool.lend(scan_number, frame_number)
 
     def frame_ready(self, scan_number: int, frame_number: int, missing_sectors: tuple[int, ...]) -> None:
+        self._pool.recycle(self._pool.returned(scan_number, frame_number))
         with self._lock:
-            buf = self._live.pop((scan_number, frame_number))
             self.frames += 1
-        self._pool.put(buf)
 
     def end_scan(self, scan_number: int, summary: ScanSummary) -> None:
         self.summaries[scan_number] = summary
@@ -195,7 +205,7 @@ class ChecksumConsumer:
 
     def __init__(self, *, results_dir: Path | None = None, name: str = "nodegroup", checksum: bool = True):
         self._pool = _BufferPool()
-        self._live: dict[tuple[int, int], np.ndarray] = {}
+        self._keeps_frames = False
         self._lock = threading.Lock()
         self._results_dir = results_dir
         self._checksum = checksum
@@ -207,14 +217,11 @@ class ChecksumConsumer:
             self.scans[scan.scan_number] = ScanResults(scan)
 
     def frame_buffer(self, scan_number: int, frame_number: int) -> np.ndarray:
-        buf = self._pool.get()
-        with self._lock:
-            self._live[(scan_number, frame_number)] = buf
-        return buf
+        shape = self.scans[scan_number].info.frame_shape
+        return self._pool.lend(scan_number, frame_number, shape, fresh=self._keeps_frames)
 
     def frame_ready(self, scan_number: int, frame_number: int, missing_sectors: tuple[int, ...]) -> None:
-        with self._lock:
-            buf = self._live.pop((scan_number, frame_number))
+        buf = self._pool.returned(scan_number, frame_number)
         crc = frame_checksum(buf) if self._checksum else 0
         with self._lock:
             results = self.scans[scan_number]
@@ -222,7 +229,10 @@ class ChecksumConsumer:
             results.order.append(frame_number)
             if missing_sectors:
                 results.missing[frame_number] = missing_sectors
-        self._pool.put(buf)
+            if self._keeps_frames:
+                self.frames[scan_number][frame_number] = buf
+        if not self._keeps_frames:
+            self._pool.recycle(buf)
 
     def end_scan(self, scan_number: int, summary: ScanSummary) -> None:
         with self._lock:
@@ -246,6 +256,8 @@ class CollectingConsumer(ChecksumConsumer):
 
     def __init__(self, *, results_dir: Path | None = None, name: str = "nodegroup") -> None:
         super().__init__(results_dir=results_dir, name=name)
+        self._keeps_frames = True
+        self._pool = _BufferPool(keep=0)
         self.frames: dict[int, dict[int, np.ndarray]] = {}
         self._ended: dict[int, threading.Event] = {}
 
@@ -254,18 +266,6 @@ class CollectingConsumer(ChecksumConsumer):
         with self._lock:
             self.frames[scan.scan_number] = {}
             self._ended.setdefault(scan.scan_number, threading.Event())
-
-    def frame_buffer(self, scan_number: int, frame_number: int) -> np.ndarray:
-        buf = np.empty(self.scans[scan_number].info.frame_shape, dtype=np.uint16)
-        with self._lock:
-            self._live[(scan_number, frame_number)] = buf
-        return buf
-
-    def frame_ready(self, scan_number: int, frame_number: int, missing_sectors: tuple[int, ...]) -> None:
-        with self._lock:
-            buf = self._live[(scan_number, frame_number)]
-            self.frames[scan_number][frame_number] = buf
-        super().frame_ready(scan_number, frame_number, missing_sectors)
 
     def end_scan(self, scan_number: int, summary: ScanSummary) -> None:
         super().end_scan(scan_number, summary)

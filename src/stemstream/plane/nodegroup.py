@@ -49,7 +49,7 @@ from stemstream.config import Settings
 from stemstream.errors import ProtocolError, WaitTimeout
 from stemstream.nodes.consumer import FrameConsumer, ScanSummary
 from stemstream.plane.nodescan import Assembly, HeaderTemplate, NodeGroupScan, fast_check
-from stemstream.plane.receiver import Receiver, decode_info_parts, drain
+from stemstream.plane.receiver import Every, Receiver, decode_info_parts, drain
 from stemstream.scans import keys
 from stemstream.scans.records import NodeGroupScanRecord
 from stemstream.transport.actor import POLL_MS
@@ -195,14 +195,13 @@ class NodeGroup(Receiver):
         sock = self._bind_pull("info", MAX_INFO_PART_BYTES)
         bound.set()
         try:
-            housekeeping = time.monotonic() + 0.5
+            housekeeping = Every(0.5)
             while not self._stop.is_set():
                 if sock.poll(POLL_MS):
                     drain(sock, self._on_info)
                 now = time.monotonic()
-                if now >= housekeeping:
+                if housekeeping.due(now):
                     self._housekeeping(now)
-                    housekeeping = now + 0.5
         finally:
             sock.close()
 

@@ -28,6 +28,20 @@ BURST = 256  # messages read from one socket before looking at the others
 Handler = Callable[[list[zmq.Frame]], None]
 
 
+class Every:
+    """A periodic chore inside a poll loop: ``due(now)`` is true once per ``period_s``."""
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self._next = time.monotonic() + period_s
+
+    def due(self, now: float) -> bool:
+        if now < self._next:
+            return False
+        self._next = now + self.period_s
+        return True
+
+
 def drain(sock: zmq.Socket, handle: Handler, room: Callable[[], bool] | None = None) -> None:
     """Hand up to BURST waiting messages of ``sock`` to ``handle`` (zero-copy frames), without blocking;
     stops early once ``room()`` says no."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from stemstream.errors import ProtocolError
-from stemstream.plane.receiver import decode_info_parts, drain
+from stemstream.plane.receiver import Every, decode_info_parts, drain
 from stemstream.scans import keys
 from stemstream.scans.records import AggregatorScanRecord
 from stemstream.store.registry import record_key, role_prefix
@@ -129,7 +129,7 @@ class Router:
             poller.register(info, zmq.POLLIN)
             poller.register(data, zmq.POLLIN)
             reading = True
-            housekeeping = time.monotonic() + 0.5
+            housekeeping = Every(0.5)
             while not agg._stop.is_set():
                 events = dict(poller.poll(POLL_MS))
                 if info in events:
@@ -141,9 +141,8 @@ class Router:
                     poller.modify(data, zmq.POLLIN if want else 0)
                     reading = want
                 now = time.monotonic()
-                if now >= housekeeping:
+                if housekeeping.due(now):
                     self._housekeeping(now)
-                    housekeeping = now + 0.5
         finally:
             data.close()
             info.close()

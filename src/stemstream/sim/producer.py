@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -126,22 +127,14 @@ def serve(
         fallback_dir=fallback_dir,
         max_skew=max_skew,
     ).start()
+    acquire = partial(run_scan, producer, seed=seed, loss_rate=loss_rate, pregen=pregen, stop=stop)
     try:
         if requests is None:
             for k in range(scans or 0):
                 if stop.is_set():
                     break
                 req = ScanRequest(first_scan + k, scan_shape)
-                results.append(
-                    run_scan(
-                        producer,
-                        req,
-                        seed=seed,
-                        loss_rate=loss_rate,
-                        pregen=pregen,
-                        stop=stop,
-                    )
-                )
+                results.append(acquire(req))
                 if interval > 0 and k + 1 < (scans or 0):
                     stop.wait(interval)  # pacing between scans, as a microscope would
         else:
@@ -151,16 +144,7 @@ def serve(
                 if req is None:
                     continue
                 try:
-                    results.append(
-                        run_scan(
-                            producer,
-                            req,
-                            seed=seed,
-                            loss_rate=loss_rate,
-                            pregen=pregen,
-                            stop=stop,
-                        )
-                    )
+                    results.append(acquire(req))
                 except StemstreamError as exc:  # this scan failed (disk full, no plan...): say so, serve on
                     logger.error("scan %d: %s", req.scan_number, exc)
                     store.set(

@@ -201,11 +201,11 @@ class FileSite:
     """A second store with its own 4 producers and no NodeGroup: every scan goes to disk."""
 
     def __init__(
-        self, workdir: Path, dark: np.ndarray, count_cpus: list[int], plane_cpus: list[int], durable: bool = True
+        self, workdir: Path, dark_path: Path, count_cpus: list[int], plane_cpus: list[int], durable: bool = True
     ) -> None:
         self.workdir = workdir
         self.durable = durable
-        self.dark = dark
+        self.dark_path = dark_path
         self.count_cpus = set(count_cpus) if plane_cpus else None
         self.plane_cpus = set(plane_cpus) or None
         self.threads = len(count_cpus)
@@ -238,7 +238,7 @@ class FileSite:
         self.server.stop()
 
     def run(self, shape: tuple[int, int]) -> Run:
-        from stemstream.counting import count_raw_files
+        from stemstream.counting import CountingParams, count_raw_files
         from stemstream.plane.requests import request_scan
         from stemstream.scans.plan import scan_details
 
@@ -271,7 +271,8 @@ class FileSite:
                     flush(scratch / path.name, drop=True)
             copied = time.time()
             with pinned(self.count_cpus):
-                count_raw_files(scratch, output, scan_number=n, dark=self.dark, engine="stempy", threads=self.threads)
+                params = CountingParams(engine="stempy", dark=self.dark_path)
+                count_raw_files(scratch, output, scan_number=n, params=params, threads=self.threads)
             done = time.time()
             events = count_events(output)
         finally:
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         dark_path = tmp / "dark.npy"
         np.save(dark_path, dark)
         stream = stack.enter_context(StreamSite(tmp / "stream", dark_path, count_cpus, plane_cpus))
-        files = stack.enter_context(FileSite(tmp / "file", dark, count_cpus, plane_cpus, not args.page_cache))
+        files = stack.enter_context(FileSite(tmp / "file", dark_path, count_cpus, plane_cpus, not args.page_cache))
         print("warming up (connections, buffers, stempy) ...", flush=True)
         stream.run((8, 8))
         files.run((8, 8))

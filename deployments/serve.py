@@ -6,63 +6,58 @@
 
 Then from the UI (Deployments -> Run) or the CLI:
 
-    prefect deployment run 'streaming-session/local' -p minutes=30
-    prefect deployment run 'streaming-session/perlmutter' -p n_nodes=2 -p background_n_sigma=4.5
+    prefect deployment run 'streaming-session/local' --params '{"session": {"minutes": 30}}'
+    prefect deployment run 'streaming-session/perlmutter' \
+        --params '{"session": {"n_nodes": 2, "counting": {"background_n_sigma": 4.5}}}'
     prefect deployment run 'multi-scan-experiment/stability-series'
     prefect deployment run 'count-fallback-scan/on-demand' -p scan_number=42
     prefect flow-run logs <run id>            # or watch the run page in the UI
 
-Site values come from the environment, never from this file: STEMSTREAM_STORE_HOST/PORT,
-STEMSTREAM_OUTPUT_DIR, STEMSTREAM_CATALOG_URL, STEMSTREAM_ARCHIVE_DIR, STEMSTREAM_ACCOUNT (NERSC project),
-STEMSTREAM_SFAPI_CLIENT_ID/SECRET (Superfacility API), STEMSTREAM_GLOBUS_* (Globus), and
-STEMSTREAM_EXPERIMENT_CRON (the stability series' schedule, default: every day at 08:00, paused).
+(``--params`` replaces the deployment's parameters: give the whole session, or use the UI's form.)
+
+Site values come from the settings (``stemstream.config.Settings``: the environment of the process that runs
+the flows), never from this file: STEMSTREAM_STORE_HOST/PORT (and STORE_BACKUP_HOST/PORT), STEMSTREAM_OUTPUT_DIR,
+STEMSTREAM_CATALOG_URL, STEMSTREAM_ARCHIVE_DIR, STEMSTREAM_ACCOUNT (NERSC project), the counting defaults
+(STEMSTREAM_BACKGROUND_N_SIGMA, ...), STEMSTREAM_SFAPI_CLIENT_ID/SECRET (Superfacility API),
+STEMSTREAM_GLOBUS_CLIENT_ID/SECRET (Globus), and STEMSTREAM_EXPERIMENT_CRON (the stability series' schedule,
+default: every day at 08:00, paused).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from prefect import serve
 from prefect.schedules import Cron
 
+from stemstream.config import get_settings
 from stemstream.flows import count_fallback_scan, multi_scan_experiment, process_scan, streaming_session
 
 TAGS = ["stemstream"]
 
 
-def _site() -> dict[str, Any]:
-    site: dict[str, Any] = {}
-    if os.environ.get("STEMSTREAM_ARCHIVE_DIR"):
-        site["archive_dir"] = os.environ["STEMSTREAM_ARCHIVE_DIR"]
-    return site
-
-
 def deployments() -> list[Any]:
     """The deployments, built but not yet registered (``serve`` registers them)."""
-    site = _site()
-    local = {"machine": "local", "backend": "local", "n_nodes": 1, "nodegroups_per_node": 2, **site}
+    local = {"machine": "local", "backend": "local", "n_nodes": 1, "nodegroups_per_node": 2}
     perlmutter = {
         "machine": "perlmutter",
         "backend": "sfapi",
         "n_nodes": 1,
         "nodegroups_per_node": 4,
-        "engine": "cpu",
+        "counting": {"engine": "cpu"},
         "aggregator": "external",
-        "account": os.environ.get("STEMSTREAM_ACCOUNT"),
-        **site,
     }
-    cron = os.environ.get("STEMSTREAM_EXPERIMENT_CRON", "0 8 * * *")
+    cron = get_settings().experiment_cron
     return [
         streaming_session.to_deployment(
             name="local",
-            parameters={**local, "minutes": 60},
+            parameters={"session": {**local, "minutes": 60}},
             tags=TAGS,
             description="A streaming session on this machine (NodeGroups under mpiexec).",
         ),
         streaming_session.to_deployment(
             name="perlmutter",
-            parameters={**perlmutter, "minutes": 60},
+            parameters={"session": {**perlmutter, "minutes": 60}},
             tags=TAGS,
             description="A streaming session on Perlmutter through the Superfacility API (realtime QOS).",
         ),

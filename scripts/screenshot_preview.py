@@ -126,24 +126,28 @@ def main() -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from stemstream.config import environment, store_overrides
     from stemstream.sim.site import LocalSite
 
-    with tempfile.TemporaryDirectory(prefix="stemstream-preview-") as tmp, LocalSite(Path(tmp)) as site:
+    with (
+        tempfile.TemporaryDirectory(prefix="stemstream-preview-") as tmp,
+        LocalSite(Path(tmp)) as site,
+        environment(**store_overrides(site.store), catalog_url=f"sqlite:///{tmp}/c.sqlite"),
+    ):
         from stemstream.flows import streaming_session
         from stemstream.plane.requests import request_scan
+        from stemstream.sessions import session_params
         from stemstream.store import Registry, StoreClient
 
         uid = "preview-screenshot"
-        kw = {"minutes": 10, "nodegroups_per_node": 2, "output_dir": f"{tmp}/counted", "archive_dir": f"{tmp}/a"}
-        session = threading.Thread(
-            target=streaming_session,
-            kwargs={"store": site.store, "catalog_url": f"sqlite:///{tmp}/c.sqlite", "uid": uid, **kw},
-            daemon=True,
+        params = session_params(
+            minutes=10, nodegroups_per_node=2, output_dir=f"{tmp}/counted", archive_dir=f"{tmp}/a", uid=uid
         )
+        session = threading.Thread(target=streaming_session, args=(params,), daemon=True)
         session.start()
         taken: list[tuple[Path, int, int]] = []
         seen = (0, 0)
-        with StoreClient(site.store, timeout=10) as client:
+        with StoreClient.from_settings(timeout=10) as client:
             try:
                 Registry(client).wait_for_members("nodegroup", 2, status="ready", timeout=180)
                 time.sleep(2)

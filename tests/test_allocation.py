@@ -34,6 +34,7 @@ from stemstream.allocation import (
 from stemstream.allocation.local import LocalAllocator
 from stemstream.allocation.sfapi import SfapiAllocator
 from stemstream.allocation.slurm import SlurmAllocator
+from stemstream.counting.params import CountingParams
 from stemstream.errors import AllocationError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,8 +80,7 @@ def test_batch_script_has_directives_quoted_args_and_valid_syntax(tmp_path):
         minutes=45,
         store_address="tcp://10.1.2.3:5560",
         output_dir="/pscratch/sd/u/user/counted",
-        background_n_sigma=3.5,
-        engine="cpu",
+        counting=CountingParams(background_n_sigma=3.5, xray_n_sigma=10, threshold_samples=40, engine="cpu", dark=None),
         account="m4242",
         extra_env={"STEMSTREAM_LOG_LEVEL": "DEBUG", "ODD": "it's $HOME"},
     )
@@ -105,7 +105,8 @@ def test_batch_script_has_directives_quoted_args_and_valid_syntax(tmp_path):
     assert "srun --ntasks=6 --ntasks-per-node=2" in script
     assert (
         "/venv/bin/stemstream nodegroup --store tcp://10.1.2.3:5560 --consumer count "
-        "--output-dir /pscratch/sd/u/user/counted --n-sigma 3.5 --engine cpu"
+        "--output-dir /pscratch/sd/u/user/counted --background-n-sigma 3.5 --xray-n-sigma 10.0 "
+        "--threshold-samples 40 --engine cpu"
     ) in script
     checked = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     assert checked.returncode == 0, checked.stderr

@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from stemstream.catalog import Catalog
+from stemstream.counting.params import CountingParams
 from stemstream.errors import CatalogError
 
 
@@ -15,7 +16,7 @@ def catalog(tmp_path):
 
 
 def test_scans_round_trip_with_session(catalog):
-    catalog.start_session("s1", "local", 1, 4.0)
+    catalog.start_session("s1", "local", 1, CountingParams(background_n_sigma=4.0))
     sid = catalog.session_id("s1")
     catalog.upsert_scan(7, session_id=sid, scan_rows=4, scan_cols=8, route="stream", status="counting")
     catalog.upsert_scan(7, status="counted", events=123, counted_path="/x/scan_7_counted.h5", progress=1.0)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stemstream.counting import count_raw_files, get_engine, read_counted
+from stemstream.counting import CountingParams, count_raw_files, get_engine, read_counted
 from stemstream.counting.files import index_raw_files
 from stemstream.errors import CountingError
 from stemstream.sim.camera import FourDCameraSim
@@ -49,7 +49,9 @@ def test_file_counts_equal_counting_in_ram(scan, tmp_path: Path, engine: str):
     dark = sim.dark_reference() - 11.0
     paths = sorted(directory.glob("*.data"))
     target = tmp_path / "c.h5"
-    out = count_raw_files(paths, target, scan_number=3, dark=dark, engine=engine, threshold_frames=8)
+    np.save(tmp_path / "dark.npy", dark)
+    params = CountingParams(engine=engine, threshold_samples=8, dark=tmp_path / "dark.npy")
+    out = count_raw_files(paths, target, scan_number=3, params=params)
     sparse, meta = read_counted(out)
     assert tuple(sparse.scan_shape) == SCAN and meta["engine"] == engine
     got = list(np.asarray(sparse.data).ravel())
@@ -70,7 +72,7 @@ def test_file_counts_equal_counting_in_ram(scan, tmp_path: Path, engine: str):
 
 def test_directory_and_engine_instance_are_accepted(scan, tmp_path: Path):
     _, directory, frames, lost = scan
-    out = count_raw_files(directory, tmp_path / "d.h5", scan_number=3, engine=get_engine("cpu", threads=1))
+    out = count_raw_files(directory, tmp_path / "d.h5", scan_number=3, counter=get_engine("cpu", threads=1))
     sparse, meta = read_counted(out)
     complete = SCAN[0] * SCAN[1] - len({f for f, _ in lost})
     assert meta["engine"] == "cpu" and meta["thresholds"].n_samples == min(40, complete)
@@ -110,7 +112,7 @@ def test_count_command_writes_the_same_file_as_the_library(scan, tmp_path: Path,
     assert main(["count", str(directory), "--scan", "3", "--engine", "cpu", "--output", str(out), "--no-progress"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     sparse, meta = read_counted(out)
-    direct = count_raw_files(directory, tmp_path / "lib.h5", scan_number=3, engine="cpu")
+    direct = count_raw_files(directory, tmp_path / "lib.h5", scan_number=3, params=CountingParams(engine="cpu"))
     sparse_lib, meta_lib = read_counted(direct)
     assert meta["thresholds"] == meta_lib["thresholds"]
     for a, b in zip(np.asarray(sparse.data).ravel(), np.asarray(sparse_lib.data).ravel(), strict=True):

@@ -4,12 +4,14 @@ its HTTP contract: the Superfacility API (respx) and Globus (globus_sdk.testing)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -21,11 +23,13 @@ import responses
 from globus_sdk.testing import load_response
 
 from globus_mock import DST_EP, SRC_EP
-from plane_helpers import ProcessTree, start_store, store_client, wait_until
+from plane_helpers import ProcessTree, free_port_block, start_store, store_client, wait_until
 from sfapi_mock import CLIENT_ID
 from stemstream.catalog import Catalog
+from stemstream.config import environment, store_overrides
 from stemstream.errors import AllocationError, ArchiveError, ConfigError, StoreUnavailable
 from stemstream.scans import keys
+from stemstream.sessions import SessionParams, session_params
 
 pytestmark = pytest.mark.slow
 SHAPE = (12, 12)
@@ -41,7 +45,8 @@ def prefect_server():
 
 @pytest.fixture
 def plane(tmp_path: Path):
-    """A store and four simulated sector producers (the microscope side); yields (store address, tree)."""
+    """A store and four simulated sector producers (the microscope side); yields (store address, tree).
+    The flows find the store (and the catalogue) in the settings."""
     with ProcessTree(tmp_path / "logs") as tree:
         address = start_store(tree)
         for m in range(4):
@@ -51,16 +56,17 @@ def plane(tmp_path: Path):
             from stemstream.store import Registry
 
             Registry(client).wait_for_members("producer", 4, status="ready", timeout=60)
-        yield address, tree
+        with environment(**store_overrides(address), catalog_url=_catalog(tmp_path)):
+            yield address, tree
 
 
-def _session(tmp_path: Path, **kw: Any) -> dict[str, Any]:
-    return {
+def _session(tmp_path: Path, **kw: Any) -> SessionParams:
+    values = {
         "nodegroups_per_node": 1,
         "output_dir": str(tmp_path / "counted"),
         "archive_dir": str(tmp_path / "archive"),
-        **kw,
     }
+    return session_params(**{**values, **kw})
 
 
 def _catalog(tmp_path: Path) -> str:
@@ -70,13 +76,11 @@ def _catalog(tmp_path: Path) -> str:
 def test_session_streams_scans_counted_archived_and_catalogued(tmp_path, plane):
     from stemstream.flows import multi_scan_experiment
 
-    store, _tree = plane
+    _store, _tree = plane
     table = multi_scan_experiment(
         n_scans=2,
         interval_s=0.5,
         scan_shape=SHAPE,
-        store=store,
-        catalog_url=_catalog(tmp_path),
         session=_session(tmp_path, nodegroups_per_node=2),
         timeout_s=240,
     )
@@ -113,9 +117,7 @@ def test_a_killed_nodegroup_is_restarted_and_the_next_scan_is_counted(tmp_path, 
 
     def run() -> None:
         try:
-            result.update(
-                streaming_session(minutes=5, store=store, catalog_url=_catalog(tmp_path), uid=uid, **_session(tmp_path))
-            )
+            result.update(streaming_session(_session(tmp_path, minutes=5, uid=uid)))
         except BaseException as exc:
             result["error"] = exc
 
@@ -156,7 +158,7 @@ def test_fallback_scan_is_counted_from_disk(tmp_path, plane):
         request_scan(client, 9, SHAPE, seed=4)
         key = "/scans/9"
         client.wait_for(lambda items: (items.get(key) or {}).get("status") == "on_disk", prefix=key, timeout=60)
-    row = count_fallback_scan(9, store=store, catalog_url=_catalog(tmp_path), session=_session(tmp_path))
+    row = count_fallback_scan(9, session=_session(tmp_path))
     assert row["route"] == "disk" and row["status"] == "archived" and row["frames"] == SHAPE[0] * SHAPE[1]
     assert len(row["raw_paths"]) == 4 and all(Path(p).exists() for p in row["raw_paths"])
     assert Path(row["archive_location"]).exists()
@@ -170,25 +172,17 @@ def test_sfapi_session_submit_running_completed(tmp_path, sfapi, rsa_key):
 
     fake, router = sfapi
     fake.squeue = [{"jobid": "4242", "state": "PENDING", "reason": "Priority"}]
-    options = {"client_id": CLIENT_ID, "secret": rsa_key[0], "make_output_dir": False}
-    with ProcessTree(tmp_path / "logs") as tree:
-        store = start_store(tree)
+    options = {"make_output_dir": False}
+    with ProcessTree(tmp_path / "logs") as tree, _sfapi_site(tmp_path, start_store(tree), rsa_key) as store:
         result: dict[str, Any] = {}
+        params = _session(
+            tmp_path, machine="perlmutter", backend="sfapi", aggregator="external", minutes=0.1,
+            allocator_options=options,
+        )  # fmt: skip
 
         def run() -> None:
             try:
-                result.update(
-                    streaming_session(
-                        machine="perlmutter",
-                        backend="sfapi",
-                        aggregator="external",
-                        minutes=0.1,
-                        store=store,
-                        catalog_url=_catalog(tmp_path),
-                        allocator_options=options,
-                        **_session(tmp_path),
-                    )
-                )
+                result.update(streaming_session(params))
             except BaseException as exc:
                 result["error"] = exc
 
@@ -215,20 +209,28 @@ def test_sfapi_session_with_a_failed_job_says_so(tmp_path, sfapi, rsa_key):
 
     fake, _router = sfapi
     fake.squeue = [{"jobid": "4242", "state": "FAILED", "reason": "NonZeroExitCode"}]
-    options = {"client_id": CLIENT_ID, "secret": rsa_key[0], "make_output_dir": False}
-    with ProcessTree(tmp_path / "logs") as tree:
-        store = start_store(tree)
-        with pytest.raises(AllocationError) as info:
-            streaming_session(
-                machine="perlmutter", backend="sfapi", aggregator="external", minutes=1, store=store,
-                catalog_url=_catalog(tmp_path), allocator_options=options, **_session(tmp_path),
-            )  # fmt: skip
+    options = {"make_output_dir": False}
+    kw = {"machine": "perlmutter", "backend": "sfapi", "aggregator": "external", "minutes": 1}
+    with (
+        ProcessTree(tmp_path / "logs") as tree,
+        _sfapi_site(tmp_path, start_store(tree), rsa_key),
+        pytest.raises(AllocationError) as info,
+    ):
+        streaming_session(_session(tmp_path, allocator_options=options, **kw))
     message = str(info.value)
     assert "\n" not in message, repr(message)
     assert "4242" in message and "FAILED" in message and "log" in message
     catalog = Catalog(_catalog(tmp_path))
     assert catalog.list_sessions()[0].status == "failed"
     catalog.close()
+
+
+@contextlib.contextmanager
+def _sfapi_site(tmp_path: Path, store: str, rsa_key: Any) -> Iterator[str]:
+    """The settings of a site with the Superfacility API: its store, catalogue and client credentials."""
+    site = {"catalog_url": _catalog(tmp_path), "sfapi_client_id": CLIENT_ID, "sfapi_secret": rsa_key[0]}
+    with environment(**store_overrides(store), **site):
+        yield store
 
 
 # -- Globus, at its HTTP contract
@@ -252,7 +254,12 @@ def counted_scan(tmp_path: Path):
         with store_client(store) as client:
             client.set(keys.counted(77), {"status": "counted", "path": str(path), "seconds_after_last_frame": 0.8})
             client.wait_for(lambda items: keys.counted(77) in items, prefix=keys.counted(77), timeout=10)
-        yield store, path
+        with environment(**store_overrides(store), catalog_url=_catalog(tmp_path), **GLOBUS_CREDENTIALS):
+            yield store, path
+
+
+# The confidential app's credentials: settings, never session parameters.
+GLOBUS_CREDENTIALS = {"globus_client_id": "11111111-2222-4333-8444-555555555555", "globus_client_secret": "s3cr3t"}
 
 
 def _globus_options() -> dict[str, Any]:
@@ -260,8 +267,6 @@ def _globus_options() -> dict[str, Any]:
         "source_endpoint": SRC_EP,
         "destination_endpoint": DST_EP,
         "destination_path": "/archive/ncem/",
-        "client_id": "11111111-2222-4333-8444-555555555555",
-        "client_secret": "s3cr3t",
         "poll_s": 0.01,
     }
 
@@ -276,12 +281,9 @@ def _load_globus(case: str) -> None:
 def test_process_scan_archives_through_globus(tmp_path, counted_scan, mocked_responses):
     from stemstream.flows import process_scan
 
-    store, path = counted_scan
+    _store, path = counted_scan
     _load_globus("succeeds")
-    row = process_scan(
-        77, store=store, session=_session(tmp_path, archive="globus"), catalog_url=_catalog(tmp_path),
-        archive_options=_globus_options(),
-    )  # fmt: skip
+    row = process_scan(77, session=_session(tmp_path, archive="globus", archive_options=_globus_options()))
     assert row["status"] == "archived"
     assert row["archive_location"] == f"globus://{DST_EP}/archive/ncem/{path.name}"
     assert any(c.request.url.endswith("/v0.10/transfer") for c in responses.calls)
@@ -293,14 +295,11 @@ def test_process_scan_with_a_failed_transfer_marks_the_scan_and_keeps_the_file(
 ):
     from stemstream.flows import process_scan
 
-    store, path = counted_scan
+    _store, path = counted_scan
     before = path.read_bytes()
     _load_globus("fails")
     with pytest.raises(ArchiveError) as info:
-        process_scan(
-            77, store=store, session=_session(tmp_path, archive="globus"), catalog_url=_catalog(tmp_path),
-            archive_options=_globus_options(),
-        )  # fmt: skip
+        process_scan(77, session=_session(tmp_path, archive="globus", archive_options=_globus_options()))
     assert "\n" not in str(info.value) and "FAILED" in str(info.value) and str(path) in str(info.value)
     assert path.read_bytes() == before
     catalog = Catalog(_catalog(tmp_path))
@@ -324,8 +323,13 @@ def test_process_scan_with_a_failed_transfer_marks_the_scan_and_keeps_the_file(
 def test_bad_session_input_is_one_line(tmp_path, kw, error, words):
     from stemstream.flows import streaming_session
 
-    with pytest.raises(error) as info:
-        streaming_session(catalog_url=_catalog(tmp_path), **{**_session(tmp_path), **kw})
+    kw = dict(kw)
+    if "background_n_sigma" in kw:  # a counting parameter
+        kw["counting"] = {"background_n_sigma": kw.pop("background_n_sigma")}
+    # A store that does not answer: a free port (the settings refuse port 9).
+    store = f"tcp://127.0.0.1:{free_port_block(3)}" if kw.pop("store", None) else None
+    with environment(**store_overrides(store), catalog_url=_catalog(tmp_path)), pytest.raises(error) as info:
+        streaming_session(_session(tmp_path, **kw))
     message = str(info.value)
     assert "\n" not in message
     for word in words:
@@ -350,6 +354,6 @@ def test_deployments_register_with_parameters_and_a_schedule():
         "count-fallback-scan/on-demand",
         "multi-scan-experiment/stability-series",
     }
-    assert found["streaming-session/perlmutter"].parameters["backend"] == "sfapi"
+    assert found["streaming-session/perlmutter"].parameters["session"]["backend"] == "sfapi"
     series = found["multi-scan-experiment/stability-series"]
     assert series.parameters["n_scans"] == 60 and series.schedules and series.schedules[0].schedule.cron

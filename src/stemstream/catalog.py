@@ -13,10 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, select
+from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, inspect, select, text
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from stemstream.counting.params import CountingParams
 from stemstream.errors import CatalogError
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class SessionRow(Base):
     machine: Mapped[str] = mapped_column(String(64))
     n_nodes: Mapped[int] = mapped_column(Integer, default=1)
     background_n_sigma: Mapped[float] = mapped_column(Float, default=4.0)
+    counting: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # the CountingParams used
     status: Mapped[str] = mapped_column(String(32), default="starting")
     started: Mapped[float] = mapped_column(Float, default=time.time)
     ended: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -92,6 +94,7 @@ class Catalog:
         try:
             self._engine = create_engine(url)
             Base.metadata.create_all(self._engine)
+            self._add_new_columns()
         except (ArgumentError, OperationalError, SQLAlchemyError) as exc:
             raise CatalogError(
                 f"cannot open the scan catalog at {url!r} ({type(exc).__name__}); "
@@ -99,16 +102,35 @@ class Catalog:
             ) from None
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
 
+    def _add_new_columns(self) -> None:
+        """Columns added since a catalogue was made (nullable ones only), so an older catalogue keeps working."""
+        existing = inspect(self._engine)
+        with self._engine.begin() as db:
+            for table in Base.metadata.sorted_tables:
+                have = {c["name"] for c in existing.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name not in have and column.nullable:
+                        kind = column.type.compile(dialect=self._engine.dialect)
+                        db.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+                        logger.info("catalog %s: added column %s.%s", self.url, table.name, column.name)
+
     @contextmanager
     def _session(self) -> Iterator[Session]:
         with self._sessions() as db, db.begin():
             yield db
 
-    def start_session(self, uid: str, machine: str, n_nodes: int, background_n_sigma: float) -> int:
+    def start_session(self, uid: str, machine: str, n_nodes: int, counting: CountingParams) -> int:
+        """The session's row (made, or found again), marked running; its id."""
         with self._session() as db:
             row = db.scalar(select(SessionRow).where(SessionRow.uid == uid))
             if row is None:
-                row = SessionRow(uid=uid, machine=machine, n_nodes=n_nodes, background_n_sigma=background_n_sigma)
+                row = SessionRow(
+                    uid=uid,
+                    machine=machine,
+                    n_nodes=n_nodes,
+                    background_n_sigma=counting.background_n_sigma,
+                    counting=counting.model_dump(mode="json"),
+                )
                 db.add(row)
             row.status = "running"
             db.flush()

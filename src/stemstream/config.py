@@ -5,18 +5,31 @@ The only address a process needs is the store's; everything else is looked up in
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
-from collections.abc import Iterable
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stemstream.errors import ConfigError
 
 ENV_PREFIX = "STEMSTREAM_"
+
+# The counting parameters' types, bounds and descriptions: shared by Settings (the site defaults) and
+# stemstream.counting.params.CountingParams (what a session or a count uses), so each has one range check.
+EngineName = Literal["stempy", "cpu", "gpu", "auto"]
+BackgroundNSigma = Annotated[
+    float, Field(ge=0.5, le=20, description="background threshold, sigmas above the noise mean (usually 4 or 4.5)")
+]
+XrayNSigma = Annotated[float, Field(ge=1, le=100, description="x-ray threshold, sigmas above the mean")]
+ThresholdSamples = Annotated[int, Field(ge=1, le=10_000, description="frames sampled for the thresholds")]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
 class Settings(BaseSettings):
@@ -56,18 +69,54 @@ class Settings(BaseSettings):
     hold_bytes: int = Field(8 << 30, ge=0, description="bytes of streamed sectors held per producer")
     ack_timeout_s: float = Field(120.0, gt=0, description="seconds without progress before a replay")
 
-    # Counting.
-    background_n_sigma: float = Field(4.0, ge=0.5, le=20)
-    xray_n_sigma: float = Field(10.0, ge=1, le=100)
-    threshold_samples: int = Field(40, ge=1, le=10_000)
-    engine: str = Field("stempy", pattern="^(stempy|cpu|gpu|auto)$")
+    # Counting: the defaults of stemstream.counting.params.CountingParams.
+    background_n_sigma: BackgroundNSigma = 4.0
+    xray_n_sigma: XrayNSigma = 10.0
+    threshold_samples: ThresholdSamples = 40
+    engine: EngineName = "stempy"
+    dark: Path | None = Field(None, description="dark reference, a .npy of one 576x576 frame")
+    gain: Path | None = Field(None, description="gain reference, a .npy of one 576x576 frame")
 
-    # Session / catalog.
+    # Sessions, archive, catalog.
     catalog_url: str = "sqlite:///./data/catalog.sqlite"
+    archive_dir: Path = Field(Path("./data/archive"), description="the local archive's destination")
+    account: str | None = Field(None, description="NERSC project charged for sessions (slurm, sfapi)")
+    experiment_cron: str = Field("0 8 * * *", description="schedule of the stability series (registered paused)")
+    log_level: LogLevel = "INFO"
+
+    # Credentials: a value (SecretStr: never printed, never logged) or a file holding it (e.g. 0600).
+    sfapi_client_id: str | None = None
+    sfapi_secret: SecretStr | None = Field(None, description="the Superfacility API client's private key")
+    sfapi_secret_file: Path | None = None
+    globus_client_id: str | None = None
+    globus_client_secret: SecretStr | None = None
+    globus_client_secret_file: Path | None = None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @property
     def store_address(self) -> str:
         return f"tcp://{self.store_host}:{self.store_port}"
+
+    def secret(self, name: Literal["sfapi_secret", "globus_client_secret"]) -> str | None:
+        """The credential ``name`` from STEMSTREAM_<NAME>, else from the file STEMSTREAM_<NAME>_FILE; None if
+        neither is set. A file that cannot be read is a one-line ConfigError (naming the file, not the secret)."""
+        value: SecretStr | None = getattr(self, name)
+        if value is not None and value.get_secret_value():
+            return value.get_secret_value()
+        path: Path | None = getattr(self, f"{name}_file")
+        if path is None:
+            return None
+        try:
+            return path.read_text().strip() or None
+        except OSError as exc:
+            variable = f"{ENV_PREFIX}{name.upper()}_FILE"
+            raise ConfigError(
+                f"{variable}: cannot read {path} ({exc.strerror}); fix the path or its permissions"
+            ) from None
 
 
 _LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
@@ -118,7 +167,29 @@ def curve_enabled(settings: Settings, hosts: Iterable[str | None] = ()) -> bool:
 def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
     field = str(first["loc"][0]) if first["loc"] else "?"
-    return f"{ENV_PREFIX}{field.upper()}: {first['msg']} (got {first.get('input')!r})"
+    shown = "<hidden>" if "secret" in field else repr(first.get("input"))
+    return f"{ENV_PREFIX}{field.upper()}: {first['msg']} (got {shown})"
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def validated(
+    model: type[Model], values: Mapping[str, Any], what: str, hints: Mapping[str, str] | None = None
+) -> Model:
+    """``model(**values)``; a bad value raises a one-line ConfigError: ``<what> <field>=<value>: <why> (<hint>)``.
+
+    ``hints`` are keyed by the field's dotted name (``counting.background_n_sigma``) or its last part."""
+    hints = hints or {}
+    try:
+        return model(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = ".".join(str(x) for x in first["loc"]) or "?"
+        hint = hints.get(name) or hints.get(name.rsplit(".", 1)[-1], "")
+        raise ConfigError(
+            f"{what} {name}={first.get('input')!r}: {first['msg']}" + (f" ({hint})" if hint else "")
+        ) from None
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -133,3 +204,50 @@ def load_settings(**overrides: object) -> Settings:
 def get_settings() -> Settings:
     """The process-wide settings, read once."""
     return load_settings()
+
+
+_ADDRESS = re.compile(r"^tcp://(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?P<port>\d{1,5})$")
+
+
+def store_overrides(address: str | None, backup: str | None = None) -> dict[str, Any]:
+    """Settings overrides for a store given on a command line (``tcp://HOST:PORT``), for :func:`load_settings`.
+
+    Without ``address``, only ``backup`` (if given) overrides. With ``address`` and no ``backup`` the store has
+    no backup: the settings' backup belongs to the settings' primary.
+    """
+    overrides: dict[str, Any] = {}
+    for prefix, value in (("store", address), ("store_backup", backup)):
+        if value is None:
+            continue
+        match = _ADDRESS.match(value)
+        if match is None:
+            raise ConfigError(f"store address {value!r} is not tcp://HOST:PORT")
+        overrides[f"{prefix}_host"] = match["host"].strip("[]")
+        overrides[f"{prefix}_port"] = int(match["port"])
+    if address is not None and backup is None:
+        overrides["store_backup_host"] = None
+    return overrides
+
+
+@contextlib.contextmanager
+def environment(**values: object) -> Iterator[Settings]:
+    """Set ``STEMSTREAM_<NAME>`` for the block (None unsets it), with the process-wide settings re-read, and
+    restore both after: for entry points that start their own services (``stemstream demo``) and tests."""
+    saved = {name: os.environ.get(f"{ENV_PREFIX}{name.upper()}") for name in values}
+    try:
+        for name, value in values.items():
+            _set_env(name, value)
+        get_settings.cache_clear()
+        yield get_settings()
+    finally:
+        for name, value in saved.items():
+            _set_env(name, value)
+        get_settings.cache_clear()
+
+
+def _set_env(name: str, value: object) -> None:
+    variable = f"{ENV_PREFIX}{name.upper()}"
+    if value is None:
+        os.environ.pop(variable, None)
+    else:
+        os.environ[variable] = str(value)

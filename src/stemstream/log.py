@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
+
+from stemstream.errors import ConfigError
 
 _FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
 
 
 def configure_logging(level: str | int | None = None) -> None:
-    """Configure the root logger for a CLI process (level from STEMSTREAM_LOG_LEVEL, default INFO)."""
-    level = level or os.environ.get("STEMSTREAM_LOG_LEVEL", "INFO")
+    """Configure the root logger for a CLI process (level from STEMSTREAM_LOG_LEVEL, default INFO).
+
+    Bad settings leave the level at INFO here: the command reports them in one line when it reads them.
+    """
+    from stemstream.config import get_settings
+
+    if not level:
+        try:
+            level = get_settings().log_level
+        except ConfigError:
+            level = "INFO"
     logging.basicConfig(level=level, format=_FORMAT)
     # HTTP clients log every request at INFO (Prefect's API calls among them): only their problems here.
     for noisy in ("httpx", "httpcore"):

@@ -1,8 +1,9 @@
 """What every allocation backend shares: the request, the job states, the ``Allocator`` protocol.
 
 An allocation is a batch job (or, locally, one ``mpiexec``) that runs ``n_nodes * nodegroups_per_node``
-NodeGroup processes, each registering itself in the store at ``store_address`` and counting what it
-receives into ``output_dir``.
+NodeGroup processes, each registering itself in the store at ``store_address`` (failing over to
+``store_backup``) and counting what it receives into ``output_dir`` as ``counting`` says. Everything a NodeGroup
+needs is on its command line: a batch job's environment is not the session's.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Protocol
 
 import jinja2
 
+from stemstream.counting.params import CountingParams
 from stemstream.errors import AllocationError
 
 logger = logging.getLogger(__name__)
@@ -52,9 +54,9 @@ class AllocationRequest:
     nodegroups_per_node: int = 2
     minutes: int = 60
     store_address: str
+    store_backup: str | None = None
     output_dir: str
-    background_n_sigma: float = 4.0
-    engine: str = "stempy"
+    counting: CountingParams = field(default_factory=CountingParams)
     account: str | None = None
     qos: str = "realtime"
     constraint: str = "cpu"
@@ -64,9 +66,7 @@ class AllocationRequest:
         for name in ("n_nodes", "nodegroups_per_node", "minutes"):
             if getattr(self, name) < 1:
                 raise AllocationError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        if self.background_n_sigma <= 0:
-            raise AllocationError(f"background_n_sigma must be positive (got {self.background_n_sigma})")
-        for name in ("machine", "store_address", "engine", "qos", "constraint", "account"):
+        for name in ("machine", "store_address", "store_backup", "qos", "constraint", "account"):
             value = getattr(self, name)
             if value is not None and not _TOKEN.match(value):
                 raise AllocationError(f"{name} {value!r} must be one word without spaces or quotes")
@@ -116,18 +116,9 @@ class Allocator(Protocol):
 
 def nodegroup_args(request: AllocationRequest) -> list[str]:
     """The ``stemstream nodegroup`` arguments (after the sub-command) for one NodeGroup process."""
-    return [
-        "--store",
-        request.store_address,
-        "--consumer",
-        "count",
-        "--output-dir",
-        request.output_dir,
-        "--n-sigma",
-        f"{request.background_n_sigma:g}",
-        "--engine",
-        request.engine,
-    ]
+    backup = ["--store-backup", request.store_backup] if request.store_backup else []
+    output = ["--output-dir", request.output_dir]
+    return ["--store", request.store_address, *backup, "--consumer", "count", *output, *request.counting.argv()]
 
 
 # Slurm job states (squeue %T / sacct State) to ours. A NodeGroup job serves until it is cancelled or

@@ -20,6 +20,10 @@ from stemstream.errors import AllocationError
 logger = logging.getLogger(__name__)
 
 
+# What a clean_env job keeps of this environment: enough to find programs and a home, nothing of stemstream's.
+KEPT_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV")
+
+
 def default_command() -> list[str]:
     """``<venv>/bin/stemstream nodegroup``: the console script beside this interpreter."""
     return [str(Path(sys.executable).parent / "stemstream"), "nodegroup"]
@@ -35,7 +39,9 @@ class LocalAllocator:
 
     ``command`` replaces ``stemstream nodegroup`` (tests pass a sleeper); ``mpiexec`` defaults to the one in
     this venv, and ``use_mpi=False`` runs the command once without MPI. The job's output goes to
-    ``<output_dir>/nodegroups-<job id>.log``.
+    ``<output_dir>/nodegroups-<job id>.log``. ``clean_env=True`` starts the job as a batch system on another
+    machine would: with only the basics of this environment (:data:`KEPT_ENV`) and the request's ``extra_env``,
+    so that what the NodeGroups need must be on their command line.
     """
 
     name = "local"
@@ -47,10 +53,12 @@ class LocalAllocator:
         mpiexec: str | None = None,
         use_mpi: bool = True,
         grace_s: float = 5.0,
+        clean_env: bool = False,
     ) -> None:
         self.command = list(command) if command is not None else default_command()
         self.mpiexec = (mpiexec or default_mpiexec()) if use_mpi else None
         self.grace_s = grace_s
+        self.clean_env = clean_env
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: dict[str, Path] = {}
         self._cancelled: set[str] = set()
@@ -81,7 +89,8 @@ class LocalAllocator:
             raise AllocationError(
                 f"cannot create output_dir {out_dir}: {exc.strerror}; choose a writable directory"
             ) from None
-        env = {**os.environ, **request.extra_env}
+        inherited = {k: v for k, v in os.environ.items() if k in KEPT_ENV} if self.clean_env else os.environ
+        env = {**inherited, **request.extra_env}
         log_path = out_dir / f"nodegroups-starting-{os.getpid()}-{time.monotonic_ns()}.log"
         try:
             with open(log_path, "ab") as log:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import time
 from collections.abc import Iterator, Sequence
@@ -32,6 +31,7 @@ import pydantic
 import tenacity
 from authlib.integrations.base_client import OAuthError
 from authlib.oauth2.rfc7523 import PrivateKeyJWT
+from pydantic import SecretStr
 from sfapi_client import Client, OutageStatusValue, SfApiError, StatusValue
 from sfapi_client.compute import Compute, Machine
 from sfapi_client.jobs import JobSqueue
@@ -44,6 +44,7 @@ from stemstream.allocation.base import (
     render_batch_script,
     slurm_state,
 )
+from stemstream.config import Settings, load_settings
 from stemstream.errors import AllocationError
 
 try:  # sfapi_client keeps these two in a private module; fall back to the values it documents.
@@ -82,10 +83,11 @@ def _secret_key(secret: str) -> str | dict[str, Any]:
 class SfapiAllocator:
     """Submit the NodeGroups' batch script through the Superfacility API and follow the job.
 
-    Credentials: ``client_id``/``secret`` or the environment (``STEMSTREAM_SFAPI_CLIENT_ID``,
-    ``STEMSTREAM_SFAPI_SECRET``: the PEM private key of a Superfacility client made in Iris). They are
-    never logged. ``executable``/``prologue`` go to :func:`render_batch_script`; ``make_output_dir``
-    creates the output directory (where Slurm writes the job log) with a command on a login node first.
+    Credentials: ``client_id``/``secret`` or the settings (``STEMSTREAM_SFAPI_CLIENT_ID`` and
+    ``STEMSTREAM_SFAPI_SECRET``, or ``STEMSTREAM_SFAPI_SECRET_FILE``: the PEM private key of a Superfacility
+    client made in Iris), read when the allocator is made. They are never logged. ``executable``/``prologue``
+    go to :func:`render_batch_script`; ``make_output_dir`` creates the output directory (where Slurm writes
+    the job log) with a command on a login node first.
     """
 
     name = "sfapi"
@@ -103,9 +105,14 @@ class SfapiAllocator:
         make_output_dir: bool = True,
         api_base_url: str = SFAPI_BASE_URL,
         token_url: str = SFAPI_TOKEN_URL,
+        settings: Settings | None = None,
     ) -> None:
-        self.client_id = client_id or os.environ.get(ENV_CLIENT_ID) or None
-        self._secret = secret or os.environ.get(ENV_SECRET) or None
+        if client_id is None or secret is None:
+            settings = settings or load_settings()  # read now: credentials may have changed since start-up
+            client_id = client_id or settings.sfapi_client_id
+            secret = secret or settings.secret("sfapi_secret")
+        self.client_id = client_id or None
+        self._secret = SecretStr(secret) if secret else None
         self.machines = tuple(machines)
         self.executable = executable
         self.prologue = tuple(prologue)
@@ -143,10 +150,10 @@ class SfapiAllocator:
             return self._client
         if not self.client_id or not self._secret:
             raise AllocationError(
-                f"no Superfacility API credentials; set {ENV_CLIENT_ID} and {ENV_SECRET} "
-                "(a client made at iris.nersc.gov and its private key)"
+                f"no Superfacility API credentials; set {ENV_CLIENT_ID} and {ENV_SECRET} (or {ENV_SECRET}_FILE): "
+                "a client made at iris.nersc.gov and its private key"
             )
-        key = _secret_key(self._secret)
+        key = _secret_key(self._secret.get_secret_value())
         try:  # sign a throwaway assertion exactly as the token request will, to catch a bad key early
             PrivateKeyJWT(self.token_url).sign(
                 SimpleNamespace(client_id=self.client_id, client_secret=key), self.token_url

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from typing import Any
 import globus_sdk
 
 from stemstream.archive.base import ArchiveResult, default_label, one_line, source_file
+from stemstream.config import Settings, load_settings
 from stemstream.errors import ArchiveError
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ class GlobusArchiver:
     """Transfer counted files from ``source_endpoint`` to ``destination_path`` on ``destination_endpoint``.
 
     Authentication: pass a ready ``transfer_client``, or a confidential app's ``client_id``/``client_secret``
-    (default: ``STEMSTREAM_GLOBUS_CLIENT_ID``/``STEMSTREAM_GLOBUS_CLIENT_SECRET``); tokens stay in memory.
+    (default: the settings ``STEMSTREAM_GLOBUS_CLIENT_ID`` and ``STEMSTREAM_GLOBUS_CLIENT_SECRET``, or
+    ``STEMSTREAM_GLOBUS_CLIENT_SECRET_FILE``); tokens stay in memory, nothing is logged.
     ``data_access_collections`` lists GCS v5 mapped collections that need a data_access consent.
     ``source_path`` maps a local path to its path on the source endpoint (default: the absolute path).
     """
@@ -57,6 +58,7 @@ class GlobusArchiver:
         source_path: Callable[[Path], str] | None = None,
         timeout_s: float = 3600.0,
         poll_s: float = 5.0,
+        settings: Settings | None = None,
     ) -> None:
         self.source_endpoint = source_endpoint
         self.destination_endpoint = destination_endpoint
@@ -64,6 +66,10 @@ class GlobusArchiver:
         self.source_path = source_path or (lambda p: p.absolute().as_posix())
         self.timeout_s = timeout_s
         self.poll_s = poll_s
+        if transfer_client is None and (client_id is None or client_secret is None):
+            settings = settings or load_settings()  # read now: credentials may have changed since start-up
+            client_id = client_id or settings.globus_client_id
+            client_secret = client_secret or settings.secret("globus_client_secret")
         self.tc = transfer_client or self._client(client_id, client_secret, data_access_collections)
 
     def __repr__(self) -> str:  # never show the secret
@@ -73,12 +79,10 @@ class GlobusArchiver:
     def _client(
         client_id: str | None, client_secret: str | None, collections: Sequence[str]
     ) -> globus_sdk.TransferClient:
-        client_id = client_id or os.environ.get(ENV_CLIENT_ID)
-        client_secret = client_secret or os.environ.get(ENV_CLIENT_SECRET)
         if not client_id or not client_secret:
             raise ArchiveError(
-                f"no Globus credentials; set {ENV_CLIENT_ID} and {ENV_CLIENT_SECRET} "
-                "(a confidential app registered at app.globus.org/settings/developers)"
+                f"no Globus credentials; set {ENV_CLIENT_ID} and {ENV_CLIENT_SECRET} (or {ENV_CLIENT_SECRET}_FILE): "
+                "a confidential app registered at app.globus.org/settings/developers"
             )
         app = globus_sdk.ClientApp(
             "stemstream",

@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+from stemstream.commands.options import add_counting_arguments, counting_from
 from stemstream.scans import keys
 
 logger = logging.getLogger(__name__)
@@ -27,12 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scan-shape", type=int, nargs=2, default=[32, 32], metavar=("ROWS", "COLS"))
     p.add_argument("--interval", type=float, default=2.0, help="seconds between scan starts (default 2)")
     p.add_argument("--nodegroups", type=int, default=2, help="NodeGroups, each an MPI rank (default 2)")
-    p.add_argument("--engine", default="stempy", help="counting engine: stempy (default), cpu, gpu, auto")
+    add_counting_arguments(p.add_argument_group("counting"))
     p.add_argument("--keep-ui", action="store_true", help="keep the Prefect UI up at the end until Ctrl-C")
     p.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from stemstream.config import environment, store_overrides
     from stemstream.errors import ConfigError
     from stemstream.sim.site import LocalSite
 
@@ -42,33 +44,33 @@ def _demo(args: argparse.Namespace) -> int:
     if root.exists():
         shutil.rmtree(root)  # a demo starts from nothing: scan numbers, catalog and files are its own
     catalog_url = f"sqlite:///{root / 'catalog.sqlite'}"
-    session = {
-        "nodegroups_per_node": args.nodegroups,
-        "engine": args.engine,
-        "output_dir": str(root / "counted"),
-        "archive_dir": str(root / "archive"),
-        "uid": f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
-    }
+    counting = counting_from(args)
     started = time.monotonic()
     print(f"stemstream demo: everything under {root}")
-    with LocalSite(root) as site:
+    with LocalSite(root) as site, environment(**store_overrides(site.store), catalog_url=catalog_url):
         print(f"  Prefect UI    {site.prefect_url}  (server on embedded SQLite)")
         print(f"  Clone store   {site.store};  4 simulated producers ready")
         # Prefect is imported only now, so that it reports to the server just started.
         from stemstream.catalog import Catalog
         from stemstream.flows import count_fallback_scan, multi_scan_experiment
+        from stemstream.sessions import session_params
 
+        session = session_params(
+            nodegroups_per_node=args.nodegroups,
+            counting=counting,
+            output_dir=str(root / "counted"),
+            archive_dir=str(root / "archive"),
+            uid=f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
+        )
         multi_scan_experiment(
             n_scans=args.scans,
             interval_s=args.interval,
             scan_shape=tuple(args.scan_shape),
-            store=site.store,
-            catalog_url=catalog_url,
             session=session,
             timeout_s=600,
         )
-        fallback = _one_scan_to_disk(site.store, args.scans + 1, tuple(args.scan_shape))
-        count_fallback_scan(fallback, store=site.store, session=session, catalog_url=catalog_url)
+        fallback = _one_scan_to_disk(args.scans + 1, tuple(args.scan_shape))
+        count_fallback_scan(fallback, session=session)
         catalog = Catalog(catalog_url)
         rows = catalog.list_scans()
         catalog.close()
@@ -91,12 +93,12 @@ def _flush_prefect_logs() -> None:
     APILogWorker.drain_all(timeout=10)
 
 
-def _one_scan_to_disk(store: str, scan_number: int, shape: tuple[int, int]) -> int:
+def _one_scan_to_disk(scan_number: int, shape: tuple[int, int]) -> int:
     """With the session over (no NodeGroup registered), one more scan: the producers write it to disk."""
     from stemstream.plane.requests import request_scan
     from stemstream.store import Registry, StoreClient
 
-    with StoreClient(store, timeout=10) as client:
+    with StoreClient.from_settings(timeout=10) as client:
         registry = Registry(client)
         deadline = time.monotonic() + 60
         while registry.members("nodegroup") and time.monotonic() < deadline:

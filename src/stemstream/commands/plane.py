@@ -13,12 +13,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from stemstream.commands.options import add_counting_arguments, add_store_arguments, counting_from, store_client
+
 logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("producer", help="a detector-sector producer fed by the simulator")
-    _store_arg(p)
+    add_store_arguments(p)
     p.add_argument("--sector", type=int, required=True, help="detector sector / receiving server, 0..3")
     p.add_argument(
         "--threads",
@@ -54,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_producer)
 
     a = subparsers.add_parser("aggregator", help="route sector messages from the producers to the NodeGroups")
-    _store_arg(a)
+    add_store_arguments(a)
     a.add_argument("--sectors", type=int, default=4)
     a.add_argument("--uid", default=None)
     a.add_argument(
@@ -72,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.set_defaults(func=_aggregator)
 
     n = subparsers.add_parser("nodegroup", help="receive and assemble frames on a compute node")
-    _store_arg(n)
+    add_store_arguments(n)
     n.add_argument(
         "--consumer",
         choices=["count", "checksum", "collect", "null"],
@@ -93,11 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     n.add_argument("--max-lag", type=int, default=64, help="messages a sector may run ahead of the slowest")
     c = n.add_argument_group("counting (--consumer count)")
     c.add_argument("--output-dir", type=Path, default=None, help="counted files (default STEMSTREAM_OUTPUT_DIR)")
-    c.add_argument("--engine", default=None, help="stempy | cpu | gpu | auto (default STEMSTREAM_ENGINE)")
-    c.add_argument("--n-sigma", type=float, default=None, help="background threshold, sigmas above the mean")
-    c.add_argument("--xray-n-sigma", type=float, default=None, help="x-ray threshold, sigmas above the mean")
-    c.add_argument("--threshold-frames", type=int, default=None, help="frames in the threshold sample")
-    c.add_argument("--dark", type=Path, default=None, help="dark reference, a .npy of one 576x576 frame")
+    add_counting_arguments(c)
     c.add_argument("--batch", type=int, default=None, help="frames per engine call (default by engine)")
     c.add_argument(
         "--workers",
@@ -112,23 +110,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     c.add_argument("--buffer-frames", type=int, default=512, help="frames held for counting before waiting")
     n.set_defaults(func=_nodegroup)
-
-
-def _store_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--store",
-        default=None,
-        help="tcp://host:port of the store (default from the settings)",
-    )
-
-
-def _store_client(args: argparse.Namespace) -> Any:
-    from stemstream.config import get_settings
-    from stemstream.store import StoreClient
-
-    s = get_settings()
-    backup = f"tcp://{s.store_backup_host}:{s.store_backup_port}" if s.store_backup_host else None
-    return StoreClient(args.store or s.store_address, backup=backup).start()
 
 
 def _stop_on_signals() -> threading.Event:
@@ -159,7 +140,7 @@ def _producer(args: argparse.Namespace) -> int:
     from stemstream.sim.producer import serve
 
     stop = _stop_on_signals()
-    client = _store_client(args)
+    client = store_client(args)
     try:
         serve(
             client,
@@ -186,7 +167,7 @@ def _aggregator(args: argparse.Namespace) -> int:
     from stemstream.plane.aggregator import Aggregator
 
     stop = _stop_on_signals()
-    client = _store_client(args)
+    client = store_client(args)
     try:
         agg = Aggregator(
             client,
@@ -220,7 +201,7 @@ def _nodegroup(args: argparse.Namespace) -> int:
         comm = getattr(service.transport, "_comm", None)
         job = comm.bcast(job, root=0) if comm is not None else job
         job_size = args.count * service.transport.size
-    client = _store_client(args)
+    client = store_client(args)
     groups: list[NodeGroup] = []
     try:
         if service is not None:
@@ -278,27 +259,20 @@ def _cpu_list(text: str | None) -> list[int] | None:
 
 def _counting_service(args: argparse.Namespace) -> Any:
     """The rank's counting service (MPI when run under mpiexec); NodeGroup UIDs are filled in after."""
-    import numpy as np
-
     from stemstream.config import get_settings
-    from stemstream.errors import CountingError
     from stemstream.nodes.ranks import make_transport
     from stemstream.nodes.service import CountingConfig, CountingService
 
     s = get_settings()
-    dark = None
-    if args.dark is not None:
-        try:
-            dark = np.load(args.dark)
-        except (OSError, ValueError) as exc:
-            raise CountingError(f"cannot read the dark reference {args.dark}: {exc}; give a .npy file") from None
+    counting = counting_from(args)
     config = CountingConfig(
         output_dir=args.output_dir or s.output_dir,
-        engine=args.engine or s.engine,
-        background_n_sigma=args.n_sigma if args.n_sigma is not None else s.background_n_sigma,
-        xray_n_sigma=args.xray_n_sigma if args.xray_n_sigma is not None else s.xray_n_sigma,
-        threshold_frames=args.threshold_frames or s.threshold_samples,
-        dark=dark,
+        engine=counting.engine,
+        background_n_sigma=counting.background_n_sigma,
+        xray_n_sigma=counting.xray_n_sigma,
+        threshold_frames=counting.threshold_samples,
+        dark=counting.load_dark(),
+        gain=counting.load_gain(),
         batch=args.batch,
         workers=args.workers,
         worker_cpus=_cpu_list(args.worker_cpus),

@@ -7,8 +7,12 @@ in that Prefect server's UI like one started there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
+from collections.abc import Iterator
+from typing import Any
 
+from stemstream.commands.options import add_counting_arguments, add_store_arguments, counting_from, store_client
 from stemstream.scans import keys
 
 
@@ -21,10 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start.set_defaults(func=_start)
     stop = sub.add_parser("stop", help="end a running session (its nodes are released)")
     stop.add_argument("uid")
-    stop.add_argument("--store", default=None)
+    add_store_arguments(stop)
     stop.set_defaults(func=_stop)
     ls = sub.add_parser("list", help="sessions the store knows")
-    ls.add_argument("--store", default=None)
+    add_store_arguments(ls)
     ls.set_defaults(func=_list)
 
     e = subparsers.add_parser("experiment", help="N scans at a fixed interval, with a session if none is up")
@@ -41,47 +45,55 @@ def _session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="local", help="local | slurm | sfapi")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--nodegroups-per-node", type=int, default=2)
-    p.add_argument("--n-sigma", type=float, default=4.0, help="background threshold in sigmas (default 4)")
-    p.add_argument("--engine", default="stempy", help="stempy | cpu | gpu | auto")
+    add_counting_arguments(p.add_argument_group("counting"))
     p.add_argument("--output-dir", default="", help="counted files (default STEMSTREAM_OUTPUT_DIR)")
-    p.add_argument("--archive-dir", default="./data/archive")
-    p.add_argument("--account", default=None, help="NERSC project, for slurm/sfapi")
-    p.add_argument("--store", default=None, help="tcp://host:port of the store (default from the settings)")
+    p.add_argument("--archive-dir", default="", help="local archive (default STEMSTREAM_ARCHIVE_DIR)")
+    p.add_argument("--account", default=None, help="NERSC project, for slurm/sfapi (default STEMSTREAM_ACCOUNT)")
+    add_store_arguments(p)
 
 
-def _params(args: argparse.Namespace) -> dict:
-    return {
-        "machine": args.machine,
-        "backend": args.backend,
-        "n_nodes": args.nodes,
-        "nodegroups_per_node": args.nodegroups_per_node,
-        "background_n_sigma": args.n_sigma,
-        "engine": args.engine,
-        "output_dir": args.output_dir,
-        "archive_dir": args.archive_dir,
-        "account": args.account,
-    }
+def _params(args: argparse.Namespace, **more: Any) -> Any:
+    from stemstream.sessions import session_params
+
+    return session_params(
+        machine=args.machine,
+        backend=args.backend,
+        n_nodes=args.nodes,
+        nodegroups_per_node=args.nodegroups_per_node,
+        counting=counting_from(args),
+        output_dir=args.output_dir,
+        archive_dir=args.archive_dir,
+        account=args.account,
+        **more,
+    )
+
+
+@contextlib.contextmanager
+def _store_of(args: argparse.Namespace) -> Iterator[None]:
+    """The flows use the settings' store: ``--store`` / ``--store-backup`` become this process's settings."""
+    from stemstream.config import environment, store_overrides
+
+    overrides = store_overrides(args.store, args.store_backup)
+    if not overrides:
+        yield
+        return
+    with environment(**overrides):
+        yield
 
 
 def _start(args: argparse.Namespace) -> int:
-    from stemstream.flows import streaming_session
+    with _store_of(args):
+        from stemstream.flows import streaming_session
 
-    result = streaming_session(minutes=args.minutes, store=args.store, **_params(args))
+        result = streaming_session(_params(args, minutes=args.minutes))
     print(f"session {result['uid']} {result['status']}: {len(result['scans'])} scan(s) processed")
     return 0
-
-
-def _store(args: argparse.Namespace):
-    from stemstream.config import get_settings
-    from stemstream.store import StoreClient
-
-    return StoreClient(args.store or get_settings().store_address, timeout=5).start()
 
 
 def _stop(args: argparse.Namespace) -> int:
     from stemstream.errors import ConfigError
 
-    with _store(args) as client:
+    with store_client(args) as client:
         record = client.get(keys.session(args.uid))
         if not isinstance(record, dict):
             raise ConfigError(f"no session {args.uid!r} in the store; `stemstream session list` shows them")
@@ -91,7 +103,7 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    with _store(args) as client:
+    with store_client(args) as client:
         sessions = {k.removeprefix(keys.SESSIONS): v for k, v in client.items(keys.SESSIONS).items()}
     print(f"{'session':45s} {'status':10s} until / ended")
     for uid, rec in sorted(sessions.items()):
@@ -104,16 +116,16 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    from stemstream.flows import multi_scan_experiment
+    with _store_of(args):
+        from stemstream.flows import multi_scan_experiment
 
-    table = multi_scan_experiment(
-        n_scans=args.scans,
-        interval_s=args.interval,
-        scan_shape=tuple(args.scan_shape),
-        store=args.store,
-        session=_params(args),
-        timeout_s=args.timeout,
-    )
+        table = multi_scan_experiment(
+            n_scans=args.scans,
+            interval_s=args.interval,
+            scan_shape=tuple(args.scan_shape),
+            session=_params(args),
+            timeout_s=args.timeout,
+        )
     for row in table:
         print(row)
     return 0

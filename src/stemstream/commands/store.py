@@ -94,15 +94,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace, subtree: str):  # -> StoreClient, imported lazily
-    from stemstream.config import get_settings
-    from stemstream.store.client import StoreClient, store_addresses
+    from stemstream.config import load_settings, store_overrides
+    from stemstream.store.client import StoreClient
 
     # Only the subtree asked for is fetched: `get` on a large store stays cheap.
     subtree = subtree if subtree.startswith("/") else "/"
-    address, backup = store_addresses(get_settings())
-    if args.address is not None:
-        address, backup = args.address, None  # the settings' backup belongs to the settings' primary
-    return StoreClient(address, backup=args.backup or backup, subtree=subtree, timeout=args.timeout)
+    settings = load_settings(**store_overrides(args.address, args.backup))
+    return StoreClient.from_settings(settings, subtree=subtree, timeout=args.timeout)
 
 
 def _show(value: Any) -> str:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from stemstream.counting.engines import ENGINE_NAMES, CountingEngine, get_engine, gpu_available
     from stemstream.counting.files import count_raw_files
     from stemstream.counting.output import read_counted, save_png, virtual_bright_field, write_counted
+    from stemstream.counting.params import CountingParams, counting_params
     from stemstream.counting.thresholds import Thresholds, compute_dark, compute_thresholds
 
 _EXPORTS = {
@@ -29,15 +30,19 @@ _EXPORTS = {
     "virtual_bright_field": "output",
     "save_png": "output",
     "count_raw_files": "files",
+    "CountingParams": "params",
+    "counting_params": "params",
 }
 
 __all__ = [
     "ENGINE_NAMES",
     "CountingEngine",
+    "CountingParams",
     "Thresholds",
     "compute_dark",
     "compute_thresholds",
     "count_raw_files",
+    "counting_params",
     "get_engine",
     "gpu_available",
     "read_counted",

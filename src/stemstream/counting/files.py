@@ -26,6 +26,7 @@ import numpy as np
 
 from stemstream.counting.engines import CountingEngine, get_engine
 from stemstream.counting.output import write_counted
+from stemstream.counting.params import CountingParams
 from stemstream.counting.thresholds import Thresholds, compute_thresholds
 from stemstream.errors import CountingError
 
@@ -254,29 +255,28 @@ def count_raw_files(
     output: str | os.PathLike[str],
     *,
     scan_number: int,
-    dark: np.ndarray | None = None,
-    gain: np.ndarray | None = None,
-    background_n_sigma: float = 4.0,
-    xray_n_sigma: float = 10.0,
-    engine: str | CountingEngine = "stempy",
-    threshold_frames: int = 40,
+    params: CountingParams | None = None,
+    counter: CountingEngine | None = None,
     threads: int | None = None,
     progress: bool = False,
 ) -> Path:
     """Count the raw files of one scan (a list of files, or their directory) into ``output``; return it.
 
-    ``threshold_frames``: with ``engine="stempy"``, stempy's sample (``number_of_samples`` random draws
-    from that many complete frames); otherwise that many complete frames spread over the scan, each used
-    once by :func:`compute_thresholds`. ``threads``: stempy reader threads (default: all cores) and cpu
-    engine threads.
+    ``params`` (default: the site's settings) say how: thresholds, engine, dark and gain references.
+    ``threshold_samples``: with the stempy engine, stempy's sample (``number_of_samples`` random draws from
+    that many complete frames); otherwise that many complete frames spread over the scan, each used once by
+    :func:`compute_thresholds`. ``counter``: an engine already made, to reuse (its name replaces
+    ``params.engine``). ``threads``: stempy reader threads (default: all cores) and cpu engine threads.
     """
+    params = params or CountingParams()
     started = time.time()
     raw_paths = _as_paths(paths)
     index = index_raw_files(raw_paths)
     if index.scan_number != scan_number:
         logger.warning("raw files say scan %d, counting it as scan %d", index.scan_number, scan_number)
-    if threshold_frames < 1:
-        raise CountingError(f"threshold_frames must be >= 1, got {threshold_frames}")
+    dark, gain = params.load_dark(), params.load_gain()
+    background_n_sigma, xray_n_sigma = params.background_n_sigma, params.xray_n_sigma
+    threshold_frames = params.threshold_samples
     # float32 before anything else: stempy's wrapper and our engines then invert the same gain values.
     dark32 = None if dark is None else np.asarray(dark, dtype=np.float32)
     gain32 = None if gain is None else np.asarray(gain, dtype=np.float32)
@@ -287,14 +287,14 @@ def count_raw_files(
         sample, dark=dark32, gain=gain32, background_n_sigma=background_n_sigma, xray_n_sigma=xray_n_sigma
     )
     first_frame = time.time()
-    if isinstance(engine, str) and engine.strip().lower() == "stempy":
+    if counter is None and params.engine == "stempy":
         engine_name = "stempy"
         reader = _open_reader(raw_paths, threads)  # electron_count wants a reader nobody has read from
         events, thresholds = _count_with_stempy(
             reader, index, dark32, gain32, background_n_sigma, xray_n_sigma, threshold_frames
         )
     else:
-        counter = get_engine(engine, threads=threads) if isinstance(engine, str) else engine
+        counter = counter or get_engine(params.engine, threads=threads)
         engine_name = counter.name
         events = _count_with_engine(reader, index, counter, thresholds, dark32, gain32, progress)
     last_frame = time.time()

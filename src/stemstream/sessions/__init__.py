@@ -1,17 +1,21 @@
-"""Streaming sessions as a library: the parameters (the form), the checks that come first, watching scans
-and the session loop. No Prefect here: ``stemstream.tasks`` wraps these calls, ``stemstream.flows``
-sequences them."""
+"""Streaming sessions as a library: the parameters (the form), the session loop (``SessionRunner``), what happens
+to each scan, multi-scan experiments. No Prefect here: ``stemstream.tasks`` wraps these calls,
+``stemstream.flows`` sequences them."""
 
 from stemstream.sessions.params import SessionParams, check_store, make_allocator, make_archiver, session_params
+from stemstream.sessions.runner import ScanHandlers, SessionResult, SessionRunner, stop_on_sigterm
 from stemstream.sessions.watcher import ScanView, ScanWatcher
 
 __all__ = [
+    "ScanHandlers",
     "ScanView",
     "ScanWatcher",
     "SessionParams",
+    "SessionResult",
+    "SessionRunner",
     "check_store",
-    "keys.session_stop",
     "make_allocator",
     "make_archiver",
     "session_params",
+    "stop_on_sigterm",
 ]

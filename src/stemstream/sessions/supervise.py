@@ -1,7 +1,9 @@
-"""Supervise long-lived data-plane processes: start them, notice when one dies, restart it with backoff.
+"""Supervise what a session runs: processes here (restarted with backoff when one dies) and the NodeGroups'
+job (resubmitted with backoff when it ends early).
 
-Library code (no Prefect): the session flow calls :meth:`Supervisor.check` periodically and logs the
-events it returns, so the run's logs say which process died, with what exit code, and when it came back.
+Library code (no Prefect): the session loop (:class:`stemstream.sessions.runner.SessionRunner`) calls
+:meth:`Supervisor.check` and :meth:`JobWatch.check` periodically and logs what they return, so the run's logs
+say which process died, with what exit code, and when it came back.
 """
 
 from __future__ import annotations
@@ -11,10 +13,15 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from stemstream.allocation import Allocation, AllocationRequest, Allocator
+from stemstream.config import Settings
+from stemstream.errors import AllocationError
 
 logger = logging.getLogger(__name__)
 
@@ -161,3 +168,61 @@ class Supervisor:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def aggregator_spec(settings: Settings, log_dir: Path) -> ProcessSpec:
+    """An aggregator on this host, talking to the settings' store and its backup."""
+    from stemstream.store.client import store_addresses
+
+    address, backup = store_addresses(settings)
+    argv = [sys.executable, "-m", "stemstream.cli", "aggregator", "--store", address]
+    if backup:
+        argv += ["--store-backup", backup]
+    env = {"STEMSTREAM_LOG_LEVEL": settings.log_level}
+    return ProcessSpec(name="aggregator", argv=argv, env=env, log_path=log_dir / "aggregator.log")
+
+
+@dataclass
+class JobWatch:
+    """Follows the NodeGroups' job during a session and resubmits it, with backoff, when it ends early."""
+
+    allocator: Allocator
+    request: AllocationRequest
+    allocation: Allocation
+    backoff_s: float = 2.0
+    max_backoff_s: float = 60.0
+    max_restarts: int = 20
+    restarts: int = 0
+    _retry_at: float | None = None
+    history: list[str] = field(default_factory=list)
+
+    def check(self) -> list[str]:
+        """What happened since the last call (lines for the run's log)."""
+        events: list[str] = []
+        if self._retry_at is None:
+            state = self.allocator.state(self.allocation)
+            if not state.finished:
+                return events
+            if self.restarts >= self.max_restarts:
+                raise AllocationError(
+                    f"NodeGroup job {self.allocation.job_id} ended ({state.value}) after {self.restarts} restarts; "
+                    "giving up: see its log"
+                )
+            delay = min(self.backoff_s * 2**self.restarts, self.max_backoff_s)
+            self._retry_at = time.monotonic() + delay
+            events.append(
+                f"NodeGroup job {self.allocation.job_id} ended early ({state.value}); resubmitting in {delay:.0f} s"
+            )
+        elif time.monotonic() >= self._retry_at:
+            self._retry_at = None
+            self.restarts += 1
+            old = self.allocation.job_id
+            self.allocation = self.allocator.submit(self.request)
+            events.append(f"NodeGroup job resubmitted as {self.allocation.job_id} (was {old}; restart {self.restarts})")
+        self.history.extend(events)
+        return events
+
+
+def event_lines(events: list[SupervisorEvent]) -> list[str]:
+    """Supervisor events as lines for the run's log."""
+    return [e.message or f"{e.name}: {e.kind} (pid {e.pid})" for e in events]

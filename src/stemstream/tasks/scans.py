@@ -1,4 +1,5 @@
-"""Tasks for one scan: count raw files, draw it, archive it, catalogue it, show it in the Prefect UI."""
+"""Tasks for one scan: its records, count its raw files, read and draw it, archive it, catalogue it, show it in
+the Prefect UI (and the live preview while it streams)."""
 
 from __future__ import annotations
 
@@ -18,66 +19,54 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from stemstream.catalog import Catalog
-from stemstream.counting import count_raw_files, read_counted, save_png, virtual_bright_field
-from stemstream.sessions import SessionParams, make_archiver
+from stemstream.config import get_settings
+from stemstream.counting import CountingParams, save_png
+from stemstream.sessions import ScanView, SessionParams, make_archiver
+from stemstream.sessions.scanwork import (
+    CountedScan,
+    count_raw,
+    read_counted_record,
+    read_counted_scan,
+    read_scan_record,
+)
 
 
 @task(cache_policy=NO_CACHE)
-def count_raw_scan(raw_paths: list[str], output: str, scan_number: int, engine: str, background_n_sigma: float) -> str:
+def read_counted_record_task(scan_number: int) -> dict[str, Any]:
+    """The scan's ``/scans/<n>/counted`` record, from the store (for a scan processed on demand)."""
+    return read_counted_record(scan_number)
+
+
+@task(cache_policy=NO_CACHE)
+def read_scan_record_task(scan_number: int) -> dict[str, Any]:
+    """The scan's ``/scans/<n>`` record, from the store (for a scan counted from disk on demand)."""
+    return read_scan_record(scan_number)
+
+
+@task(cache_policy=NO_CACHE)
+def count_raw_scan(raw_paths: list[str], output: str, scan_number: int, counting: CountingParams) -> str:
     """Count a scan's raw files (stempy's reader) into ``output``; its path."""
-    path = count_raw_files(
-        [Path(p) for p in raw_paths],
-        output,
-        scan_number=scan_number,
-        engine=engine,
-        background_n_sigma=background_n_sigma,
-    )
-    return str(path)
+    return count_raw(raw_paths, output, scan_number, counting)
 
 
 @task(cache_policy=NO_CACHE)
-def summarize_counted(path: str) -> dict[str, Any]:
-    """What the counted file says: frames, incomplete frames, events, thresholds, timings."""
-    sparse, meta = read_counted(path)
-    lengths = [len(e) for e in sparse.data.ravel()]
-    thresholds = meta.get("thresholds")
-    timings = meta.get("timings") or {}
-    return {
-        "frames": len(lengths),
-        "frames_incomplete": int(meta.get("frames_incomplete", 0)),
-        "events": int(sum(lengths)),
-        "background_threshold": round(float(thresholds.background), 3) if thresholds else None,
-        "xray_threshold": round(float(thresholds.xray), 3) if thresholds else None,
-        "thresholds": thresholds.to_dict() if thresholds else {},
-        "engine": meta.get("engine", ""),
-        "first_frame": timings.get("first_frame"),
-        "last_frame": timings.get("last_frame"),
-        "file_written": timings.get("file_written"),
-        "scan_shape": [int(x) for x in sparse.scan_shape],
-    }
-
-
-@task(cache_policy=NO_CACHE)
-def draw_scan(path: str, scan_number: int) -> str:
-    """A virtual bright-field image of the counted scan, as a PNG beside the file; its path."""
-    sparse, _meta = read_counted(path)
-    image = virtual_bright_field(sparse)
-    png = Path(path).with_name(f"scan_{scan_number}_vbf.png")
-    save_png(image, png, title=f"scan {scan_number}: virtual bright field (electrons)")
-    return str(png)
+def describe_scan(path: str, scan_number: int) -> CountedScan:
+    """What the counted file says (frames, incomplete frames, events, thresholds, timings) and its picture (a
+    virtual bright-field PNG beside it), from one read of the file."""
+    return read_counted_scan(path, scan_number)
 
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def archive_scan(path: str, scan_number: int, params: SessionParams, options: dict[str, Any] | None = None) -> dict:
+def archive_scan(path: str, scan_number: int, params: SessionParams) -> dict[str, Any]:
     """Copy the counted file to long-term storage (local copy or Globus); never deletes it."""
-    archiver = make_archiver(params, **(options or {}))
+    archiver = make_archiver(params)
     return asdict(archiver.archive(Path(path), scan_number=scan_number))
 
 
 @task(cache_policy=NO_CACHE)
-def catalog_scan(catalog_url: str, scan_number: int, session_uid: str | None, **fields: Any) -> dict[str, Any]:
-    """Insert or update the scan's row (and tie it to its session); the row."""
-    catalog = Catalog(catalog_url)
+def catalog_scan(scan_number: int, session_uid: str | None, **fields: Any) -> dict[str, Any]:
+    """Insert or update the scan's row in the catalogue (STEMSTREAM_CATALOG_URL), tied to its session; the row."""
+    catalog = Catalog(get_settings().catalog_url)
     try:
         if session_uid:
             fields["session_id"] = catalog.session_id(session_uid)
@@ -121,13 +110,18 @@ def publish_scan(scan_number: int, row: dict[str, Any], png: str | None) -> None
 class LivePreview:
     """While a scan streams: a progress artifact (frames counted of the scan's) and the growing
     virtual bright-field image (a markdown artifact, key ``scan-<n>-live``), updated at most every
-    ``interval_s``. Plain helper for the session flow, not a task: it runs every second for an hour."""
+    ``interval_s``. Plain helper for the session loop, not a task: it runs every second for an hour."""
 
     def __init__(self, directory: Path, interval_s: float = 1.0) -> None:
         self.directory = directory
         self.interval_s = interval_s
         self._progress: dict[int, Any] = {}
         self._last: dict[int, tuple[float, int]] = {}
+
+    def show(self, view: ScanView) -> None:
+        """The scan's progress and picture so far, from the session's watcher."""
+        image, counted, _share = view.preview
+        self.update(view.number, image, counted, view.n_frames)
 
     def update(self, scan_number: int, image: Any, counted: int, n_frames: int) -> None:
         now = time.monotonic()

@@ -1,0 +1,56 @@
+"""Options several sub-commands share: the store's address (and its backup), and the counting parameters.
+
+Each is one flag everywhere, and each defaults to its ``STEMSTREAM_`` setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store", default=None, help="tcp://HOST:PORT of the store (default STEMSTREAM_STORE_HOST/PORT)"
+    )
+    parser.add_argument(
+        "--store-backup",
+        default=None,
+        help="tcp://HOST:PORT of its Binary Star backup (default STEMSTREAM_STORE_BACKUP_HOST/PORT, "
+        "unless --store is given)",
+    )
+
+
+def settings_from(args: argparse.Namespace) -> Any:
+    """The settings, with the store of ``--store`` / ``--store-backup`` when given."""
+    from stemstream.config import get_settings, load_settings, store_overrides
+
+    overrides = store_overrides(getattr(args, "store", None), getattr(args, "store_backup", None))
+    return load_settings(**overrides) if overrides else get_settings()
+
+
+def store_client(args: argparse.Namespace, timeout: float = 5.0) -> Any:
+    """A started client of the store the options name, with its backup (``StoreClient.from_settings``)."""
+    from stemstream.store import StoreClient
+
+    return StoreClient.from_settings(settings_from(args), timeout=timeout).start()
+
+
+_TYPES: dict[str, Any] = {"background_n_sigma": float, "xray_n_sigma": float, "threshold_samples": int}
+
+
+def add_counting_arguments(parser: argparse.ArgumentParser | Any) -> None:
+    """The flags of :class:`~stemstream.counting.params.CountingParams` (``--background-n-sigma`` ...)."""
+    from stemstream.counting.params import FLAGS, CountingParams
+
+    for name, flag in FLAGS.items():
+        described = CountingParams.model_fields[name].description or name.replace("_", " ")
+        help_text = f"{described} (default STEMSTREAM_{name.upper()})"
+        parser.add_argument(flag, dest=name, type=_TYPES.get(name, str), default=None, help=help_text)
+
+
+def counting_from(args: argparse.Namespace) -> Any:
+    """The CountingParams of :func:`add_counting_arguments`' flags; the settings for those not given."""
+    from stemstream.counting.params import FLAGS, counting_params
+
+    return counting_params(**{name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None})

@@ -1,0 +1,146 @@
+"""What happens to one scan after it is counted (or lands on disk), as library calls the flows sequence:
+its records (from the session's watcher, or read from the store on demand), counting its raw files, one read
+of the counted file for the numbers and the picture, the catalogue fields."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stemstream.config import Settings, get_settings
+from stemstream.counting.params import CountingParams
+from stemstream.errors import CatalogError, CountingError
+from stemstream.scans import keys
+
+
+def counted_file(output_dir: str | Path, scan_number: int) -> Path:
+    """Where a scan's counted HDF5 file goes (the NodeGroups' and the fallback counter's layout)."""
+    from stemstream.counting.output import counted_path
+
+    return counted_path(Path(output_dir), scan_number)
+
+
+def _read_store(key: str, settings: Settings | None) -> Any:
+    from stemstream.store import StoreClient
+
+    with StoreClient.from_settings(settings or get_settings(), subtree=key, timeout=10) as client:
+        return client.get(key)
+
+
+def read_counted_record(scan_number: int, settings: Settings | None = None) -> dict[str, Any]:
+    """``/scans/<n>/counted`` from the store, for a scan processed on demand (a session has it already)."""
+    record = _read_store(keys.counted(scan_number), settings)
+    if not isinstance(record, dict):
+        raise CatalogError(
+            f"scan {scan_number} has no counted record in the store; is it still streaming, or did it go to disk? "
+            f"(`stemstream store get /scans/{scan_number}`)"
+        )
+    return record
+
+
+def read_scan_record(scan_number: int, settings: Settings | None = None) -> dict[str, Any]:
+    """``/scans/<n>`` from the store ({} when there is none)."""
+    record = _read_store(keys.scan(scan_number), settings)
+    return record if isinstance(record, dict) else {}
+
+
+def counted_path_of(scan_number: int, record: dict[str, Any]) -> str:
+    """The counted file a ``/scans/<n>/counted`` record names; CountingError when the NodeGroups could not count."""
+    if record.get("status") == "failed" or not record.get("path"):
+        raise CountingError(f"scan {scan_number} was not counted: {record.get('error')}")
+    return str(record["path"])
+
+
+def raw_paths_of(scan_number: int, record: dict[str, Any], raw_paths: list[str] | None = None) -> list[str]:
+    """The raw files of a scan on disk: ``raw_paths``, else those the producers reported in ``/scans/<n>``."""
+    if raw_paths is None:
+        raw_paths = [str(p) for p in record.get("fallback_paths") or ()]
+        if not raw_paths:
+            raise CatalogError(
+                f"scan {scan_number}: the store knows no raw files for it; pass raw_paths, or check the scan number"
+            )
+    missing = [p for p in raw_paths if not Path(p).exists()]
+    if missing:
+        raise CatalogError(f"scan {scan_number}: raw file {missing[0]} is gone; pass raw_paths where they are now")
+    return raw_paths
+
+
+def count_raw(raw_paths: list[str], output: str | Path, scan_number: int, params: CountingParams) -> str:
+    """Count a scan's raw files into ``output`` (stempy's reader); its path."""
+    from stemstream.counting.files import count_raw_files
+
+    return str(count_raw_files([Path(p) for p in raw_paths], output, scan_number=scan_number, params=params))
+
+
+def turnaround_from_disk(record: dict[str, Any], started: float) -> float:
+    """Seconds from the scan's last sector on disk (the producers' closing time) to now."""
+    return time.time() - float(record.get("closed_at") or started)
+
+
+@dataclass
+class CountedScan:
+    """What a counted file says, read once: the numbers for the catalogue and the picture beside it."""
+
+    scan_number: int
+    path: str
+    png: str
+    scan_shape: tuple[int, int]
+    frames: int
+    frames_incomplete: int
+    events: int
+    thresholds: dict[str, Any]
+    engine: str
+    first_frame: float | None
+    last_frame: float | None
+    file_written: float | None
+
+    def catalog_fields(self, route: str, **extra: Any) -> dict[str, Any]:
+        """The catalogue row's fields (``extra`` wins), turnaround from the file's timings if none is given."""
+        rows, cols = self.scan_shape
+        fields: dict[str, Any] = {
+            "scan_rows": rows,
+            "scan_cols": cols,
+            "route": route,
+            "counted_path": self.path,
+            "preview_path": self.png,
+            "frames": self.frames,
+            "frames_incomplete": self.frames_incomplete,
+            "events": self.events,
+            "thresholds": self.thresholds,
+            "first_frame": self.first_frame,
+            "last_frame": self.last_frame,
+            "counted_at": self.file_written,
+            "progress": 1.0,
+            **extra,
+        }
+        if fields.get("turnaround_s") is None and self.last_frame and self.file_written:
+            fields["turnaround_s"] = self.file_written - self.last_frame
+        return fields
+
+
+def read_counted_scan(path: str | Path, scan_number: int) -> CountedScan:
+    """Open the counted file once: its numbers, and its virtual bright-field picture saved beside it."""
+    from stemstream.counting import read_counted, save_png, virtual_bright_field
+
+    sparse, meta = read_counted(path)
+    lengths = [len(e) for e in sparse.data.ravel()]
+    thresholds = meta.get("thresholds")
+    timings = meta.get("timings") or {}
+    png = Path(path).with_name(f"scan_{scan_number}_vbf.png")
+    save_png(virtual_bright_field(sparse), png, title=f"scan {scan_number}: virtual bright field (electrons)")
+    return CountedScan(
+        scan_number=scan_number,
+        path=str(path),
+        png=str(png),
+        scan_shape=(int(sparse.scan_shape[0]), int(sparse.scan_shape[1])),
+        frames=len(lengths),
+        frames_incomplete=int(meta.get("frames_incomplete", 0)),
+        events=int(sum(lengths)),
+        thresholds=thresholds.to_dict() if thresholds else {},
+        engine=str(meta.get("engine", "")),
+        first_frame=timings.get("first_frame"),
+        last_frame=timings.get("last_frame"),
+        file_written=timings.get("file_written"),
+    )

@@ -16,11 +16,11 @@ def configure_logging(level: str | int | None = None) -> None:
 
     Bad settings leave the level at INFO here: the command reports them in one line when it reads them.
     """
-    from stemstream.config import get_settings
+    from stemstream.config import load_settings
 
     if not level:
         try:
-            level = get_settings().log_level
+            level = load_settings().log_level
         except ConfigError:
             level = "INFO"
     logging.basicConfig(level=level, format=_FORMAT)

@@ -6,7 +6,6 @@ Prints names, file paths and *public* keys only; secret keys stay in their 0600 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 
@@ -52,15 +51,13 @@ def _dir_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _directory(args: argparse.Namespace):  # -> KeyDirectory, imported lazily
+    from stemstream.config import load_settings
     from stemstream.errors import ConfigError
     from stemstream.transport.security import KeyDirectory
 
-    path = args.dir
+    path = args.dir if args.dir is not None else load_settings().keys_dir
     if path is None:
-        env = os.environ.get("STEMSTREAM_KEYS_DIR")
-        if not env:
-            raise ConfigError("no key directory: give --dir DIR or set STEMSTREAM_KEYS_DIR")
-        path = Path(env)
+        raise ConfigError("no key directory: give --dir DIR or set STEMSTREAM_KEYS_DIR")
     return KeyDirectory(path)
 
 

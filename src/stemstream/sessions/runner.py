@@ -124,7 +124,7 @@ class SessionRunner:
 
         if self.allocator is None:
             self.check()
-        assert self.allocator is not None
+        assert self.allocator is not None  # for mypy: check() made it
         self._client = StoreClient.from_settings(self.settings, timeout=10).start()
         with self._catalog() as catalog:
             catalog.start_session(self.params.uid, self.params.machine, self.params.n_nodes, self.params.counting)
@@ -142,16 +142,16 @@ class SessionRunner:
         job's state, when the job ends before they appear."""
         from stemstream.store import Registry
 
-        assert self.job is not None and self._client is not None, "open() first"
+        job, client = self._opened()
         n, timeout_s = self.params.n_nodegroups, self.params.ready_timeout_s
-        registry = Registry(self._client)
+        registry = Registry(client)
         deadline = time.monotonic() + timeout_s
-        allocation = self.job.allocation
+        allocation = job.allocation
         while True:
             ready = sorted(r.uid for r in registry.members("nodegroup", status="ready"))
             if len(ready) >= n:
                 break
-            state = self.job.allocator.state(allocation)
+            state = job.allocator.state(allocation)
             if state.finished:
                 raise AllocationError(
                     f"NodeGroup job {allocation.job_id} on {allocation.request.machine} ended ({state.value}) before "
@@ -169,18 +169,18 @@ class SessionRunner:
 
     def serve(self) -> str:
         """The loop, until the session's time is up or a stop is asked for; returns "ended" or "cancelled"."""
-        assert self.job is not None and self._client is not None, "open() first"
+        job, client = self._opened()
         ends_at = time.time() + self.params.minutes * 60
-        scans = ScanWatcher(self._client)  # before the record: a scan seen "running" is watched
+        scans = ScanWatcher(client)  # before the record: a scan seen "running" is watched
         record = {"status": "running", "members": self.members, "ends_at": ends_at}
-        self._client.set(keys.session(self.params.uid), record)
+        client.set(keys.session(self.params.uid), record)
         self.log.info(
             "session %s: %d NodeGroup(s) live on %s (%s), until %s",
-            self.params.uid, len(self.members), self.params.machine, self.job.allocation.job_id,
+            self.params.uid, len(self.members), self.params.machine, job.allocation.job_id,
             time.strftime("%H:%M:%S", time.localtime(ends_at)),
         )  # fmt: skip
         stop_key = keys.session_stop(self.params.uid)
-        while time.time() < ends_at and not self.stopping.is_set() and not self._client.get(stop_key):
+        while time.time() < ends_at and not self.stopping.is_set() and not client.get(stop_key):
             self.step(scans)
             self.stopping.wait(self.poll_s)
         self.status = "cancelled" if self.stopping.is_set() else "ended"
@@ -189,11 +189,11 @@ class SessionRunner:
 
     def step(self, scans: ScanWatcher) -> None:
         """One turn of the loop: supervision, the job, the scans; never waits for a scan's processing."""
-        assert self.job is not None
+        job, _client = self._opened()
         if self.supervisor is not None:
             for line in event_lines(self.supervisor.check()):
                 self.log.warning("%s", line)
-        for line in self.job.check():
+        for line in job.check():
             self.log.warning("%s", line)
         counted, on_disk, live = scans.poll()
         for view in live:
@@ -248,6 +248,11 @@ class SessionRunner:
         finally:
             result = self.close()
         return result
+
+    def _opened(self) -> tuple[JobWatch, Any]:
+        if self.job is None or self._client is None:
+            raise StemstreamError(f"session {self.params.uid} is not open: call SessionRunner.open() first")
+        return self.job, self._client
 
     # -- scans ---------------------------------------------------------------------------------------------
 

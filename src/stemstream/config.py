@@ -175,11 +175,16 @@ Model = TypeVar("Model", bound=BaseModel)
 
 
 def validated(
-    model: type[Model], values: Mapping[str, Any], what: str, hints: Mapping[str, str] | None = None
+    model: type[Model],
+    values: Mapping[str, Any],
+    what: str,
+    hints: Mapping[str, str] | None = None,
+    hidden: Iterable[str] = (),
 ) -> Model:
     """``model(**values)``; a bad value raises a one-line ConfigError: ``<what> <field>=<value>: <why> (<hint>)``.
 
-    ``hints`` are keyed by the field's dotted name (``counting.background_n_sigma``) or its last part."""
+    ``hints`` are keyed by the field's dotted name (``counting.background_n_sigma``) or its last part; the
+    values of the ``hidden`` fields (and of any field named like a secret) are never shown."""
     hints = hints or {}
     try:
         return model(**values)
@@ -187,9 +192,9 @@ def validated(
         first = err.errors()[0]
         name = ".".join(str(x) for x in first["loc"]) or "?"
         hint = hints.get(name) or hints.get(name.rsplit(".", 1)[-1], "")
-        raise ConfigError(
-            f"{what} {name}={first.get('input')!r}: {first['msg']}" + (f" ({hint})" if hint else "")
-        ) from None
+        secret = "secret" in name or any(str(part) in hidden for part in first["loc"])
+        shown = "<hidden>" if secret else repr(first.get("input"))
+        raise ConfigError(f"{what} {name}={shown}: {first['msg']}" + (f" ({hint})" if hint else "")) from None
 
 
 def load_settings(**overrides: object) -> Settings:

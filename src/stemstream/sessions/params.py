@@ -121,7 +121,9 @@ _HINTS = {
 
 def session_params(**values: Any) -> SessionParams:
     """Validated :class:`SessionParams`; a bad value raises a one-line :class:`ConfigError` saying what to do."""
-    return validated(SessionParams, values, "session parameter", _HINTS)
+    return validated(
+        SessionParams, values, "session parameter", _HINTS, hidden=("allocator_options", "archive_options")
+    )
 
 
 def make_allocator(params: SessionParams) -> Allocator:

@@ -3,11 +3,12 @@
 Its steps, in order: :meth:`~SessionRunner.check` (the store answers, the machine is known and up),
 :meth:`~SessionRunner.open` (catalogue row, aggregator, NodeGroups' job submitted),
 :meth:`~SessionRunner.wait_ready` (the NodeGroups are live in the store), :meth:`~SessionRunner.serve` (the
-loop) and :meth:`~SessionRunner.close` (release, wait for the scans in hand, records); :meth:`~SessionRunner.run`
-does them all. The Prefect flow ``streaming_session`` wraps each step but the loop in a task.
+loop) and :meth:`~SessionRunner.close` (release, wait for the scans in hand, records: always, also after a
+failure). The Prefect flow ``streaming_session`` wraps each step but the loop in a task.
 
 The loop supervises the aggregator and the NodeGroups' job, watches the session's scans in the store, shows
-the streaming ones live and ends on time, on :meth:`~SessionRunner.stop` or on ``/control/session/<uid>/stop``.
+the streaming ones live and ends on time, when :attr:`~SessionRunner.stopping` is set (SIGTERM: see
+:func:`stop_on_sigterm`) or on ``/control/session/<uid>/stop``.
 What each scan needs afterwards (count it from disk, summarise, draw, archive, catalogue) is the caller's
 :class:`ScanHandlers`, run in a bounded pool of worker threads (``SessionParams.scan_workers``), so a slow archive
 (a Globus transfer takes minutes) never holds up the loop: previews, restarts and supervision go on. Each job
@@ -208,10 +209,6 @@ class SessionRunner:
             self._submit(self.handlers.on_disk, view)
         self._collect(wait=False)
 
-    def stop(self) -> None:
-        """Ask the session to end (from any thread, or a signal handler)."""
-        self.stopping.set()
-
     def close(self) -> SessionResult:
         """Release the nodes, stop the aggregator, wait for the scans in hand, write the session's records."""
         job, status = self.job, self.status
@@ -236,18 +233,6 @@ class SessionRunner:
         return SessionResult(
             self.params.uid, status, sorted(self._done), sorted(self._failed), job.restarts if job else 0
         )
-
-    def run(self) -> SessionResult:
-        """Every step, the nodes released whatever happens."""
-        try:
-            self.check()
-            self.open()
-            self.wait_ready()
-            with stop_on_sigterm(self.stopping):
-                self.serve()
-        finally:
-            result = self.close()
-        return result
 
     def _opened(self) -> tuple[JobWatch, Any]:
         if self.job is None or self._client is None:

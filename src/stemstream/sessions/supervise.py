@@ -194,7 +194,6 @@ class JobWatch:
     max_restarts: int = 20
     restarts: int = 0
     _retry_at: float | None = None
-    history: list[str] = field(default_factory=list)
 
     def check(self) -> list[str]:
         """What happened since the last call (lines for the run's log)."""
@@ -219,7 +218,6 @@ class JobWatch:
             old = self.allocation.job_id
             self.allocation = self.allocator.submit(self.request)
             events.append(f"NodeGroup job resubmitted as {self.allocation.job_id} (was {old}; restart {self.restarts})")
-        self.history.extend(events)
         return events
 
 

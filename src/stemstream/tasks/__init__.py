@@ -1,2 +1,3 @@
-"""Prefect tasks: each a small typed function around one library call (``stemstream.plane``,
-``allocation``, ``archive``, ``catalog``, ``counting``). Retries only on I/O."""
+"""Prefect tasks: each a small typed function around one library call (``stemstream.sessions``, ``catalog``,
+``archive``, ``counting``); never the data plane, the store or its keys (an import-linter contract). Retries
+only on I/O."""

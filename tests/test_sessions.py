@@ -109,7 +109,7 @@ class Session:
 
 
 def _request(n: int, shape: tuple[int, int] = SHAPE) -> None:
-    from stemstream.plane.producer import request_scan
+    from stemstream.plane.requests import request_scan
     from stemstream.store import StoreClient
 
     with StoreClient.from_settings(timeout=10) as client:

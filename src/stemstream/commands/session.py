@@ -92,10 +92,10 @@ def _start(args: argparse.Namespace) -> int:
 
 def _stop(args: argparse.Namespace) -> int:
     from stemstream.errors import ConfigError
+    from stemstream.scans.records import SessionRecord
 
     with store_client(args) as client:
-        record = client.get(keys.session(args.uid))
-        if not isinstance(record, dict):
+        if SessionRecord.parse(client.get(keys.session(args.uid))) is None:
             raise ConfigError(f"no session {args.uid!r} in the store; `stemstream session list` shows them")
         client.set(keys.session_stop(args.uid), True)
     print(f"asked session {args.uid} to end; its nodes are released when it does")
@@ -103,13 +103,16 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from stemstream.scans.records import SessionRecord
+
     with store_client(args) as client:
-        sessions = {k.removeprefix(keys.SESSIONS): v for k, v in client.items(keys.SESSIONS).items()}
+        items = client.items(keys.SESSIONS)
+    sessions = {key.removeprefix(keys.SESSIONS): SessionRecord.parse(value) for key, value in items.items()}
     print(f"{'session':45s} {'status':10s} until / ended")
     for uid, rec in sorted(sessions.items()):
-        when = rec.get("ends_at") or rec.get("ended_at")
+        when = (rec.ends_at or rec.ended_at) if rec else None
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "-"
-        print(f"{uid:45s} {rec.get('status', '?'):10s} {stamp}")
+        print(f"{uid:45s} {rec.status if rec else '?':10s} {stamp}")
     if not sessions:
         print("(no sessions)")
     return 0

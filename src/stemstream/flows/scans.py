@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 
 from stemstream.errors import ArchiveError, CountingError
 from stemstream.sessions import SessionParams
-from stemstream.sessions.scanwork import counted_file, counted_path_of, raw_paths_of, turnaround_from_disk
+from stemstream.sessions.scanwork import counted_file, counted_outcome, raw_paths_of, turnaround_from_disk
 from stemstream.tasks.scans import (
     archive_scan,
     catalog_scan,
@@ -55,14 +55,12 @@ def process_scan(
     ``counted`` is its ``/scans/<n>/counted`` record when the caller has it (a session does); read from the
     store otherwise."""
     params = session or SessionParams()
-    record = counted if counted is not None else read_counted_record_task(scan_number)
-    try:
-        path = counted_path_of(scan_number, record)
-    except CountingError:
-        catalog_scan(scan_number, params.uid, status="count_failed", error=record.get("error"))
-        raise
-    extra = {"turnaround_s": record.get("seconds_after_last_frame"), "error": None}
-    return _finish(scan_number, path, "stream", params, extra)
+    outcome = counted_outcome(counted if counted is not None else read_counted_record_task(scan_number))
+    if outcome.path is None:
+        catalog_scan(scan_number, params.uid, status="count_failed", error=outcome.error)
+        raise CountingError(f"scan {scan_number} was not counted: {outcome.error}")
+    extra = {"turnaround_s": outcome.turnaround_s, "error": None}
+    return _finish(scan_number, outcome.path, "stream", params, extra)
 
 
 @flow(name="count-fallback-scan", log_prints=True)

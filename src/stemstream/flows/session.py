@@ -22,10 +22,11 @@ class _Scans:
         self.live = LivePreview(Path(params.output_dir))
 
     def counted(self, view: ScanView) -> dict[str, Any]:
-        return process_scan(view.number, session=self.params, counted=view.counted)
+        counted = view.counted.to_record() if view.counted is not None else None
+        return process_scan(view.number, session=self.params, counted=counted)
 
     def on_disk(self, view: ScanView) -> dict[str, Any]:
-        return count_fallback_scan(view.number, session=self.params, record=view.record)
+        return count_fallback_scan(view.number, session=self.params, record=view.record.to_record())
 
     def preview(self, view: ScanView) -> None:
         self.live.show(view)

@@ -14,6 +14,7 @@ from stemstream.catalog import Catalog
 from stemstream.config import Settings, get_settings
 from stemstream.errors import ConfigError, StemstreamError, WaitTimeout
 from stemstream.scans import keys
+from stemstream.scans.records import SessionRecord
 from stemstream.sessions.params import SessionParams
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class Experiment:
         session raised if it failed first."""
         key = keys.session(uid)
         deadline = time.monotonic() + timeout_s
-        while (self.client.get(key) or {}).get("status") != "running":
+        while getattr(SessionRecord.parse(self.client.get(key)), "status", None) != "running":
             if session.error is not None:
                 raise session.error
             if time.monotonic() > deadline:

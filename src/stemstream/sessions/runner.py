@@ -35,6 +35,7 @@ from stemstream.catalog import Catalog
 from stemstream.config import Settings, get_settings
 from stemstream.errors import AllocationError, StemstreamError
 from stemstream.scans import keys
+from stemstream.scans.records import SessionRecord
 from stemstream.sessions.params import SessionParams, check_store, make_allocator
 from stemstream.sessions.supervise import JobWatch, Supervisor, aggregator_spec, event_lines
 from stemstream.sessions.watcher import ScanView, ScanWatcher
@@ -173,8 +174,8 @@ class SessionRunner:
         job, client = self._opened()
         ends_at = time.time() + self.params.minutes * 60
         scans = ScanWatcher(client)  # before the record: a scan seen "running" is watched
-        record = {"status": "running", "members": self.members, "ends_at": ends_at}
-        client.set(keys.session(self.params.uid), record)
+        record = SessionRecord("running", members=tuple(self.members), ends_at=ends_at)
+        client.set(keys.session(self.params.uid), record.to_record())
         self.log.info(
             "session %s: %d NodeGroup(s) live on %s (%s), until %s",
             self.params.uid, len(self.members), self.params.machine, job.allocation.job_id,
@@ -203,9 +204,7 @@ class SessionRunner:
             self.handlers.preview_done(view.number)
             self._submit(self.handlers.counted, view)
         for view in on_disk:
-            self.log.warning(
-                "scan %d went to disk (%s); counting it from its files", view.number, view.record.get("reason")
-            )
+            self.log.warning("scan %d went to disk (%s); counting it from its files", view.number, view.record.reason)
             self._submit(self.handlers.on_disk, view)
         self._collect(wait=False)
 
@@ -222,9 +221,9 @@ class SessionRunner:
         finally:
             self._pool.shutdown(wait=True)
             if self._client is not None:
-                summary = {"status": status, "scans": sorted(self._done), "ended_at": time.time()}
+                summary = SessionRecord(status, scans=tuple(sorted(self._done)), ended_at=time.time())
                 with contextlib.suppress(StemstreamError):
-                    self._client.set(keys.session(self.params.uid), summary)
+                    self._client.set(keys.session(self.params.uid), summary.to_record())
                 self._client.close()
                 self._client = None
             if self._catalog_open:

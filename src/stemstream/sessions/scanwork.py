@@ -5,14 +5,16 @@ of the counted file for the numbers and the picture, the catalogue fields."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stemstream.config import Settings, get_settings
 from stemstream.counting.params import CountingParams
-from stemstream.errors import CatalogError, CountingError
+from stemstream.errors import CatalogError
 from stemstream.scans import keys
+from stemstream.scans.records import CountedRecord, ScanRecord
 
 
 def counted_file(output_dir: str | Path, scan_number: int) -> Path:
@@ -31,32 +33,42 @@ def _read_store(key: str, settings: Settings | None) -> Any:
 
 def read_counted_record(scan_number: int, settings: Settings | None = None) -> dict[str, Any]:
     """``/scans/<n>/counted`` from the store, for a scan processed on demand (a session has it already)."""
-    record = _read_store(keys.counted(scan_number), settings)
-    if not isinstance(record, dict):
+    record = CountedRecord.parse(_read_store(keys.counted(scan_number), settings))
+    if record is None:
         raise CatalogError(
             f"scan {scan_number} has no counted record in the store; is it still streaming, or did it go to disk? "
             f"(`stemstream store get /scans/{scan_number}`)"
         )
-    return record
+    return record.to_record()
 
 
 def read_scan_record(scan_number: int, settings: Settings | None = None) -> dict[str, Any]:
     """``/scans/<n>`` from the store ({} when there is none)."""
-    record = _read_store(keys.scan(scan_number), settings)
-    return record if isinstance(record, dict) else {}
+    record = ScanRecord.parse(_read_store(keys.scan(scan_number), settings))
+    return record.to_record() if record is not None else {}
 
 
-def counted_path_of(scan_number: int, record: dict[str, Any]) -> str:
-    """The counted file a ``/scans/<n>/counted`` record names; CountingError when the NodeGroups could not count."""
-    if record.get("status") == "failed" or not record.get("path"):
-        raise CountingError(f"scan {scan_number} was not counted: {record.get('error')}")
-    return str(record["path"])
+@dataclass(frozen=True)
+class Counted:
+    """What a ``/scans/<n>/counted`` record says of the scan: its file, or why there is none."""
+
+    path: str | None  # None: the NodeGroups could not count it
+    error: str | None
+    turnaround_s: float | None  # seconds from the scan's last frame to its counted file
 
 
-def raw_paths_of(scan_number: int, record: dict[str, Any], raw_paths: list[str] | None = None) -> list[str]:
+def counted_outcome(record: Mapping[str, Any]) -> Counted:
+    """Read a ``/scans/<n>/counted`` record (as ``to_record`` gives it); a malformed one is a ProtocolError."""
+    counted = CountedRecord.from_record(record)
+    path = None if counted.status == "failed" or not counted.path else counted.path
+    return Counted(path, counted.error, counted.seconds_after_last_frame)
+
+
+def raw_paths_of(scan_number: int, record: Mapping[str, Any], raw_paths: list[str] | None = None) -> list[str]:
     """The raw files of a scan on disk: ``raw_paths``, else those the producers reported in ``/scans/<n>``."""
     if raw_paths is None:
-        raw_paths = [str(p) for p in record.get("fallback_paths") or ()]
+        scan = ScanRecord.parse(record)
+        raw_paths = list(scan.fallback_paths) if scan is not None else []
         if not raw_paths:
             raise CatalogError(
                 f"scan {scan_number}: the store knows no raw files for it; pass raw_paths, or check the scan number"
@@ -67,16 +79,18 @@ def raw_paths_of(scan_number: int, record: dict[str, Any], raw_paths: list[str] 
     return raw_paths
 
 
+def turnaround_from_disk(record: Mapping[str, Any], started: float) -> float:
+    """Seconds from the scan's last sector on disk (the producers' closing time) to now."""
+    scan = ScanRecord.parse(record)
+    closed_at = scan.closed_at if scan is not None else None
+    return time.time() - (closed_at or started)
+
+
 def count_raw(raw_paths: list[str], output: str | Path, scan_number: int, params: CountingParams) -> str:
     """Count a scan's raw files into ``output`` (stempy's reader); its path."""
     from stemstream.counting.files import count_raw_files
 
     return str(count_raw_files([Path(p) for p in raw_paths], output, scan_number=scan_number, params=params))
-
-
-def turnaround_from_disk(record: dict[str, Any], started: float) -> float:
-    """Seconds from the scan's last sector on disk (the producers' closing time) to now."""
-    return time.time() - float(record.get("closed_at") or started)
 
 
 @dataclass

@@ -132,7 +132,7 @@ def main() -> int:
     with (
         tempfile.TemporaryDirectory(prefix="stemstream-preview-") as tmp,
         LocalSite(Path(tmp)) as site,
-        environment(**store_overrides(site.store), catalog_url=f"sqlite:///{tmp}/c.sqlite"),
+        environment(**store_overrides(site.store), store_backup_host=None, catalog_url=f"sqlite:///{tmp}/c.sqlite"),
     ):
         from stemstream.flows import streaming_session
         from stemstream.plane.requests import request_scan

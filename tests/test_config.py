@@ -62,10 +62,9 @@ def test_a_session_takes_the_site_values_and_refuses_credentials_as_options():
     assert "PRIVATE" not in str(info.value) and "STEMSTREAM_SFAPI_SECRET" in str(info.value)
 
 
-def test_a_store_on_the_command_line_replaces_the_settings_store_and_backup():
-    assert store_overrides("tcp://10.0.0.1:6000") == {
-        "store_host": "10.0.0.1", "store_port": 6000, "store_backup_host": None,
-    }  # fmt: skip
+def test_a_store_on_the_command_line_replaces_the_settings_store_or_backup():
+    assert store_overrides("tcp://10.0.0.1:6000") == {"store_host": "10.0.0.1", "store_port": 6000}
+    assert store_overrides(None, "tcp://[::1]:6100") == {"store_backup_host": "::1", "store_backup_port": 6100}
     both = load_settings(**store_overrides("tcp://a:6000", "tcp://b:6100"))
     assert (both.store_address, both.store_backup_host, both.store_backup_port) == ("tcp://a:6000", "b", 6100)
     with pytest.raises(ConfigError, match="not tcp://HOST:PORT"):

@@ -215,11 +215,8 @@ _ADDRESS = re.compile(r"^tcp://(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?P<port>\d{1,5})
 
 
 def store_overrides(address: str | None, backup: str | None = None) -> dict[str, Any]:
-    """Settings overrides for a store given on a command line (``tcp://HOST:PORT``), for :func:`load_settings`.
-
-    Without ``address``, only ``backup`` (if given) overrides. With ``address`` and no ``backup`` the store has
-    no backup: the settings' backup belongs to the settings' primary.
-    """
+    """Settings overrides for a store given on a command line (``tcp://HOST:PORT``), for :func:`load_settings`:
+    the primary from ``address``, the Binary Star backup from ``backup``; what is not given stays the settings'."""
     overrides: dict[str, Any] = {}
     for prefix, value in (("store", address), ("store_backup", backup)):
         if value is None:
@@ -229,8 +226,6 @@ def store_overrides(address: str | None, backup: str | None = None) -> dict[str,
             raise ConfigError(f"store address {value!r} is not tcp://HOST:PORT")
         overrides[f"{prefix}_host"] = match["host"].strip("[]")
         overrides[f"{prefix}_port"] = int(match["port"])
-    if address is not None and backup is None:
-        overrides["store_backup_host"] = None
     return overrides
 
 

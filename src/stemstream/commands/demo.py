@@ -47,7 +47,8 @@ def _demo(args: argparse.Namespace) -> int:
     counting = counting_from(args)
     started = time.monotonic()
     print(f"stemstream demo: everything under {root}")
-    with LocalSite(root) as site, environment(**store_overrides(site.store), catalog_url=catalog_url):
+    demo_settings = {"store_backup_host": None, "catalog_url": catalog_url}  # the demo's store has no backup
+    with LocalSite(root) as site, environment(**store_overrides(site.store), **demo_settings):
         print(f"  Prefect UI    {site.prefect_url}  (server on embedded SQLite)")
         print(f"  Clone store   {site.store};  4 simulated producers ready")
         # Prefect is imported only now, so that it reports to the server just started.

@@ -16,8 +16,7 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store-backup",
         default=None,
-        help="tcp://HOST:PORT of its Binary Star backup (default STEMSTREAM_STORE_BACKUP_HOST/PORT, "
-        "unless --store is given)",
+        help="tcp://HOST:PORT of its Binary Star backup (default STEMSTREAM_STORE_BACKUP_HOST/PORT)",
     )
 
 

@@ -99,7 +99,10 @@ def _client(args: argparse.Namespace, subtree: str):  # -> StoreClient, imported
 
     # Only the subtree asked for is fetched: `get` on a large store stays cheap.
     subtree = subtree if subtree.startswith("/") else "/"
-    settings = load_settings(**store_overrides(args.address, args.backup))
+    overrides = store_overrides(args.address, args.backup)
+    if args.address is not None and args.backup is None:
+        overrides["store_backup_host"] = None  # the settings' backup belongs to the settings' primary
+    settings = load_settings(**overrides)
     return StoreClient.from_settings(settings, subtree=subtree, timeout=args.timeout)
 
 

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "stemstream.commands.catalog",
     "stemstream.commands.keys",
     "stemstream.commands.session",
+    "stemstream.commands.metrics",
 ]
 
 logger = logging.getLogger(__name__)

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     rcvhwm: int = Field(1000, ge=1, le=1_000_000)
     linger_ms: int = Field(2000, ge=0, le=600_000, description="never infinite")
     bind_host: str = "127.0.0.1"
+    # Ports this process may bind that others must find: "LO-HI", tried in order until one is free. Today the
+    # metrics HTTP port (one per process); the data plane's bound sockets will take theirs from here too.
+    port_range: str = Field("40000-40999", pattern=r"^\s*\d{1,5}\s*-\s*\d{1,5}\s*$", description="LO-HI")
+    # Prometheus metrics (docs/operations.md): every long-lived process serves /metrics on a port of port_range.
+    metrics: bool = Field(True, description="serve /metrics (STEMSTREAM_METRICS=off: not at all)")
 
     # Transport security (ZeroMQ CURVE, docs/security.md). Only the key directory's path is held here,
     # never key material: the keys are read from the files when sockets are made.
@@ -117,6 +122,20 @@ class Settings(BaseSettings):
             raise ConfigError(
                 f"{variable}: cannot read {path} ({exc.strerror}); fix the path or its permissions"
             ) from None
+
+    @property
+    def ports(self) -> range:
+        """The ports of ``port_range``, in the order they are tried."""
+        lo, hi = (int(p) for p in self.port_range.split("-"))
+        return range(lo, hi + 1)
+
+    @field_validator("port_range")
+    @classmethod
+    def _port_range_in_order(cls, value: str) -> str:
+        lo, hi = (int(p) for p in value.split("-"))
+        if not 1024 <= lo <= hi <= 65535:
+            raise ValueError("give LO-HI with 1024 <= LO <= HI <= 65535, e.g. 40000-40999")
+        return f"{lo}-{hi}"
 
 
 _LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")

@@ -137,9 +137,11 @@ def _serve(components: list[Any], stop: threading.Event) -> int:
 
 
 def _producer(args: argparse.Namespace) -> int:
+    from stemstream.metrics.exporter import serve_metrics
     from stemstream.sim.producer import serve
 
     stop = _stop_on_signals()
+    metrics = serve_metrics()
     client = store_client(args)
     try:
         serve(
@@ -157,16 +159,20 @@ def _producer(args: argparse.Namespace) -> int:
             uid=args.uid,
             stop=stop,
             max_skew=args.max_skew,
+            metrics=metrics,
         )
     finally:
         client.close()
+        metrics.close()
     return 0
 
 
 def _aggregator(args: argparse.Namespace) -> int:
+    from stemstream.metrics.exporter import serve_metrics
     from stemstream.plane.aggregator import Aggregator
 
     stop = _stop_on_signals()
+    metrics = serve_metrics(args.host)
     client = store_client(args)
     try:
         agg = Aggregator(
@@ -176,20 +182,24 @@ def _aggregator(args: argparse.Namespace) -> int:
             host=args.host,
             pending_limit=args.pending_limit,
             scan_timeout_s=args.scan_timeout,
-        ).start()
+        )
+        metrics.watch(agg).start()  # watched first: its record has the endpoint when it says "ready"
         return _serve([agg], stop)
     finally:
         client.close()
+        metrics.close()
 
 
 def _nodegroup(args: argparse.Namespace) -> int:
     import os
     import socket
 
+    from stemstream.metrics.exporter import serve_metrics
     from stemstream.nodes.consumer import ChecksumConsumer, CollectingConsumer, NullConsumer, SlowConsumer
     from stemstream.plane.nodegroup import NodeGroup
 
     stop = _stop_on_signals()
+    metrics = serve_metrics(args.host)
     service = _counting_service(args) if args.consumer == "count" else None
     base = args.uid or f"nodegroup-{socket.gethostname()}-{os.getpid()}"
     if service is not None and service.transport.size > 1 and args.uid:
@@ -208,6 +218,7 @@ def _nodegroup(args: argparse.Namespace) -> int:
             service.uids = uids
             service.store = client
             service.start()
+            metrics.watch(service)
         for uid in uids:
             consumer: Any
             if service is not None:
@@ -232,18 +243,20 @@ def _nodegroup(args: argparse.Namespace) -> int:
                 job_size=job_size,
             )
             groups.append(group)
-            group.start()
+            metrics.watch(group).start()
     except BaseException:
         for group in groups:
             group.stop()
         if service is not None:
             service.stop()
         client.close()
+        metrics.close()
         raise
     try:
         return _serve([*groups, *([service] if service is not None else [])], stop)
     finally:
         client.close()
+        metrics.close()
 
 
 def _cpu_list(text: str | None) -> list[int] | None:

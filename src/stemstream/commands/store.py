@@ -56,6 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
     import threading
 
     from stemstream.config import get_settings
+    from stemstream.metrics.exporter import serve_metrics
     from stemstream.store.kvmsg import DEFAULT_MAX_BODY
     from stemstream.store.server import StoreServer
 
@@ -81,7 +82,8 @@ def _serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    server.start()
+    metrics = serve_metrics(host, settings=settings)
+    metrics.watch(server).start()
     # The one line on stdout: scripts and tests read the address from it (port 0 picks it here).
     print(f"stemstream store: {role} serving at {server.address}", flush=True)
     try:
@@ -89,6 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
             server.maybe_raise()
     finally:
         server.stop()
+        metrics.close()
         logging.getLogger(__name__).info("store %s at %s stopped", role, server.address)
     return 0
 

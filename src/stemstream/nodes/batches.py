@@ -40,6 +40,7 @@ class Batch:
         self.n_assigned = 0
         self.last_assign = time.monotonic()
         self.queued = False
+        self.ready_since = 0.0  # when it was last queued with ready slots (the counting lag)
 
     def assign(self, frame: int) -> int:
         """The next slot, now filling with ``frame``."""

@@ -96,6 +96,15 @@ class Coordinator:
                 self._written_cond.wait(left)
             return self._written[scan_number]
 
+    def files(self) -> dict[str, int]:
+        """Scans written so far, by the status of their counted record (counted, partial, failed)."""
+        out: dict[str, int] = {}
+        with self._written_cond:
+            for record in self._written.values():
+                status = str(record.get("status", ""))
+                out[status] = out.get(status, 0) + 1
+        return out
+
     def heard(self, rank: int) -> None:
         self._heard[rank] = time.monotonic()
 

@@ -173,6 +173,8 @@ class CountingService:
         self._inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         self._coordinator: Coordinator | None = None  # rank 0 only
         self._inside = bright_field_mask(config.frame_shape)
+        self._frames_counted = 0  # by the engine, every scan (metrics)
+        self._frames_failed = 0  # whose counting failed
 
     # ---- life cycle
 
@@ -238,6 +240,24 @@ class CountingService:
             raise ValueError(f"NodeGroup {uid!r} was not declared to this counting service")
         return CountingConsumer(self, uid)
 
+    def counts(self) -> dict[str, int]:
+        """Frames counted (and failed), frames waiting to be counted (handed over, not counted yet) and how long
+        the oldest of them has waited (``lag_ms``), scans open on this rank; rank 0 adds the files it wrote by
+        status (``files.<status>``)."""
+        now = time.monotonic()
+        with self._cond:
+            waiting = [b.ready_since for ls in self._scans.values() for b in ls.queue]
+            out = {
+                "frames_counted": self._frames_counted,
+                "frames_failed": self._frames_failed,
+                "frames_to_count": self._pool.to_count,
+                "lag_ms": int((now - min(waiting)) * 1000) if waiting else 0,
+                "scans_open": len(self._scans),
+            }
+        if self._coordinator is not None:
+            out.update({f"files.{status}": n for status, n in self._coordinator.files().items()})
+        return out
+
     def wait_written(self, scan_number: int, timeout: float) -> dict[str, Any]:
         """Rank 0: the ``/scans/<n>/counted`` record once the scan's file is written (or failed)."""
         if self._coordinator is None:
@@ -296,6 +316,7 @@ class CountingService:
                 self._pool.to_count += 1
                 if not b.queued:
                     b.queued = True
+                    b.ready_since = time.monotonic()
                     ls.queue.append(b)
                 if not missing and ls.thresholds is None and ls.failed is None and frame < ls.window:
                     sample = b.data[k].tobytes()  # under the lock: the slot cannot be reused meanwhile
@@ -434,6 +455,10 @@ class CountingService:
                     b.state[k] = DONE
                 n += j - i
             ls.counted += n
+            if error is None:
+                self._frames_counted += n
+            else:
+                self._frames_failed += n
             self._pool.to_count -= n
             ls.preview_dirty = True
             self._slots_done(ls, b, n)

@@ -80,15 +80,21 @@ class Aggregator(Receiver):
         self._done: dict[int, set[int]] = {}
         self._done_cond = threading.Condition()
         self._unwatch: Any = None
+        self._nodegroup_status: dict[str, str] = {}  # last status seen per NodeGroup record (watch thread)
+        self._nodegroups_lost = 0  # records that went without saying "stopping" first: died, expired
 
     def _on_started(self) -> None:
         self._unwatch = self.store.watch(self._on_nodegroup_change, prefix=role_prefix("nodegroup"))
 
     def _on_nodegroup_change(self, key: str, value: Any) -> None:
         """A NodeGroup's record went (it stopped, or died and expired): stop waiting on it."""
-        if value is not None:
-            return
         uid = key.rsplit("/", 1)[-1]
+        if value is not None:
+            self._nodegroup_status[uid] = value.get("status", "") if isinstance(value, dict) else ""
+            return
+        if self._nodegroup_status.pop(uid, "stopping") != "stopping":
+            self._nodegroups_lost += 1
+            logger.warning("NodeGroup %s left the registry without stopping (died, or lost the store)", uid)
         for router in self._routers:
             peer = router.peers.get(uid)
             if peer is not None and not peer.abort.is_set():
@@ -98,9 +104,15 @@ class Aggregator(Receiver):
     def counts(self) -> dict[str, int]:
         """Totals over the sector threads: received, routed, routed.<uid>, rejected, rejected.<kind>, ..."""
         out: dict[str, int] = {"received": 0, "routed": 0, "rejected": 0, "pending": 0, "scans_done": 0}
+        more = dict.fromkeys(("received_bytes", "routed_bytes", "blocked_sends", "blocked_us", "scans_open"), 0)
         for r in self._routers:
             out["received"] += r.received
             out["pending"] += len(r.pending)
+            more["received_bytes"] += r.received_bytes
+            more["routed_bytes"] += r.meter.bytes
+            more["blocked_sends"] += r.meter.blocked
+            more["blocked_us"] += int(r.meter.blocked_s * 1e6)
+            more["scans_open"] += len(r.scans)
             routed = dict(r.routed)  # closed scans, plus the scans being routed:
             for scan in list(r.scans.values()):
                 for uid, n in zip(scan.members, list(scan.routed), strict=False):
@@ -113,6 +125,7 @@ class Aggregator(Receiver):
                 out[f"rejected.{kind}"] = out.get(f"rejected.{kind}", 0) + n
         with self._done_cond:
             out["scans_done"] = sum(1 for s in self._done.values() if len(s) == self.n_sectors)
+        out.update(more, nodegroups_lost=self._nodegroups_lost)
         return out
 
     def _sector_done(self, scan_number: int, sector: int) -> None:

@@ -131,6 +131,7 @@ class NodeGroup(Receiver):
         self._last_scan: int | None = None
         self._peak = 0  # most frames ever in assembly at once (all scans)
         self._lag_timeouts = 0
+        self._bytes = [0] * n_sectors  # payload bytes assembled, per sector (metrics)
         for m in range(n_sectors):
             self._add_worker(f"ng-data-{m}", lambda bound, m=m: self._receive(m, bound))
         self._add_worker("ng-info", self._info_loop)
@@ -168,6 +169,8 @@ class NodeGroup(Receiver):
             out["assembling"] = sum(len(s.assembling) for s in self._scans.values())
             out["assembling_peak"] = self._peak
             out["lag_timeouts"] = self._lag_timeouts
+            out["received_bytes"] = sum(self._bytes)
+            out["scans_open"] = len(self._scans)
             out["rejected"] = sum(self._rejected.values())
             out.update({f"rejected.{k}": v for k, v in self._rejected.items()})
         return out
@@ -328,6 +331,7 @@ class NodeGroup(Receiver):
                 asm.buffer = buf
             asm.have += 1
             scan.received[m] += 1
+            self._bytes[m] += payload.nbytes
             self._cond.notify_all()  # the buffer is there; a sector waiting in _ahead may go on
             if scan.first_ts is None:
                 scan.first_ts = now

@@ -46,7 +46,7 @@ from stemstream.plane.session import ProducerScanResult, ScanSession
 from stemstream.scans import keys
 from stemstream.scans.plan import close_scan_record, decide_plan, wait_plan
 from stemstream.scans.records import ROUTE_STREAM
-from stemstream.transport.actor import Worker
+from stemstream.transport.actor import SendMeter, Worker
 from stemstream.transport.sockets import make_socket
 from stemstream.wire.protocol import (
     N_SECTORS,
@@ -76,6 +76,7 @@ class _Slot:
         self.endpoints: tuple[str, str] | None = None
         self.data: zmq.Socket | None = None
         self.info: zmq.Socket | None = None
+        self.meter = SendMeter()  # data sends of this slot (one thread at a time, under the lock)
 
     def connect(self, ctx: zmq.Context, settings: Settings, data_ep: str, info_ep: str) -> None:
         if self.endpoints == (data_ep, info_ep):
@@ -136,6 +137,7 @@ class Producer:
         self._uid = uid or f"producer-{sector}-{_socket.gethostname()}-{os.getpid()}"
         self._registry = registry
         self._registration: Any = None
+        self._advertised: dict[str, str] = {}
         self._ctx = zmq.Context()
         self._slots = [_Slot(t) for t in range(self.threads)]
         self._stop = threading.Event()
@@ -178,9 +180,15 @@ class Producer:
             on_release=self._released,
         ).start()
         self._registration = self._registry.register(
-            "producer", self._uid, status="ready", sector=self.sector, threads=self.threads
+            "producer", self._uid, status="ready", endpoints=self._advertised, sector=self.sector, threads=self.threads
         )
         return self
+
+    def advertise(self, name: str, endpoint: str) -> None:
+        """Add ``name: endpoint`` (e.g. ``metrics``) to this producer's registry record."""
+        self._advertised[name] = endpoint
+        if self._registration is not None:
+            self._registration.update(endpoints={name: endpoint})
 
     # ---- scans
 
@@ -259,6 +267,11 @@ class Producer:
         out = dict(self._counts)
         if self.keeper is not None:
             out.update(self.keeper.snapshot())
+        meters = [slot.meter for slot in self._slots]  # live, while a scan streams
+        out["data_messages"] = sum(m.messages for m in meters)
+        out["data_bytes"] = sum(m.bytes for m in meters)
+        out["blocked_sends"] = sum(m.blocked for m in meters)
+        out["blocked_us"] = sum(int(m.blocked_s * 1e6) for m in meters)
         return out
 
     def wait_closed(self, timeout: float | None = None) -> None:

@@ -112,6 +112,12 @@ class Receiver:
     def endpoints(self) -> dict[str, str]:
         return dict(self._endpoints)
 
+    def advertise(self, name: str, endpoint: str) -> None:
+        """Add ``name: endpoint`` (e.g. ``metrics``) to this component's registry record."""
+        self._endpoints[name] = endpoint
+        if self._registration is not None:
+            self._registration.update(endpoints={name: endpoint})
+
     # ---- for subclasses
 
     def _add_worker(self, name: str, target: Callable[[threading.Event], None]) -> Worker:

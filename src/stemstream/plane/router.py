@@ -23,7 +23,7 @@ from stemstream.plane.receiver import Every, decode_info_parts, drain
 from stemstream.scans import keys
 from stemstream.scans.records import AggregatorScanRecord
 from stemstream.store.registry import record_key, role_prefix
-from stemstream.transport.actor import POLL_MS, SendAborted, send_parts
+from stemstream.transport.actor import POLL_MS, SendAborted, SendMeter, send_parts
 from stemstream.transport.sockets import make_socket
 from stemstream.wire.protocol import (
     DTYPE,
@@ -111,6 +111,8 @@ class Router:
         self.received = 0
         self.routed: dict[str, int] = {}  # per NodeGroup, scans closed (counts() adds the open ones)
         self.rejected: dict[str, int] = {}
+        self.received_bytes = 0  # payload bytes of every data message read (metrics)
+        self.meter = SendMeter()  # routed data: messages, payload bytes, time blocked on a NodeGroup
         self.worker = agg._add_worker(f"router-{sector}", self._run)
 
     # ---- loop
@@ -170,6 +172,7 @@ class Router:
 
     def _on_data(self, parts: list[zmq.Frame]) -> None:
         self.received += 1
+        self.received_bytes += len(parts[-1])
         if len(parts) != 2:
             self._reject(None, "malformed", "data message of %d parts", len(parts))
             return
@@ -239,7 +242,9 @@ class Router:
             )
             return
         try:
-            send_parts(peer.data, parts, stop=peer.abort, timeout=self.agg.scan_timeout_s, what=peer.uid)
+            send_parts(
+                peer.data, parts, stop=peer.abort, timeout=self.agg.scan_timeout_s, what=peer.uid, meter=self.meter
+            )
         except SendAborted as exc:
             if self.agg._stop.is_set():
                 raise

@@ -275,6 +275,7 @@ class SectorSender:
                     stop=self._producer._stop,
                     timeout=self._producer.send_timeout,
                     what=f"scan {scan} frame {frame_number}",
+                    meter=self._slot.meter,
                 )
             except SendAborted as exc:
                 if self._producer._stop.is_set():

@@ -113,9 +113,11 @@ def serve(
     stop: threading.Event | None = None,
     drain_timeout: float | None = None,
     max_skew: int | None = 64,
+    metrics: Any = None,
 ) -> list[ProducerScanResult]:
     """Run a simulated receiving server: ``scans`` scans now, or (``scans=None``) every scan requested
-    through ``/control/scan`` until ``stop`` is set."""
+    through ``/control/scan`` until ``stop`` is set. ``metrics`` (a ``MetricsExporter``) exports the
+    producer's counters."""
     stop = stop or threading.Event()
     results: list[ProducerScanResult] = []
     requests = ScanRequests(store).start() if scans is None else None  # watch before registering "ready"
@@ -126,7 +128,10 @@ def serve(
         uid=uid,
         fallback_dir=fallback_dir,
         max_skew=max_skew,
-    ).start()
+    )
+    if metrics is not None:
+        metrics.watch(producer)  # before start: its record has the endpoint from the first
+    producer.start()
     acquire = partial(run_scan, producer, seed=seed, loss_rate=loss_rate, pregen=pregen, stop=stop)
     try:
         if requests is None:

@@ -136,6 +136,7 @@ class StoreServer:
         self._poller_stale = True
         self._hugz_due = False
         self._follower: Follower | None = None  # passive: following the active peer
+        self._advertised: dict[str, str] = {}  # extra endpoints in the stats record (e.g. metrics)
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -164,6 +165,32 @@ class StoreServer:
         """Counters by kind: updates, snapshots, expired, duplicates, and one per kind of rejected input."""
         with self._stats_lock:
             return dict(self._stats)
+
+    @property
+    def peer_alive(self) -> bool | None:
+        """Whether the Binary Star peer was heard within two heartbeats; None without a peer."""
+        return None if self._bstar is None else self._bstar.peer_alive
+
+    def advertise(self, name: str, endpoint: str) -> None:
+        """Add ``name: endpoint`` (e.g. ``metrics``) to the ``endpoints`` of ``/store/<role>/stats``."""
+        self._advertised[name] = endpoint
+
+    def status(self) -> dict[str, Any]:
+        """What ``/store/<role>/stats`` says: role, state, sequence, keys, pending, the peer, counters."""
+        return {
+            "role": self.role,
+            "state": self.state,
+            "address": self.address,
+            "pid": os.getpid(),
+            "epoch": self.epoch,
+            "sequence": self._table.sequence,
+            "keys": len(self._table.kvmap),
+            "pending": len(self._pending),
+            "peer": self.peer,
+            "peer_alive": self.peer_alive,
+            "endpoints": dict(self._advertised),
+            "counters": self.stats,
+        }
 
     @property
     def alive(self) -> bool:
@@ -501,6 +528,8 @@ class StoreServer:
     def _on_state_change(self, before: State) -> None:
         after = self._state()
         self._count("state_changes")
+        if before is State.PASSIVE and after is State.ACTIVE:
+            self._count("failovers")  # this server took over from its peer
         if after is State.ACTIVE:
             if self._follower is not None:
                 if not self._follower.synced:
@@ -546,18 +575,7 @@ class StoreServer:
         self._poller_stale = True
 
     def _publish_stats(self) -> None:
-        record = {
-            "role": self.role,
-            "state": self.state,
-            "address": self.address,
-            "pid": os.getpid(),
-            "epoch": self.epoch,
-            "sequence": self._table.sequence,
-            "keys": len(self._table.kvmap),
-            "pending": len(self._pending),
-            "counters": self.stats,
-            "time": time.time(),
-        }
+        record = {**self.status(), "time": time.time()}
         ttl = format_ttl(round(3 * self.stats_interval_s, 3))
         msg = KVMsg(f"/store/{self.role}/stats", 0, msgpack.packb(record), {"ttl": ttl})
         if self._state() is State.ACTIVE:

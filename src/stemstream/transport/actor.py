@@ -23,6 +23,22 @@ class SendAborted(StemstreamError):
     """A blocked send was given up: a stop was requested, or the peer took no message within the timeout."""
 
 
+class SendMeter:
+    """What one sending thread pushed through :func:`send_parts`: messages, bytes of their last part (a data
+    message's payload), and how often and how long it waited at the peer's high-water mark (back-pressure).
+
+    One meter per thread (plain fields, no lock: one thread writes, a metrics scrape reads).
+    """
+
+    __slots__ = ("blocked", "blocked_s", "bytes", "messages")
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.bytes = 0
+        self.blocked = 0
+        self.blocked_s = 0.0
+
+
 def send_parts(
     sock: zmq.Socket,
     parts: Sequence[Any],
@@ -30,19 +46,45 @@ def send_parts(
     stop: threading.Event | None = None,
     timeout: float | None = None,
     what: str = "message",
+    meter: SendMeter | None = None,
 ) -> None:
     """Send a multipart message without copying, blocking while the peer is at its high-water mark.
 
     Never drops: it returns once ZeroMQ has taken the message, or raises :class:`SendAborted` when
     ``stop`` is set or nothing could be sent for ``timeout`` seconds. ZeroMQ checks the HWM on the first
-    part only, so once that is in the rest of the message goes through.
+    part only, so once that is in the rest of the message goes through. ``meter`` (the calling thread's)
+    counts what was sent and the time spent blocked.
     """
     try:
         sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
-        return
     except zmq.Again:
         pass
-    deadline = None if timeout is None else time.monotonic() + timeout
+    else:
+        if meter is not None:
+            meter.messages += 1
+            meter.bytes += memoryview(parts[-1]).nbytes
+        return
+    blocked_at = time.monotonic()
+    try:
+        _send_blocking(sock, parts, stop, timeout, what, blocked_at)
+    finally:
+        if meter is not None:
+            meter.blocked += 1
+            meter.blocked_s += time.monotonic() - blocked_at
+    if meter is not None:
+        meter.messages += 1
+        meter.bytes += memoryview(parts[-1]).nbytes
+
+
+def _send_blocking(
+    sock: zmq.Socket,
+    parts: Sequence[Any],
+    stop: threading.Event | None,
+    timeout: float | None,
+    what: str,
+    since: float,
+) -> None:
+    deadline = None if timeout is None else since + timeout
     while True:
         if sock.poll(POLL_MS, zmq.POLLOUT):
             try:

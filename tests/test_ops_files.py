@@ -114,7 +114,7 @@ def test_dashboard_json_has_the_grafana_fields_it_uses():
         assert p["type"] in ("row", "timeseries", "stat", "bargauge"), p["type"]
         assert p["title"], p
         g = p["gridPos"]
-        assert all(isinstance(g[k], int) for k in "hwxy") and 0 <= g["x"] and g["x"] + g["w"] <= 24
+        assert all(isinstance(g[k], int) for k in "hwxy") and g["x"] >= 0 and g["x"] + g["w"] <= 24
         mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
         assert not mine & cells, f"panel {p['title']!r} overlaps another"
         cells |= mine

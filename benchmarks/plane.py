@@ -202,6 +202,7 @@ class _Processes:
         self.cpus = cpus  # run every process on these cores (taskset -c), None: anywhere
         self.env = env or {}  # on top of this process's environment
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.by_name: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, *args: Any, cpus: str | None = None) -> None:
         env = {**os.environ, "STEMSTREAM_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"), **self.env}
@@ -219,6 +220,7 @@ class _Processes:
                     start_new_session=True,
                 )
             )
+        self.by_name[name] = self.procs[-1]
 
     def stop(self) -> None:
         for p in self.procs:
@@ -246,8 +248,10 @@ class StreamingPlane:
         cpus: str | None = None,
         nodegroup_cpus: str | None = None,
         keys_dir: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.cpus = cpus
+        self.env = env or {}
         self.keys_dir = keys_dir  # CURVE on every socket with the keys there (None: this process's settings)
         self.nodegroup_cpus = nodegroup_cpus
         self.groups = groups
@@ -263,6 +267,7 @@ class StreamingPlane:
 
         settings = get_settings() if self.keys_dir is None else load_settings(keys_dir=self.keys_dir)
         env = {} if self.keys_dir is None else {"STEMSTREAM_KEYS_DIR": str(self.keys_dir)}
+        env |= self.env  # on top, for every process (e.g. STEMSTREAM_METRICS=off)
         self.server = StoreServer(host="127.0.0.1", port=None, settings=settings).start()
         self.procs = _Processes(self.log_dir, self.cpus, env=env)
         try:

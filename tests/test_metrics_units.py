@@ -313,3 +313,37 @@ def test_store_pair_metrics_show_the_backup_following_then_a_failover_and_no_bac
     finally:
         primary.stop()
         backup.stop()
+
+
+def test_a_session_serves_the_outcomes_of_its_own_scans_and_is_a_scrape_target():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from stemstream.scans import keys
+    from stemstream.sessions.metrics import session_metrics
+
+    server = StoreServer(port=None).start()
+    try:
+        with StoreClient(server.address, timeout=5) as client:
+            client.set("/scans/1", _scan(decided_at=time.time() - 60))  # before the session: not its scan
+            exporter = session_metrics(client, "s1", nodegroups=3)
+            try:
+                client.set("/scans/2", _scan(scan=2, decided_at=time.time() + 0.01))
+                client.set(keys.session("s1"), {"status": "running", "metrics": exporter.url})
+                client.wait_for(lambda items: "/scans/2" in items and keys.session("s1") in items, "/")
+                samples = {
+                    (s.name, s.labels.get("outcome") or s.labels.get("member")): s.value
+                    for f in text_string_to_metric_families(_get(exporter.url))
+                    for s in f.samples
+                    if s.labels.get("role") == "session" and s.labels.get("uid") == "s1"
+                }
+                assert samples[("stemstream_scans", "open")] == 1
+                assert samples[("stemstream_session_nodegroups_expected", None)] == 3
+                assert samples[("stemstream_registry_members", "nodegroup")] == 0
+                netloc = exporter.url.split("/")[2]
+                assert {"targets": [netloc], "labels": {"service": "session", "host": "127.0.0.1"}} in scrape_targets(
+                    client
+                )
+            finally:
+                exporter.close()
+    finally:
+        server.stop()

@@ -98,6 +98,7 @@ SPECS: dict[str, Spec] = {
         Spec("stemstream_scans", _G, "Scans in the store by outcome (open: not final yet)", (*_RU, "outcome")),
         Spec("stemstream_scan_open_oldest_seconds", _G, "Age of the oldest scan that is not final (0: none)", _RU),
         Spec("stemstream_registry_members", _G, "Live registry records by role", (*_RU, "member")),
+        Spec("stemstream_session_nodegroups_expected", _G, "NodeGroups the running session asked for", _RU),
         # ---- the Clone store server
         Spec("stemstream_store_sequence", _G, "The store's update sequence number", _RU),
         Spec("stemstream_store_keys", _G, "Keys held", _RU),
@@ -185,5 +186,6 @@ BY_ROLE: dict[str, tuple[str, ...]] = {
         "stemstream_scans",
         "stemstream_scan_open_oldest_seconds",
         "stemstream_registry_members",
+        "stemstream_session_nodegroups_expected",
     ),
 }

@@ -244,3 +244,17 @@ class ScanCollector:
         for member in ROLES:
             out.add("stemstream_registry_members", [*base, member], len(registry.members(member)))
         yield from out
+
+
+class SessionCollector:
+    """A streaming session: how many NodeGroups it asked for (next to ``stemstream_registry_members``, the
+    ones live: fewer for long means one is gone and not back)."""
+
+    def __init__(self, uid: str, nodegroups: int) -> None:
+        self.uid = uid
+        self.nodegroups = nodegroups
+
+    def collect(self) -> Iterator[Metric]:
+        out = _Families(("stemstream_session_nodegroups_expected",))
+        out.add("stemstream_session_nodegroups_expected", ["session", self.uid], self.nodegroups)
+        yield from out

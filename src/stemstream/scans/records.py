@@ -361,6 +361,7 @@ class SessionRecord(Record):
     ends_at: float | None = None
     ended_at: float | None = None
     scans: tuple[int, ...] = ()
+    metrics: str | None = None  # while running: its Prometheus endpoint (stemstream metrics targets reads it)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from stemstream.config import Settings, get_settings
 from stemstream.errors import AllocationError, StemstreamError
 from stemstream.scans import keys
 from stemstream.scans.records import SessionRecord
+from stemstream.sessions.metrics import session_metrics
 from stemstream.sessions.params import SessionParams, check_store, make_allocator
 from stemstream.sessions.supervise import JobWatch, Supervisor, aggregator_spec, event_lines
 from stemstream.sessions.watcher import ScanView, ScanWatcher
@@ -106,6 +107,7 @@ class SessionRunner:
         self.supervisor: Supervisor | None = None
         self.members: list[str] = []
         self._client: Any = None
+        self._metrics: Any = None  # the session's /metrics (sessions.metrics), while it serves
         self._catalog_open = False
         self._pool = ThreadPoolExecutor(params.scan_workers, thread_name_prefix=f"scan-{params.uid}")
         self._work: dict[Future[Any], int] = {}
@@ -174,7 +176,8 @@ class SessionRunner:
         job, client = self._opened()
         ends_at = time.time() + self.params.minutes * 60
         scans = ScanWatcher(client)  # before the record: a scan seen "running" is watched
-        record = SessionRecord("running", members=tuple(self.members), ends_at=ends_at)
+        self._metrics = session_metrics(client, self.params.uid, self.params.n_nodegroups, since=scans.since)
+        record = SessionRecord("running", members=tuple(self.members), ends_at=ends_at, metrics=self._metrics.url)
         client.set(keys.session(self.params.uid), record.to_record())
         self.log.info(
             "session %s: %d NodeGroup(s) live on %s (%s), until %s",
@@ -217,6 +220,8 @@ class SessionRunner:
                     job.allocator.cancel(job.allocation)
             if self.supervisor is not None:
                 self.supervisor.stop()
+            if self._metrics is not None:
+                self._metrics.close()
             self._collect(wait=True)
         finally:
             self._pool.shutdown(wait=True)

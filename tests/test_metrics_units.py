@@ -347,3 +347,35 @@ def test_a_session_serves_the_outcomes_of_its_own_scans_and_is_a_scrape_target()
                 exporter.close()
     finally:
         server.stop()
+
+
+def test_the_aggregator_counts_nodegroups_that_went_without_stopping():
+    from stemstream.plane.aggregator import Aggregator
+    from stemstream.store import Registry
+
+    server = StoreServer(port=None).start()
+    try:
+        with StoreClient(server.address, timeout=5) as client:
+            agg = Aggregator(client, uid="agg-lost", publish_interval=0.1).start()
+            try:
+                registry = Registry(client, ttl=5)
+                stopped = registry.register("nodegroup", "ng-stopped", status="ready")
+                died = registry.register("nodegroup", "ng-died", status="ready")
+                deadline = time.monotonic() + 5
+                while {"ng-stopped", "ng-died"} - set(agg._nodegroup_status):  # the watch has seen both
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                stopped.update(status="stopping")  # what NodeGroup.stop() says before it deregisters
+                time.sleep(0.3)
+                stopped.close()
+                died.close()  # gone without a word: as when its record expires
+                deadline = time.monotonic() + 5
+                while agg.counts()["nodegroups_lost"] < 1:
+                    assert time.monotonic() < deadline, agg.counts()
+                    time.sleep(0.05)
+                time.sleep(0.3)
+                assert agg.counts()["nodegroups_lost"] == 1
+            finally:
+                agg.stop()
+    finally:
+        server.stop()

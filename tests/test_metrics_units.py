@@ -100,6 +100,13 @@ def test_each_process_takes_the_next_free_port_of_the_range_and_says_so_when_non
     third.close()
 
 
+@pytest.mark.parametrize("value", ["40000", "abc-def", "50000-40000", "80-90", "60000-70000"])
+def test_a_bad_port_range_is_a_one_line_error_naming_the_variable(value: str):
+    with pytest.raises(ConfigError, match=r"^STEMSTREAM_PORT_RANGE: .*\(got ") as info:
+        load_settings(port_range=value)
+    assert "\n" not in str(info.value)
+
+
 def test_metrics_off_serves_nothing_and_advertises_nothing():
     off = serve_metrics(settings=load_settings(metrics=False))
     assert not off.serving and off.url is None

@@ -56,6 +56,20 @@ class Settings(BaseSettings):
     # Prometheus metrics (docs/operations.md): every long-lived process serves /metrics on a port of port_range.
     metrics: bool = Field(True, description="serve /metrics (STEMSTREAM_METRICS=off: not at all)")
 
+    @property
+    def ports(self) -> range:
+        """The ports of ``port_range``, in the order they are tried."""
+        lo, hi = (int(p) for p in self.port_range.split("-"))
+        return range(lo, hi + 1)
+
+    @field_validator("port_range")
+    @classmethod
+    def _port_range_in_order(cls, value: str) -> str:
+        lo, hi = (int(p) for p in value.split("-"))
+        if not 1024 <= lo <= hi <= 65535:
+            raise ValueError("give LO-HI with 1024 <= LO <= HI <= 65535, e.g. 40000-40999")
+        return f"{lo}-{hi}"
+
     # Transport security (ZeroMQ CURVE, docs/security.md). Only the key directory's path is held here,
     # never key material: the keys are read from the files when sockets are made.
     curve: Literal["auto", "on", "off"] = "auto"
@@ -122,20 +136,6 @@ class Settings(BaseSettings):
             raise ConfigError(
                 f"{variable}: cannot read {path} ({exc.strerror}); fix the path or its permissions"
             ) from None
-
-    @property
-    def ports(self) -> range:
-        """The ports of ``port_range``, in the order they are tried."""
-        lo, hi = (int(p) for p in self.port_range.split("-"))
-        return range(lo, hi + 1)
-
-    @field_validator("port_range")
-    @classmethod
-    def _port_range_in_order(cls, value: str) -> str:
-        lo, hi = (int(p) for p in value.split("-"))
-        if not 1024 <= lo <= hi <= 65535:
-            raise ValueError("give LO-HI with 1024 <= LO <= HI <= 65535, e.g. 40000-40999")
-        return f"{lo}-{hi}"
 
 
 _LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")

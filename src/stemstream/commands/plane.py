@@ -140,8 +140,8 @@ def _producer(args: argparse.Namespace) -> int:
     from stemstream.metrics.exporter import serve_metrics
     from stemstream.sim.producer import serve
 
-    stop = _stop_on_signals()
     metrics = serve_metrics()
+    stop = _stop_on_signals()
     client = store_client(args)
     try:
         serve(
@@ -171,8 +171,8 @@ def _aggregator(args: argparse.Namespace) -> int:
     from stemstream.metrics.exporter import serve_metrics
     from stemstream.plane.aggregator import Aggregator
 
-    stop = _stop_on_signals()
     metrics = serve_metrics(args.host)
+    stop = _stop_on_signals()
     client = store_client(args)
     try:
         agg = Aggregator(

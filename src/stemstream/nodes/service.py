@@ -225,21 +225,6 @@ class CountingService:
         if self._error is not None:
             raise self._error
 
-    def _guard(self, target: Any) -> Any:
-        def run() -> None:
-            try:
-                target()
-            except BaseException as exc:  # kept for maybe_raise on the main thread
-                logger.exception("counting thread failed")
-                self._error = exc
-
-        return run
-
-    def consumer(self, uid: str) -> CountingConsumer:
-        if uid not in self.uids:
-            raise ValueError(f"NodeGroup {uid!r} was not declared to this counting service")
-        return CountingConsumer(self, uid)
-
     def counts(self) -> dict[str, int]:
         """Frames counted (and failed), frames waiting to be counted (handed over, not counted yet) and how long
         the oldest of them has waited (``lag_ms``), scans open on this rank; rank 0 adds the files it wrote by
@@ -257,6 +242,21 @@ class CountingService:
         if self._coordinator is not None:
             out.update({f"files.{status}": n for status, n in self._coordinator.files().items()})
         return out
+
+    def _guard(self, target: Any) -> Any:
+        def run() -> None:
+            try:
+                target()
+            except BaseException as exc:  # kept for maybe_raise on the main thread
+                logger.exception("counting thread failed")
+                self._error = exc
+
+        return run
+
+    def consumer(self, uid: str) -> CountingConsumer:
+        if uid not in self.uids:
+            raise ValueError(f"NodeGroup {uid!r} was not declared to this counting service")
+        return CountingConsumer(self, uid)
 
     def wait_written(self, scan_number: int, timeout: float) -> dict[str, Any]:
         """Rank 0: the ``/scans/<n>/counted`` record once the scan's file is written (or failed)."""

@@ -245,6 +245,8 @@ def test_scan_collector_counts_outcomes_and_the_oldest_open_scan():
     }
     store = FakeStore(lambda t: [])
     store.items = lambda prefix="/": {k: v for k, v in items.items() if k.startswith(prefix)}  # type: ignore[method-assign]
+    store.keys = lambda prefix="/": [k for k in items if k.startswith(prefix)]  # type: ignore[attr-defined]
+    store.get = lambda key, default=None: items.get(key, default)  # type: ignore[method-assign]
     collector = ScanCollector(store, "session", "s1", since=10.0, clock=lambda: 110.0)
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in collector.collect() for s in f.samples}
     base = (("role", "session"), ("uid", "s1"))

@@ -17,9 +17,13 @@ from prometheus_client.core import Metric
 from stemstream.metrics.catalog import BY_ROLE, SPECS
 from stemstream.scans import keys
 from stemstream.scans.records import ROUTE_DISK, ROUTE_STREAM, CountedRecord, ScanRecord
-from stemstream.store.registry import ROLES, Registry
+from stemstream.store.registry import Registry
 
 logger = logging.getLogger(__name__)
+
+# Registry roles counted in stemstream_registry_members: the data plane's (a session's record is not a
+# registry record: /sessions/<uid> is written by the session itself).
+MEMBER_ROLES = ("producer", "aggregator", "nodegroup")
 
 
 class Counted(Protocol):
@@ -224,15 +228,17 @@ class ScanCollector:
     def collect(self) -> Iterator[Metric]:
         base = [self.role, self.uid]
         out = _Families(BY_ROLE["leader"])
-        items = self.client.items(keys.SCANS)
         by_outcome = dict.fromkeys(self.OUTCOMES, 0)
         oldest: float | None = None
-        for key, value in items.items():
+        for key in self.client.keys(keys.SCANS):  # decode the scan records only, not their (large) sub-records
             n = keys.scan_number_of(key)
-            record = ScanRecord.parse(value) if n is not None else None
-            if n is None or record is None or record.decided_at < self.since:
+            if n is None:
                 continue
-            outcome = scan_outcome(record, value, CountedRecord.parse(items.get(keys.counted(n))))
+            value = self.client.get(key)
+            record = ScanRecord.parse(value)
+            if record is None or record.decided_at < self.since:
+                continue
+            outcome = scan_outcome(record, value, CountedRecord.parse(self.client.get(keys.counted(n))))
             by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
             if outcome == "open":
                 oldest = record.decided_at if oldest is None else min(oldest, record.decided_at)
@@ -241,7 +247,7 @@ class ScanCollector:
         age = 0.0 if oldest is None else max(0.0, self._clock() - oldest)
         out.add("stemstream_scan_open_oldest_seconds", base, age)
         registry = Registry(self.client)
-        for member in ROLES:
+        for member in MEMBER_ROLES:
             out.add("stemstream_registry_members", [*base, member], len(registry.members(member)))
         yield from out
 

@@ -201,6 +201,10 @@ class StoreClient:
         body = self._replica.get(key)
         return default if body is None else decode_value(body)
 
+    def keys(self, prefix: str = "/") -> list[str]:
+        """The keys of the local replica under ``prefix`` (nothing decoded)."""
+        return [k for k, _ in self._replica.bodies(prefix)]
+
     def items(self, prefix: str = "/") -> dict[str, Any]:
         """A copy of the replica under ``prefix``, decoded (changing it changes nothing in the store)."""
         return {k: decode_value(body) for k, body in self._replica.bodies(prefix)}

@@ -2,8 +2,8 @@
 
 Two streaming planes of ``benchmarks/plane.py`` run side by side (4 producer processes with pre-generated
 sectors, the aggregator, ``--groups`` NodeGroups with the null consumer): one as deployed, every process
-serving ``/metrics`` and scraped every ``--scrape-interval`` seconds while it streams (1 s by default, 15 times
-Prometheus' usual rate), one with ``STEMSTREAM_METRICS=off``. Scans alternate between the two (with, without,
+serving ``/metrics`` and scraped every ``--scrape-interval`` seconds while it streams (15 s by default, as
+deployed; 1 s to stress it, and once at the start of every scan), one with ``STEMSTREAM_METRICS=off``. Scans alternate between the two (with, without,
 with, ...), so both see the same machine. Per scan, the CPU seconds (user + system) each process spent from
 the request to the last sector received, divided by the frames: CPU per frame per stage (the 4 producers
 summed, the aggregator, the NodeGroups summed); the median over ``--repeat`` scans of each.
@@ -13,7 +13,7 @@ timed alone (per message, the send meter in ``send_parts`` and the received-byte
 the NodeGroups), and the CPU one scrape costs each process (the idle plane scraped 40 times, less its idle CPU),
 taken every 15 s; both as a share of the stage's measured CPU per frame at the measured rate.
 
-Usage: ``python benchmarks/metrics.py [--frames 2048] [--groups 2] [--repeat 5] [--scrape-interval 1]``.
+Usage: ``python benchmarks/metrics.py [--frames 4096] [--groups 2] [--repeat 5] [--scrape-interval 15]``.
 """
 
 from __future__ import annotations
@@ -156,10 +156,10 @@ def scrape_cpu_ms(plane: StreamingPlane, urls: list[str], n: int = 40, pause: fl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=2048, help="frames per scan (4 sectors each)")
+    parser.add_argument("--frames", type=int, default=4096, help="frames per scan (4 sectors each)")
     parser.add_argument("--groups", type=int, default=2, help="NodeGroups")
     parser.add_argument("--repeat", type=int, default=5, help="scans with and without metrics each")
-    parser.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between scrapes")
+    parser.add_argument("--scrape-interval", type=float, default=15.0, help="seconds between scrapes (1: stress)")
     args = parser.parse_args(argv)
 
     load = os.getloadavg()

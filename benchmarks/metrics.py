@@ -3,8 +3,8 @@
 Two streaming planes of ``benchmarks/plane.py`` run side by side (4 producer processes with pre-generated
 sectors, the aggregator, ``--groups`` NodeGroups with the null consumer): one as deployed, every process
 serving ``/metrics`` and scraped every ``--scrape-interval`` seconds while it streams (15 s by default, as
-deployed; 1 s to stress it, and once at the start of every scan), one with ``STEMSTREAM_METRICS=off``. Scans alternate between the two (with, without,
-with, ...), so both see the same machine. Per scan, the CPU seconds (user + system) each process spent from
+deployed; 1 s to stress it; and once at the start of every scan), one with ``STEMSTREAM_METRICS=off``. Scans
+alternate between the two (with, without, without, with, ...), so both see the same machine. Per scan, the CPU seconds (user + system) each process spent from
 the request to the last sector received, divided by the frames: CPU per frame per stage (the 4 producers
 summed, the aggregator, the NodeGroups summed); the median over ``--repeat`` scans of each.
 
@@ -187,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                 cells = "  ".join(f"{stage} {r[stage]:7.1f}" for stage in STAGES)
                 print(f"  run {i + 1} {name:8s} CPU us/frame: {cells}   ({r['gbps']:.2f} GB/s)")
     print(f"  {scrapes} scrapes of the {len(urls)} metrics endpoints during the measured scans")
-    print(f"\n{'stage':12s} {'without':>10s} {'with':>10s} {'difference':>11s}   (CPU us per frame, median)")
+    print(
+        f"\n{'stage':12s} {'without':>10s} {'with':>10s} {'difference':>11s} {'spread without':>15s}"
+        "   (CPU us per frame, median; spread: (max - min) / median of the runs without metrics)"
+    )
     diffs = []
     medians = {}
     for stage in STAGES:
@@ -196,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         medians[stage] = without
         diff = (with_ - without) / without
         diffs.append(diff)
-        print(f"{stage:12s} {without:10.1f} {with_:10.1f} {diff:+10.1%}")
+        spread = (max(r[stage] for r in runs["without"]) - min(r[stage] for r in runs["without"])) / without
+        print(f"{stage:12s} {without:10.1f} {with_:10.1f} {diff:+10.1%} {spread:15.1%}")
     ns = hot_path_ns()
     print("\nadded on the data path, timed alone: " + ", ".join(f"{k} {v:.0f} ns/message" for k, v in ns.items()))
     # Per frame: a producer sends 1 message per frame of its sector (4 producers: 4); the aggregator takes in and

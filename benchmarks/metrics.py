@@ -4,9 +4,10 @@ Two streaming planes of ``benchmarks/plane.py`` run side by side (4 producer pro
 sectors, the aggregator, ``--groups`` NodeGroups with the null consumer): one as deployed, every process
 serving ``/metrics`` and scraped every ``--scrape-interval`` seconds while it streams (15 s by default, as
 deployed; 1 s to stress it; and once at the start of every scan), one with ``STEMSTREAM_METRICS=off``. Scans
-alternate between the two (with, without, without, with, ...), so both see the same machine. Per scan, the CPU seconds (user + system) each process spent from
-the request to the last sector received, divided by the frames: CPU per frame per stage (the 4 producers
-summed, the aggregator, the NodeGroups summed); the median over ``--repeat`` scans of each.
+alternate between the two (with, without, without, with, ...), so both see the same machine. Per scan, the CPU
+seconds (user + system) each process spent from the request to the last sector received, divided by the
+frames: CPU per frame per stage (the 4 producers summed, the aggregator, the NodeGroups summed); the median over
+``--repeat`` scans of each.
 
 Then the cost without the noise of a shared machine, in two parts: the work metrics add on the data path,
 timed alone (per message, the send meter in ``send_parts`` and the received-bytes count of the aggregator and

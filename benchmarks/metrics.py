@@ -14,7 +14,10 @@ timed alone (per message, the send meter in ``send_parts`` and the received-byte
 the NodeGroups), and the CPU one scrape costs each process (the idle plane scraped 40 times, less its idle CPU),
 taken every 15 s; both as a share of the stage's measured CPU per frame at the measured rate.
 
-Usage: ``python benchmarks/metrics.py [--frames 4096] [--groups 2] [--repeat 5] [--scrape-interval 15]``.
+With ``--control`` a third plane, also without metrics, takes its turn: the difference between the two planes
+without metrics is what noise alone makes on this machine, the yardstick for the difference with metrics.
+
+Usage: ``python benchmarks/metrics.py [--frames 4096] [--groups 2] [--repeat 5] [--scrape-interval 15] [--control]``.
 """
 
 from __future__ import annotations
@@ -161,13 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", type=int, default=2, help="NodeGroups")
     parser.add_argument("--repeat", type=int, default=5, help="scans with and without metrics each")
     parser.add_argument("--scrape-interval", type=float, default=15.0, help="seconds between scrapes (1: stress)")
+    parser.add_argument(
+        "--control", action="store_true", help="a second plane without metrics too: the difference noise alone makes"
+    )
     args = parser.parse_args(argv)
 
     load = os.getloadavg()
     print(f"metrics cost: {args.frames} frames x 4 sectors per scan, {args.groups} NodeGroups, {args.repeat} scans "
           f"each way, scraped every {args.scrape_interval:g} s, {os.cpu_count()} CPUs, "
           f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")  # fmt: skip
-    runs: dict[str, list[dict[str, float]]] = {"with": [], "without": []}
+    runs: dict[str, list[dict[str, float]]] = {"with": [], "without": [], "control": []}
     scrapes = 0
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="metrics-bench-")))
@@ -175,12 +181,17 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "without").mkdir()
         on = stack.enter_context(StreamingPlane(args.groups, 1, tmp / "with", env={"STEMSTREAM_METRICS": "on"}))
         off = stack.enter_context(StreamingPlane(args.groups, 1, tmp / "without", env={"STEMSTREAM_METRICS": "off"}))
+        planes = [("with", on), ("without", off)]
+        if args.control:  # an A/A pair: two planes alike, the difference between them is noise
+            (tmp / "control").mkdir()
+            control = StreamingPlane(args.groups, 1, tmp / "control", env={"STEMSTREAM_METRICS": "off"})
+            planes.append(("control", stack.enter_context(control)))
         urls = _metrics_urls(on)
         assert len(urls) == N_SECTORS + 1 + args.groups, urls
         assert not _metrics_urls(off), "STEMSTREAM_METRICS=off still serves metrics"
         per_scrape = scrape_cpu_ms(on, urls)
         for i in range(args.repeat):
-            for name, plane in (("with", on), ("without", off)) if i % 2 == 0 else (("without", off), ("with", on)):
+            for name, plane in planes[i % len(planes) :] + planes[: i % len(planes)]:  # each first in turn
                 scraper = Scraper(urls, args.scrape_interval) if plane is on else None
                 r = measure(plane, args.frames, scraper)
                 scrapes += scraper.scrapes if scraper else 0
@@ -201,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         diff = (with_ - without) / without
         diffs.append(diff)
         spread = (max(r[stage] for r in runs["without"]) - min(r[stage] for r in runs["without"])) / without
-        print(f"{stage:12s} {without:10.1f} {with_:10.1f} {diff:+10.1%} {spread:15.1%}")
+        line = f"{stage:12s} {without:10.1f} {with_:10.1f} {diff:+10.1%} {spread:15.1%}"
+        if runs["control"]:
+            control_diff = statistics.median(r[stage] for r in runs["control"]) / without - 1
+            line += f"   control (also without) {control_diff:+.1%}"
+        print(line)
     ns = hot_path_ns()
     print("\nadded on the data path, timed alone: " + ", ".join(f"{k} {v:.0f} ns/message" for k, v in ns.items()))
     # Per frame: a producer sends 1 message per frame of its sector (4 producers: 4); the aggregator takes in and

@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/plane.py
 	$(BIN)/python benchmarks/count.py
 	$(BIN)/python benchmarks/turnaround.py
+	$(BIN)/python benchmarks/metrics.py --control
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -99,7 +99,7 @@ def test_scraped_counters_equal_what_the_producers_sent(tmp_path: Path):
         address = f"tcp://127.0.0.1:{port}"
         tree.start("aggregator", "aggregator", "--store", address)
         tree.start("nodegroups", "nodegroup", "--store", address, "--consumer", "count", "--count", 2, "--uid", "ng",
-                   "--output-dir", tmp_path / "counted", "--dark", dark, "--threshold-frames", 20)  # fmt: skip
+                   "--output-dir", tmp_path / "counted", "--dark", dark, "--threshold-samples", 20)  # fmt: skip
         with store_client(address) as client:
             registry = Registry(client)
             registry.wait_for_members("aggregator", 1, status="ready", timeout=60)

@@ -31,7 +31,7 @@ from stemstream.nodes.consumer import ChecksumConsumer, frame_checksum
 from stemstream.plane.aggregator import Aggregator
 from stemstream.plane.nodegroup import NodeGroup
 from stemstream.store import StoreClient, StoreServer
-from stemstream.store.kvmsg import ICANHAZ
+from stemstream.store.kvmsg import ICANHAZ, MAX_SUBTREES
 from stemstream.wire.protocol import (
     MAX_INFO_BYTES,
     EndMessage,
@@ -153,7 +153,8 @@ def test_store_server_rejects_counts_and_logs_bad_input_on_every_port_and_keeps_
 
             # Snapshot port (ROUTER): commands, frame counts, subtrees.
             send(dealer, "bad_command", [b"GIMME"], [b""], [b"ICANHAZ", b"/"], [ICANHAZ + b"\x00"])
-            send(dealer, "bad_request", [ICANHAZ, b"/", b"extra"], [ICANHAZ, b"\xff\xfe"], [ICANHAZ, b"/" * 2000])
+            many = [ICANHAZ, *[b"/"] * (MAX_SUBTREES + 1)]  # one subtree too many for one request
+            send(dealer, "bad_request", many, [ICANHAZ, b"/", b"\xff\xfe"], [ICANHAZ, b"/" * 2000])
             writer.set("/good/1", 1)
             # Update port (XPUB): anything that is not a (un)subscription. A two-frame message is taken as a
             # subscription (its first frame) and a stray frame.

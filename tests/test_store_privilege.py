@@ -193,6 +193,16 @@ def test_each_key_writes_only_what_its_role_owns_and_every_refusal_is_counted(st
         for items in deletes.values():
             for client, key in items:
                 client.delete(key)
+        # With CURVE the key decides: what an update declares (role, writer) counts for nothing.
+        ctx = zmq.Context()
+        push = _raw_push(ctx, store, "daq1")
+        forged_props = {"role": "admin", "writer": "ng-a"}
+        KVMsg(
+            record_key("nodegroup", "a1"), 0, msgpack.packb(_record("nodegroup", "a1", hijacked=1)), forged_props
+        ).send(push)
+        push.close()
+        ctx.term()
+        expected["role"] += 1
 
         # Honest writes after the attacks all land: each service writes what it owns.
         ng_a.set(keys.nodegroup(7, "a1"), {"uid": "a1", "status": "received"})

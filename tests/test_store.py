@@ -253,7 +253,8 @@ def test_garbage_on_every_port_loses_no_good_update(store, zctx):
 def test_zguide_style_raw_client_interoperates(store, zctx):
     with StoreClient(store.address, subtree="/raw/") as ours:
         ours.set("/raw/ours", {"x": 1})
-        ours.wait_for(lambda items: "/raw/ours" in items, "/raw/")
+        with StoreClient(store.address, subtree="/raw/") as check:  # the server has it (ours sees it at once)
+            check.wait_for(lambda items: "/raw/ours" in items, "/raw/")
         snapshot = zctx.socket(zmq.DEALER)
         subscriber = zctx.socket(zmq.SUB)
         publisher = zctx.socket(zmq.PUSH)

@@ -329,7 +329,7 @@ def test_curve_store_serves_authorised_clients_only(keys: Keys, ctx: zmq.Context
 
 def test_binary_star_pair_with_curve_syncs_and_fails_over(keys: Keys):
     settings = keys.settings()
-    base_p, base_b = free_port_block(4), free_port_block(4)
+    base_p, base_b = free_port_block(5), free_port_block(5)
     primary = StoreServer("127.0.0.1", base_p, peer=f"tcp://127.0.0.1:{base_b}", heartbeat_s=0.1, settings=settings)
     backup = StoreServer(
         "127.0.0.1", base_b, role="backup", peer=f"tcp://127.0.0.1:{base_p}", heartbeat_s=0.1, settings=settings

@@ -63,7 +63,7 @@ def servers(*specs, log_dir):
             server.kill()
 
 
-def free_base(n: int = 4) -> int:
+def free_base(n: int = 5) -> int:
     """A base port with ``n`` free consecutive ports (for servers that must know each other's ports)."""
     for _ in range(200):
         base = random.randrange(20000, 60000)

@@ -312,7 +312,7 @@ def test_the_server_key_is_never_a_client_key(store: Store, keydir: KeyDirectory
                 sock.close(linger=0)
     finally:
         planted.unlink()
-        ctx.term()
+        ctx.destroy(linger=0)
     assert "holds a server key" in Path(store.log.name).read_text()
 
 
@@ -399,7 +399,7 @@ def test_a_subscriber_that_never_reads_costs_the_server_a_bounded_amount(store: 
             assert churned < 30 * MB, f"the store grew {churned / MB:.0f} MB while 120 MB churned through"
             slow.close(linger=0)
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)
 
 
 def test_snapshot_requests_never_read_cost_the_server_a_bounded_amount(store: Store, keydir: KeyDirectory):
@@ -428,7 +428,7 @@ def test_snapshot_requests_never_read_cost_the_server_a_bounded_amount(store: St
     finally:
         for dealer in dealers:
             dealer.close(linger=0)
-        ctx.term()
+        ctx.destroy(linger=0)
 
 
 # ------------------------------------------------------------------------------------- end to end
@@ -508,3 +508,36 @@ def test_a_client_that_falls_behind_loses_updates_at_the_hwm_notices_and_resyncs
     notices = [r.getMessage() for r in caplog.records if "missed updates" in r.getMessage()]
 
     assert notices, "the lagging client never noticed that it missed updates"
+
+
+def test_the_binary_star_peer_follows_on_its_own_queue_whatever_bounds_the_clients(monkeypatch):
+    """Clients' queue on P+1 is bounded (1 message here, so a burst drops); the passive server follows on P+4
+    with its own generous queue, so it keeps up without a single resync."""
+    from plane_helpers import free_port_block
+    from stemstream.store import StoreServer, server
+
+    monkeypatch.setattr(server, "UPDATES_HWM", 1)
+    base_p, base_b = free_port_block(5), free_port_block(5)
+    primary = StoreServer("127.0.0.1", base_p, peer=f"tcp://127.0.0.1:{base_b}", heartbeat_s=0.2)
+    backup = StoreServer("127.0.0.1", base_b, role="backup", peer=f"tcp://127.0.0.1:{base_p}", heartbeat_s=0.2)
+    primary.start()
+    backup.start()
+    try:
+        with StoreClient(primary.address, backup=backup.address, subtree="/burst/", timeout=10) as client:
+            client.set("/burst/first", 0)
+            deadline = time.monotonic() + 10
+            while not (backup.state == "passive" and backup.stats.get("peer_syncs") and backup.sequence > 0):
+                assert time.monotonic() < deadline, (primary.state, backup.state)
+                time.sleep(0.05)
+            value = b"b" * 2048
+            for i in range(5000):
+                client.set(f"/burst/{i % 500}", [i, value])
+            deadline = time.monotonic() + 30
+            while backup.sequence < primary.sequence or primary.stats.get("updates", 0) < 5001:
+                assert time.monotonic() < deadline, (backup.sequence, primary.sequence)
+                time.sleep(0.05)
+            assert backup.stats.get("resyncs", 0) == 0, backup.stats
+            assert backup.stats.get("followed", 0) >= 5000
+    finally:
+        primary.stop()
+        backup.stop()

@@ -320,16 +320,23 @@ def test_restarted_server_is_resynced_and_repopulated_by_its_clients(tmp_path):
     first = ServerProcess("--port", "0", "--heartbeat", HB, log_dir=tmp_path)
     second = None
     try:
-        with StoreClient(first.address) as writer, StoreClient(first.address) as watcher:
+        with (
+            StoreClient(first.address) as writer,
+            StoreClient(first.address) as watcher,
+            StoreClient(first.address, subtrees=("/elsewhere/",)) as outside,
+        ):
             for i in range(20):
                 writer.set(f"/restart/{i}", i)
             writer.set("/restart/ephemeral", "e", ttl=30)
-            watcher.wait_for(lambda items: len(items) == 21, "/restart/")
+            for i in range(3):  # keys a client writes but does not mirror
+                outside.set(f"/restart/outside-{i}", i)
+            watcher.wait_for(lambda items: len(items) == 24, "/restart/")
+            time.sleep(2.2)  # past the window in which recent writes are resent anyway (max(10 hb, 2 s))
             first.kill()
             second = ServerProcess("--port", str(first.port), "--heartbeat", HB, log_dir=tmp_path)
-            # The writer re-publishes what it wrote; the watcher resyncs and sees it come back.
+            # The writers re-publish what they wrote; the watcher resyncs and sees it come back.
             with StoreClient(second.address) as fresh:
-                fresh.wait_for(lambda items: len(items) == 21, "/restart/", timeout=10)
+                fresh.wait_for(lambda items: len(items) == 24, "/restart/", timeout=10)
             writer.set("/restart/new", "after")
             items = watcher.wait_for(lambda items: "/restart/new" in items, "/restart/", timeout=10)
             assert items["/restart/5"] == 5 and items["/restart/ephemeral"] == "e"

@@ -110,6 +110,7 @@ class Agent:
         self.poller = zmq.Poller()
         self.sequence = 0
         self.epoch: str | None = None
+        self.synced_with = ""  # the server the epoch is of
         self.synced_once = False
         self.synced_at = 0.0
         self.last_heard = 0.0
@@ -301,10 +302,14 @@ class Agent:
 
     def _finish_sync(self, done: KVMsg, sync: SnapshotSync) -> None:
         now = time.monotonic()
-        restarted = self.synced_once and done.sequence < self.sequence
+        # The server lost its state: its sequence went back, or the same server came back as a new process (a
+        # store keeps nothing on disk). The other server of a pair with another epoch holds the same state.
+        epoch, server = done.properties.get("epoch"), self.servers[self.cur]
+        new_process = epoch is not None and self.epoch is not None and epoch != self.epoch
+        restarted = self.synced_once and (done.sequence < self.sequence or (new_process and server == self.synced_with))
         changes = self.replica.install(sync.snapshot, restarted=restarted, now=now)
         self.sequence = done.sequence
-        self.epoch = done.properties.get("epoch")
+        self.epoch, self.synced_with = epoch, server
         last = parse_last(done.properties.get(LAST, ""))
         self.seg_last = {seg: last.get(seg, 0) for seg in self.chained}
         self._learn_heartbeat(KVMsg(HUGZ, 0, b"", done.properties))
@@ -322,6 +327,9 @@ class Agent:
         )
         self.replica.synced.set()
         self.replica.fire(changes, self.rlog)
+        if restarted:
+            for msg in self.replica.outside_writes():  # keys we wrote but do not mirror
+                self._push(msg)
         link = self.link
         for msg in sync.backlog:
             if msg.key != HUGZ:  # old heartbeats say nothing now

@@ -230,6 +230,8 @@ class StoreClient:
         tracked = msg.key.startswith(self._subtrees)
         with self._replica.lock:  # the agent sends in the order the replica changed
             changed = tracked and self._replica.write(msg, time.monotonic())
+            if not tracked:
+                self._replica.write_outside(msg)
             commands.put(("send", msg, tracked, changed))
         commands.wake()
 

@@ -179,6 +179,23 @@ threading.Event().wait()
 """
 
 
+def test_a_client_of_several_subtrees_follows_each_live_whatever_the_hwm_settings(store, caplog):
+    """Subscriptions travel on the SUB's send queue: with STEMSTREAM_SNDHWM=2 ZeroMQ would drop all but two of
+    them, and the client would hear neither its subtrees nor HUGZ (and resync on silence, again and again)."""
+    from stemstream.config import load_settings
+
+    caplog.set_level("WARNING", logger="stemstream.store")
+    subtrees = ("/multi/a/", "/multi/b/", "/multi/c/", "/multi/d/", "/multi/e/")
+    settings = load_settings(sndhwm=2, rcvhwm=2)
+    with StoreClient(store.address, subtrees=subtrees, settings=settings) as reader, StoreClient(store.address) as w:
+        time.sleep(1.0)  # five heartbeats: a client that hears no HUGZ resyncs within three
+        for t in subtrees:
+            w.set(f"{t}x", t)
+        items = reader.wait_for(lambda it: len(it) == 5, "/multi/", timeout=5)
+        assert sorted(items.values()) == list(subtrees)
+    assert not [r for r in caplog.records if "syncing with" in r.getMessage()], "the client resynced"
+
+
 def test_records_of_a_sigkilled_client_process_vanish_within_ttl(store):
     cmd = [sys.executable, "-c", CHILD, store.address]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=ENV, text=True)

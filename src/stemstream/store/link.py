@@ -80,7 +80,9 @@ class Link:
     ):
         host, port = split_address(address)
         self.address = address
-        self.sub = make_socket(ctx, zmq.SUB, settings=settings, rcvhwm=PUB_HWM, role=role)
+        # The SUB's send queue carries its subscriptions: with a small STEMSTREAM_SNDHWM ZeroMQ would drop
+        # all but the first few topics when it connects.
+        self.sub = make_socket(ctx, zmq.SUB, settings=settings, sndhwm=1000, rcvhwm=PUB_HWM, role=role)
         for topic in topics:
             self.sub.setsockopt(zmq.SUBSCRIBE, topic)
         self.sub.connect(endpoint(host, port + updates_port))

@@ -141,6 +141,7 @@ def test_store_server_rejects_counts_and_logs_bad_input_on_every_port_and_keeps_
             xsub = _connect(ctx, zmq.XSUB, f"tcp://{host}:{port + 1}")
             push = _connect(ctx, zmq.PUSH, f"tcp://{host}:{port + 2}")
             xsub_state = _connect(ctx, zmq.XSUB, f"tcp://{host}:{port + 3}")
+            xsub_peer = _connect(ctx, zmq.XSUB, f"tcp://{host}:{port + 4}")  # the updates for the peer
             _wait_subscription(peer)  # the server's state SUB is connected to its "peer"
 
             expected: Counter[str] = Counter()
@@ -159,6 +160,7 @@ def test_store_server_rejects_counts_and_logs_bad_input_on_every_port_and_keeps_
             # Update port (XPUB): anything that is not a (un)subscription. A two-frame message is taken as a
             # subscription (its first frame) and a stray frame.
             send(xsub, "bad_subscription", [b"not a subscription"], [b""], [b"\x05x", b"y"], [b"\x01/x", b"z"])
+            send(xsub_peer, "bad_subscription", [b"junk"], [b"\x07"])
             # Collector (PULL): each kind of malformed kvmsg.
             send(push, "bad_frames", [b"one frame"], _kv()[:4], [*_kv(), b"sixth"])
             send(push, "bad_sequence", _kv(seq=bytes(7)), _kv(seq=b"\xff" * 8))
@@ -184,6 +186,7 @@ def test_store_server_rejects_counts_and_logs_bad_input_on_every_port_and_keeps_
             _refused(ctx, zmq.XSUB, f"tcp://{host}:{port + 1}", [b"/" * TEN_MB])
             _refused(ctx, zmq.PUSH, f"tcp://{host}:{port + 2}", _kv(body=b"x" * TEN_MB))
             _refused(ctx, zmq.XSUB, f"tcp://{host}:{port + 3}", [b"x" * TEN_MB])
+            _refused(ctx, zmq.XSUB, f"tcp://{host}:{port + 4}", [b"x" * TEN_MB])
             # (Not from the peer: the state SUB is the one socket here that connects, and a connecting socket
             # that refuses an oversized message never reconnects; see docs/store.md, Bad input.)
 
@@ -205,7 +208,7 @@ def test_store_server_rejects_counts_and_logs_bad_input_on_every_port_and_keeps_
             counters = stats["counters"]
             assert {k: counters.get(k, 0) for k in expected} == dict(expected), "each bad message counted once"
             assert stats["state"] == "active" and server.alive
-            for sock in (dealer, xsub, push, xsub_state):
+            for sock in (dealer, xsub, push, xsub_state, xsub_peer):
                 sock.close()
     finally:
         server.stop()

@@ -201,7 +201,7 @@ def test_the_store_primary_killed_mid_scan_fails_over_without_loss(tmp_path: Pat
     from stemstream.plane.requests import request_scan
 
     shape, out, fallback = (24, 24), tmp_path / "counted", tmp_path / "fallback"
-    p, b = free_port_block(4), free_port_block(4)
+    p, b = free_port_block(5), free_port_block(5)
     primary, backup = f"tcp://127.0.0.1:{p}", f"tcp://127.0.0.1:{b}"
     env = {**ENV, "STEMSTREAM_STORE_BACKUP_HOST": "127.0.0.1", "STEMSTREAM_STORE_BACKUP_PORT": str(b)}
     with ProcessTree(tmp_path / "logs", env=env) as tree:

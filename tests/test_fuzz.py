@@ -34,6 +34,7 @@ from stemstream.store.kvmsg import (
     ICANHAZ,
     MAX_KEY_BYTES,
     MAX_PROPERTIES_BYTES,
+    MAX_SUBTREES,
     MAX_TTL_S,
     KVMsg,
     KVMsgError,
@@ -590,7 +591,7 @@ def test_keys_decode_or_raise_bad_key(raw: bytes) -> None:
 
 _request_frames = st.lists(
     st.sampled_from([ICANHAZ, b"", b"/", b"ICANHAZ", b"\xff\xfe", b"/" * (MAX_KEY_BYTES + 1)]) | st.binary(max_size=12),
-    max_size=5,
+    max_size=MAX_SUBTREES + 3,
 )
 
 
@@ -599,16 +600,16 @@ _request_frames = st.lists(
 def test_snapshot_requests_decode_or_raise_bad_request_or_bad_command(identity: bytes, rest: list[bytes]) -> None:
     frames = [identity, *rest]
     try:
-        got_identity, subtree = decode_request(frames)
+        got_identity, subtrees = decode_request(frames)
     except KVMsgError as exc:
         assert exc.kind in ("bad_request", "bad_command")
         _check_error(exc)
         if exc.kind == "bad_command":
             assert frames[1] != ICANHAZ
         return
-    assert got_identity == identity and rest[0] == ICANHAZ and len(rest) in (1, 2)
-    assert subtree == (rest[1].decode() if len(rest) == 2 else "")
-    assert len(subtree.encode()) <= MAX_KEY_BYTES
+    assert got_identity == identity and rest[0] == ICANHAZ and 1 <= len(rest) <= 1 + MAX_SUBTREES
+    assert subtrees == (tuple(f.decode() for f in rest[1:]) or ("",))
+    assert all(len(t.encode()) <= MAX_KEY_BYTES for t in subtrees)
 
 
 @PROPERTY

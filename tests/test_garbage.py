@@ -31,7 +31,7 @@ from stemstream.nodes.consumer import ChecksumConsumer, frame_checksum
 from stemstream.plane.aggregator import Aggregator
 from stemstream.plane.nodegroup import NodeGroup
 from stemstream.store import StoreClient, StoreServer
-from stemstream.store.kvmsg import ICANHAZ
+from stemstream.store.kvmsg import ICANHAZ, MAX_SUBTREES
 from stemstream.wire.protocol import (
     MAX_INFO_BYTES,
     EndMessage,
@@ -141,6 +141,7 @@ def test_store_server_rejects_counts_and_logs_bad_input_on_every_port_and_keeps_
             xsub = _connect(ctx, zmq.XSUB, f"tcp://{host}:{port + 1}")
             push = _connect(ctx, zmq.PUSH, f"tcp://{host}:{port + 2}")
             xsub_state = _connect(ctx, zmq.XSUB, f"tcp://{host}:{port + 3}")
+            xsub_peer = _connect(ctx, zmq.XSUB, f"tcp://{host}:{port + 4}")  # the updates for the peer
             _wait_subscription(peer)  # the server's state SUB is connected to its "peer"
 
             expected: Counter[str] = Counter()
@@ -153,11 +154,13 @@ def test_store_server_rejects_counts_and_logs_bad_input_on_every_port_and_keeps_
 
             # Snapshot port (ROUTER): commands, frame counts, subtrees.
             send(dealer, "bad_command", [b"GIMME"], [b""], [b"ICANHAZ", b"/"], [ICANHAZ + b"\x00"])
-            send(dealer, "bad_request", [ICANHAZ, b"/", b"extra"], [ICANHAZ, b"\xff\xfe"], [ICANHAZ, b"/" * 2000])
+            many = [ICANHAZ, *[b"/"] * (MAX_SUBTREES + 1)]  # one subtree too many for one request
+            send(dealer, "bad_request", many, [ICANHAZ, b"/", b"\xff\xfe"], [ICANHAZ, b"/" * 2000])
             writer.set("/good/1", 1)
             # Update port (XPUB): anything that is not a (un)subscription. A two-frame message is taken as a
             # subscription (its first frame) and a stray frame.
             send(xsub, "bad_subscription", [b"not a subscription"], [b""], [b"\x05x", b"y"], [b"\x01/x", b"z"])
+            send(xsub_peer, "bad_subscription", [b"junk"], [b"\x07"])
             # Collector (PULL): each kind of malformed kvmsg.
             send(push, "bad_frames", [b"one frame"], _kv()[:4], [*_kv(), b"sixth"])
             send(push, "bad_sequence", _kv(seq=bytes(7)), _kv(seq=b"\xff" * 8))
@@ -183,6 +186,7 @@ def test_store_server_rejects_counts_and_logs_bad_input_on_every_port_and_keeps_
             _refused(ctx, zmq.XSUB, f"tcp://{host}:{port + 1}", [b"/" * TEN_MB])
             _refused(ctx, zmq.PUSH, f"tcp://{host}:{port + 2}", _kv(body=b"x" * TEN_MB))
             _refused(ctx, zmq.XSUB, f"tcp://{host}:{port + 3}", [b"x" * TEN_MB])
+            _refused(ctx, zmq.XSUB, f"tcp://{host}:{port + 4}", [b"x" * TEN_MB])
             # (Not from the peer: the state SUB is the one socket here that connects, and a connecting socket
             # that refuses an oversized message never reconnects; see docs/store.md, Bad input.)
 
@@ -204,7 +208,7 @@ def test_store_server_rejects_counts_and_logs_bad_input_on_every_port_and_keeps_
             counters = stats["counters"]
             assert {k: counters.get(k, 0) for k in expected} == dict(expected), "each bad message counted once"
             assert stats["state"] == "active" and server.alive
-            for sock in (dealer, xsub, push, xsub_state):
+            for sock in (dealer, xsub, push, xsub_state, xsub_peer):
                 sock.close()
     finally:
         server.stop()

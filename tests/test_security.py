@@ -155,26 +155,37 @@ def test_keys_cli_init_add_list_revoke(tmp_path: Path, capsys, monkeypatch):
     monkeypatch.delenv("STEMSTREAM_KEYS_DIR", raising=False)
     d = tmp_path / "facility"
     assert main(["keys", "init", str(d)]) == 0
-    assert main(["keys", "add", "site-a", "--dir", str(d)]) == 0
+    assert main(["keys", "add", "site-a", "--dir", str(d), "--role", "nodegroup"]) == 0
     assert main(["keys", "add", "site-b", "--dir", str(d), "--no-authorize"]) == 0
+    assert main(["keys", "add", "nid001", "--dir", str(d), "--server"]) == 0
     capsys.readouterr()
 
     secrets = sorted(d.rglob("*.key_secret"))
     names = sorted(p.name for p in secrets)
-    assert names == ["server.key_secret", "site-a.key_secret", "site-b.key_secret", "stemstream.key_secret"]
+    assert names == [
+        "nid001.key_secret",
+        "server.key_secret",
+        "site-a.key_secret",
+        "site-b.key_secret",
+        "stemstream.key_secret",
+    ]
     for path in secrets:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
-    assert sorted(p.name for p in (d / "authorized").iterdir()) == ["server.key", "site-a.key", "stemstream.key"]
+    # No server key is ever authorised as a client key: neither the store's nor a host's own.
+    assert sorted(p.name for p in (d / "authorized").iterdir()) == ["site-a.key", "stemstream.key"]
     assert not any("secret" in p.read_text() for p in (d / "authorized").iterdir())
 
     assert main(["keys", "list", "--dir", str(d)]) == 0
     listing = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in listing.splitlines()[1:]}
-    assert set(rows) == {"server", "stemstream", "site-a", "site-b"}
-    assert rows["site-a"][3] == "yes" and rows["site-b"][3] == "no"
+    assert set(rows) == {"server", "nid001", "stemstream", "site-a", "site-b"}
+    assert rows["site-a"][3] == "yes" and rows["site-b"][3] == "no" and rows["nid001"][3] == "no"
+    assert rows["site-a"][5] == "nodegroup" and rows["stemstream"][5] == "admin" and rows["site-b"][5] == "-"
+    assert rows["nid001"][1] == "host"
     kd = KeyDirectory(d)
     assert rows["site-a"][2] == kd.client_keys("site-a").public.decode()
+    assert rows["nid001"][2] == kd.server_keys("nid001").public.decode()
     for path in secrets:
         secret = Z85.search(path.read_bytes()).group(1).decode()
         assert secret not in listing
@@ -185,6 +196,8 @@ def test_keys_cli_init_add_list_revoke(tmp_path: Path, capsys, monkeypatch):
     assert (d / "clients" / "site-a.key_secret").exists()
     assert main(["keys", "authorize", "site-b"]) == 0
     assert (d / "authorized" / "site-b.key").exists()
+    assert main(["keys", "authorize", "site-b", "--role", "operator"]) == 0  # again: a new role
+    assert 'role = "operator"' in (d / "authorized" / "site-b.key").read_text()
     capsys.readouterr()
 
     # Mistakes: one line on stderr, exit status 1, nothing half-made.
@@ -193,6 +206,10 @@ def test_keys_cli_init_add_list_revoke(tmp_path: Path, capsys, monkeypatch):
         ["keys", "add", "site-a"],
         ["keys", "add", "server"],
         ["keys", "add", "../escape"],
+        ["keys", "add", "site-c", "--role", "superuser"],
+        ["keys", "add", "nid002", "--server", "--role", "nodegroup"],
+        ["keys", "authorize", str(d / "server.key")],
+        ["keys", "authorize", str(d / "servers" / "nid001.key")],
         ["keys", "revoke", "nobody"],
         ["keys", "list", "--dir", str(tmp_path / "missing")],
     ):
@@ -203,6 +220,7 @@ def test_keys_cli_init_add_list_revoke(tmp_path: Path, capsys, monkeypatch):
             continue
         assert code == 1, argv
         assert err.startswith("stemstream: error:") and err.count("\n") == 1, err
+    assert sorted(p.name for p in (d / "authorized").iterdir()) == ["site-b.key", "stemstream.key"]
     monkeypatch.delenv("STEMSTREAM_KEYS_DIR")
     assert main(["keys", "list"]) == 1
     assert "STEMSTREAM_KEYS_DIR" in capsys.readouterr().err
@@ -311,7 +329,7 @@ def test_curve_store_serves_authorised_clients_only(keys: Keys, ctx: zmq.Context
 
 def test_binary_star_pair_with_curve_syncs_and_fails_over(keys: Keys):
     settings = keys.settings()
-    base_p, base_b = free_port_block(4), free_port_block(4)
+    base_p, base_b = free_port_block(5), free_port_block(5)
     primary = StoreServer("127.0.0.1", base_p, peer=f"tcp://127.0.0.1:{base_b}", heartbeat_s=0.1, settings=settings)
     backup = StoreServer(
         "127.0.0.1", base_b, role="backup", peer=f"tcp://127.0.0.1:{base_p}", heartbeat_s=0.1, settings=settings

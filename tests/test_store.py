@@ -63,7 +63,7 @@ def servers(*specs, log_dir):
             server.kill()
 
 
-def free_base(n: int = 4) -> int:
+def free_base(n: int = 5) -> int:
     """A base port with ``n`` free consecutive ports (for servers that must know each other's ports)."""
     for _ in range(200):
         base = random.randrange(20000, 60000)
@@ -179,6 +179,23 @@ threading.Event().wait()
 """
 
 
+def test_a_client_of_several_subtrees_follows_each_live_whatever_the_hwm_settings(store, caplog):
+    """Subscriptions travel on the SUB's send queue: with STEMSTREAM_SNDHWM=2 ZeroMQ would drop all but two of
+    them, and the client would hear neither its subtrees nor HUGZ (and resync on silence, again and again)."""
+    from stemstream.config import load_settings
+
+    caplog.set_level("WARNING", logger="stemstream.store")
+    subtrees = ("/multi/a/", "/multi/b/", "/multi/c/", "/multi/d/", "/multi/e/")
+    settings = load_settings(sndhwm=2, rcvhwm=2)
+    with StoreClient(store.address, subtrees=subtrees, settings=settings) as reader, StoreClient(store.address) as w:
+        time.sleep(1.0)  # five heartbeats: a client that hears no HUGZ resyncs within three
+        for t in subtrees:
+            w.set(f"{t}x", t)
+        items = reader.wait_for(lambda it: len(it) == 5, "/multi/", timeout=5)
+        assert sorted(items.values()) == list(subtrees)
+    assert not [r for r in caplog.records if "syncing with" in r.getMessage()], "the client resynced"
+
+
 def test_records_of_a_sigkilled_client_process_vanish_within_ttl(store):
     cmd = [sys.executable, "-c", CHILD, store.address]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=ENV, text=True)
@@ -253,7 +270,8 @@ def test_garbage_on_every_port_loses_no_good_update(store, zctx):
 def test_zguide_style_raw_client_interoperates(store, zctx):
     with StoreClient(store.address, subtree="/raw/") as ours:
         ours.set("/raw/ours", {"x": 1})
-        ours.wait_for(lambda items: "/raw/ours" in items, "/raw/")
+        with StoreClient(store.address, subtree="/raw/") as check:  # the server has it (ours sees it at once)
+            check.wait_for(lambda items: "/raw/ours" in items, "/raw/")
         snapshot = zctx.socket(zmq.DEALER)
         subscriber = zctx.socket(zmq.SUB)
         publisher = zctx.socket(zmq.PUSH)
@@ -319,16 +337,23 @@ def test_restarted_server_is_resynced_and_repopulated_by_its_clients(tmp_path):
     first = ServerProcess("--port", "0", "--heartbeat", HB, log_dir=tmp_path)
     second = None
     try:
-        with StoreClient(first.address) as writer, StoreClient(first.address) as watcher:
+        with (
+            StoreClient(first.address) as writer,
+            StoreClient(first.address) as watcher,
+            StoreClient(first.address, subtrees=("/elsewhere/",)) as outside,
+        ):
             for i in range(20):
                 writer.set(f"/restart/{i}", i)
             writer.set("/restart/ephemeral", "e", ttl=30)
-            watcher.wait_for(lambda items: len(items) == 21, "/restart/")
+            for i in range(3):  # keys a client writes but does not mirror
+                outside.set(f"/restart/outside-{i}", i)
+            watcher.wait_for(lambda items: len(items) == 24, "/restart/")
+            time.sleep(2.2)  # past the window in which recent writes are resent anyway (max(10 hb, 2 s))
             first.kill()
             second = ServerProcess("--port", str(first.port), "--heartbeat", HB, log_dir=tmp_path)
-            # The writer re-publishes what it wrote; the watcher resyncs and sees it come back.
+            # The writers re-publish what they wrote; the watcher resyncs and sees it come back.
             with StoreClient(second.address) as fresh:
-                fresh.wait_for(lambda items: len(items) == 21, "/restart/", timeout=10)
+                fresh.wait_for(lambda items: len(items) == 24, "/restart/", timeout=10)
             writer.set("/restart/new", "after")
             items = watcher.wait_for(lambda items: "/restart/new" in items, "/restart/", timeout=10)
             assert items["/restart/5"] == 5 and items["/restart/ephemeral"] == "e"

@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     key_name: str = Field(
         "stemstream", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}$", description="client keypair used"
     )
+    server_key_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}$",
+        description="this host's own server keypair (servers/NAME) for the sockets it binds; unset: the store's",
+    )
 
     # Data plane.
     fallback_dir: Path = Path("./data/fallback")

@@ -28,11 +28,17 @@ def settings_from(args: argparse.Namespace) -> Any:
     return load_settings(**overrides) if overrides else get_settings()
 
 
-def store_client(args: argparse.Namespace, timeout: float = 5.0) -> Any:
-    """A started client of the store the options name, with its backup (``StoreClient.from_settings``)."""
+def store_client(
+    args: argparse.Namespace, timeout: float = 5.0, *, subtrees: tuple[str, ...] | None = None, role: str | None = None
+) -> Any:
+    """A started client of the store the options name, with its backup (``StoreClient.from_settings``),
+    mirroring ``subtrees`` (default everything) and declaring ``role`` and the key name (docs/store.md, Who
+    may write what)."""
     from stemstream.store import StoreClient
 
-    return StoreClient.from_settings(settings_from(args), timeout=timeout).start()
+    settings = settings_from(args)
+    name = settings.key_name if role else None
+    return StoreClient.from_settings(settings, timeout=timeout, subtrees=subtrees, role=role, name=name).start()
 
 
 _TYPES: dict[str, Any] = {"background_n_sigma": float, "xray_n_sigma": float, "threshold_samples": int}

@@ -2,6 +2,9 @@
 
 Each needs only the store's address (``--store``, default from STEMSTREAM_STORE_HOST/PORT); everything
 else is found in the store. They run until SIGTERM/SIGINT (or, for ``producer --scans N``, until done).
+
+Each mirrors only the store subtrees it reads (:data:`SUBTREES`) and declares its store role, which the
+store's write policy checks on a site without CURVE (with CURVE it goes by the process's key instead).
 """
 
 from __future__ import annotations
@@ -16,6 +19,13 @@ from typing import Any
 from stemstream.commands.options import add_counting_arguments, add_store_arguments, counting_from, store_client
 
 logger = logging.getLogger(__name__)
+
+# What each process reads in the store (it writes its own records wherever they live).
+SUBTREES = {
+    "producer": ("/scans/", "/nodegroups/", "/aggregators/", "/control/"),  # plans, acks, requests
+    "aggregator": ("/nodegroups/",),  # the members it routes to
+    "nodegroup": ("/nodegroups/",),  # reads nothing; its own record
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -142,7 +152,7 @@ def _producer(args: argparse.Namespace) -> int:
 
     metrics = serve_metrics()
     stop = _stop_on_signals()
-    client = store_client(args)
+    client = store_client(args, subtrees=SUBTREES["producer"], role="leader" if args.sector == 0 else "producer")
     try:
         serve(
             client,
@@ -173,7 +183,7 @@ def _aggregator(args: argparse.Namespace) -> int:
 
     metrics = serve_metrics(args.host)
     stop = _stop_on_signals()
-    client = store_client(args)
+    client = store_client(args, subtrees=SUBTREES["aggregator"], role="aggregator")
     try:
         agg = Aggregator(
             client,
@@ -211,7 +221,7 @@ def _nodegroup(args: argparse.Namespace) -> int:
         comm = getattr(service.transport, "_comm", None)
         job = comm.bcast(job, root=0) if comm is not None else job
         job_size = args.count * service.transport.size
-    client = store_client(args)
+    client = store_client(args, subtrees=SUBTREES["nodegroup"], role="nodegroup")
     groups: list[NodeGroup] = []
     try:
         if service is not None:

@@ -14,9 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve = sub.add_parser(
         "serve",
         help="run a store server until SIGINT/SIGTERM",
-        description="Serve the Clone store on ports P..P+2 (P+3 too with a Binary Star peer). Run alone, or "
-        "as a pair: `serve --primary-with-backup tcp://B:P2` on one host and `serve --backup-of tcp://A:P1` "
-        "on the other.",
+        description="Serve the Clone store on ports P..P+2 (P+3 and P+4 too with a Binary Star peer). Run "
+        "alone, or as a pair: `serve --primary-with-backup tcp://B:P2` on one host and `serve --backup-of "
+        "tcp://A:P1` on the other. Writes are checked against stemstream's write policy (docs/security.md).",
     )
     serve.add_argument("--host", default=None, help="interface to bind (default: STEMSTREAM_STORE_HOST)")
     serve.add_argument(
@@ -31,6 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--heartbeat", type=float, default=None, help="seconds (default: STORE_HEARTBEAT_S)")
     serve.add_argument("--max-body", type=int, default=None, help="largest value in bytes (default 1 MiB)")
     serve.add_argument("--stats-interval", type=float, default=5.0, help="seconds between stats updates")
+    serve.add_argument("--quota-keys", type=int, default=None, help="keys one writer may hold (default 100000)")
+    serve.add_argument(
+        "--quota-bytes", type=int, default=None, help="bytes (keys + values) one writer may hold (default 256 MiB)"
+    )
     serve.set_defaults(func=_serve)
 
     get = sub.add_parser("get", help="print the value of one key")
@@ -57,8 +61,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     from stemstream.config import get_settings
     from stemstream.metrics.exporter import serve_metrics
+    from stemstream.scans.policy import scan_policy
     from stemstream.store.kvmsg import DEFAULT_MAX_BODY
-    from stemstream.store.server import StoreServer
+    from stemstream.store.server import QUOTA_BYTES, QUOTA_KEYS, StoreServer
 
     settings = get_settings()
     role = "backup" if args.backup_of else "primary"
@@ -77,6 +82,9 @@ def _serve(args: argparse.Namespace) -> int:
         heartbeat_s=args.heartbeat,
         max_body=args.max_body or DEFAULT_MAX_BODY,
         stats_interval_s=args.stats_interval,
+        policy=scan_policy(),
+        quota_keys=args.quota_keys or QUOTA_KEYS,
+        quota_bytes=args.quota_bytes or QUOTA_BYTES,
         settings=settings,
     )
     stop = threading.Event()

@@ -78,12 +78,14 @@ class _Slot:
         self.info: zmq.Socket | None = None
         self.meter = SendMeter()  # data sends of this slot (one thread at a time, under the lock)
 
-    def connect(self, ctx: zmq.Context, settings: Settings, data_ep: str, info_ep: str) -> None:
+    def connect(
+        self, ctx: zmq.Context, settings: Settings, data_ep: str, info_ep: str, server_key: str | None = None
+    ) -> None:
         if self.endpoints == (data_ep, info_ep):
             return
         self.close()
-        self.data = make_socket(ctx, zmq.PUSH, settings=settings, role="client")
-        self.info = make_socket(ctx, zmq.PUSH, settings=settings, role="client")
+        self.data = make_socket(ctx, zmq.PUSH, settings=settings, role="client", server_key=server_key)
+        self.info = make_socket(ctx, zmq.PUSH, settings=settings, role="client", server_key=server_key)
         self.data.connect(data_ep)
         self.info.connect(info_ep)
         self.endpoints = (data_ep, info_ep)

@@ -91,6 +91,8 @@ class Receiver:
         security = curve_security(self.settings, hosts=(self.host,))  # CURVE: a problem is an error now
         if security is not None:
             security.check(*curve_roles)
+        # Published with the endpoints: clients connect to them with this host's own server key.
+        self._server_key = security.server_public if security is not None else None
         self._uid = uid
         self._registry = registry
         self._registration: Any = None
@@ -174,6 +176,7 @@ class Receiver:
             self._uid,
             status="ready",
             endpoints=self.endpoints,
+            server_key=self._server_key,
             sectors=self.n_sectors,
             **self._registry_fields(),
         )

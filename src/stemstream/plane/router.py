@@ -450,8 +450,9 @@ class Router:
             if peer is None or peer.endpoints != eps or peer.dead:
                 if peer is not None:
                     peer.close()
-                data = make_socket(agg._ctx, zmq.PUSH, settings=agg.settings, role="client")
-                info = make_socket(agg._ctx, zmq.PUSH, settings=agg.settings, role="client")
+                key = rec.server_key if rec is not None else None  # the NodeGroup's published server key
+                data = make_socket(agg._ctx, zmq.PUSH, settings=agg.settings, role="client", server_key=key)
+                info = make_socket(agg._ctx, zmq.PUSH, settings=agg.settings, role="client", server_key=key)
                 data.connect(eps[0])
                 info.connect(eps[1])
                 peer = self.peers[uid] = _Peer(uid, (eps[0], eps[1]), data, info)

@@ -239,9 +239,8 @@ class SectorSender:
     def _open_stream(self) -> None:
         p, plan = self._producer, self._session.plan
         m = p.sector
-        self._slot.connect(
-            p._ctx, p.settings, plan.aggregator_endpoints[f"data_{m}"], plan.aggregator_endpoints[f"info_{m}"]
-        )
+        eps = plan.aggregator_endpoints
+        self._slot.connect(p._ctx, p.settings, eps[f"data_{m}"], eps[f"info_{m}"], plan.aggregator_server_key)
         expect = ExpectMessage(
             producer=self.producer_id,
             scan_number=plan.scan_number,

@@ -97,6 +97,7 @@ def decide_plan(
             members=tuple(sorted(r.uid for r in nodegroups)),
             aggregator=agg.uid,
             aggregator_endpoints={k: v for k, v in agg.endpoints.items() if k.startswith(("data_", "info_"))},
+            aggregator_server_key=getattr(agg, "server_key", None),
             reason=f"{len(nodegroups)} NodeGroup(s) ready" + (f" (job {job})" if job else ""),
             # A scan is acknowledged by its counted file when the NodeGroups count (docs/reliability.md).
             ack="counted" if any(r.extra.get("ack") == "counted" for r in nodegroups) else "received",

@@ -94,6 +94,7 @@ class ScanPlan(Record):
     members: tuple[str, ...] = ()  # NodeGroup UIDs in routing order (stream only)
     aggregator: str | None = None
     aggregator_endpoints: dict[str, str] = field(default_factory=dict)  # data_<m>, info_<m>
+    aggregator_server_key: str | None = None  # CURVE: the key the aggregator published with its endpoints
     fallback_dir: str | None = None  # from the scan request; None: each producer's own default
     n_sectors: int = N_SECTORS
     decided_by: str = ""

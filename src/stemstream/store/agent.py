@@ -2,7 +2,8 @@
 
 It keeps the :class:`~stemstream.store.replica.Replica` in step with the server in use: a :class:`Link` and a
 :class:`SnapshotSync` to it, and a PUSH to each server's collector. The API threads hand it their writes as
-:class:`Commands`. It resyncs on a sequence gap (full tree only), a new epoch, a server silent for
+:class:`Commands`. It resyncs on a sequence gap (the whole tree: the global sequence; subtrees that are whole
+top-level segments: each update's ``prev`` and the ``last`` of ``HUGZ``), a new epoch, a server silent for
 :data:`SILENCE_HEARTBEATS` heartbeats (then with a backup: the other server), and writes never echoed.
 """
 
@@ -19,7 +20,7 @@ import zmq
 
 from stemstream.config import Settings
 from stemstream.log import RateLimitedLog
-from stemstream.store.kvmsg import HUGZ, KVMsg, KVMsgError
+from stemstream.store.kvmsg import HUGZ, LAST, PREV, KVMsg, KVMsgError, parse_last, segment_of
 from stemstream.store.link import Link, SnapshotSync, endpoint, split_address, waiting
 from stemstream.store.replica import Replica
 from stemstream.transport.sockets import make_socket
@@ -82,8 +83,9 @@ class Agent:
         *,
         settings: Settings,
         servers: list[str],
-        subtree: str,
+        subtrees: tuple[str, ...],
         timeout: float,
+        declared: dict[str, str] | None = None,
     ) -> None:
         self.replica = replica
         self.commands = commands
@@ -91,8 +93,13 @@ class Agent:
         self.pipe = pipe
         self.settings = settings
         self.servers = servers
-        self.subtree = subtree
-        self.full_tree = subtree in ("", "/")
+        self.subtrees = subtrees
+        self.full_tree = subtrees == ("/",)
+        # Subtrees that are whole top-level segments ("/scans/"): their updates chain by ``prev``, so a
+        # dropped one shows. Deeper subtrees ("/scans/7/") see only some of their segment: not checked.
+        self.chained = frozenset(t for t in subtrees if len(t) > 1 and segment_of(t) == t and t.endswith("/"))
+        self.seg_last: dict[str, int] = {}
+        self.declared = declared or {}
         self.timeout = timeout
         self.rlog = RateLimitedLog(logger)
         self.hb = settings.store_heartbeat_s
@@ -103,6 +110,7 @@ class Agent:
         self.poller = zmq.Poller()
         self.sequence = 0
         self.epoch: str | None = None
+        self.synced_with = ""  # the server the epoch is of
         self.synced_once = False
         self.synced_at = 0.0
         self.last_heard = 0.0
@@ -184,6 +192,7 @@ class Agent:
 
     def _push(self, msg: KVMsg) -> None:
         """Send to the server in use (queued if it is busy) and, best effort, to the other one."""
+        msg.properties.update(self.declared)  # also on re-published keys, whose properties are the server's
         following = self.sync is None
         for i, push in enumerate(self.pushes):
             if i == self.cur and following and self.unsent:
@@ -226,7 +235,7 @@ class Agent:
             self.rlog.warning(f"sync-{address}", "store client: %s; syncing with %s", why, address)
         if self.link is not None:
             self.link.close()
-        topics = [self.subtree.encode()] + ([HUGZ.encode()] if self.subtree else [])
+        topics = [t.encode() for t in self.subtrees] + [HUGZ.encode()]
         self.link = Link(self.ctx, self.settings, address, topics, "client")
         self.poller = zmq.Poller()
         for sock in (self.pipe, self.link.sub, self.link.dealer):
@@ -237,7 +246,7 @@ class Agent:
         attempt = min(max(SILENCE_HEARTBEATS * self.hb, 0.5), max(0.5, self.timeout / 2))
         self.sync = SnapshotSync(
             self.link,
-            self.subtree,
+            self.subtrees,
             ask_by=now + min(self.hb, attempt / 2),
             give_up_at=now + attempt,
             patience=self._patience(),
@@ -293,10 +302,16 @@ class Agent:
 
     def _finish_sync(self, done: KVMsg, sync: SnapshotSync) -> None:
         now = time.monotonic()
-        restarted = self.synced_once and done.sequence < self.sequence
+        # The server lost its state: its sequence went back, or the same server came back as a new process (a
+        # store keeps nothing on disk). The other server of a pair with another epoch holds the same state.
+        epoch, server = done.properties.get("epoch"), self.servers[self.cur]
+        new_process = epoch is not None and self.epoch is not None and epoch != self.epoch
+        restarted = self.synced_once and (done.sequence < self.sequence or (new_process and server == self.synced_with))
         changes = self.replica.install(sync.snapshot, restarted=restarted, now=now)
         self.sequence = done.sequence
-        self.epoch = done.properties.get("epoch")
+        self.epoch, self.synced_with = epoch, server
+        last = parse_last(done.properties.get(LAST, ""))
+        self.seg_last = {seg: last.get(seg, 0) for seg in self.chained}
         self._learn_heartbeat(KVMsg(HUGZ, 0, b"", done.properties))
         first = not self.synced_once
         self.sync = None
@@ -312,6 +327,9 @@ class Agent:
         )
         self.replica.synced.set()
         self.replica.fire(changes, self.rlog)
+        if restarted:
+            for msg in self.replica.outside_writes():  # keys we wrote but do not mirror
+                self._push(msg)
         link = self.link
         for msg in sync.backlog:
             if msg.key != HUGZ:  # old heartbeats say nothing now
@@ -331,6 +349,13 @@ class Agent:
         if self.full_tree and msg.sequence != self.sequence + 1:
             self._begin_sync(f"missed updates {self.sequence + 1}..{msg.sequence - 1}")
             return
+        segment = segment_of(msg.key)
+        if segment in self.seg_last:
+            prev = _int(msg.properties.get(PREV))
+            if prev > self.seg_last[segment]:
+                self._begin_sync(f"missed updates of {segment} ({self.seg_last[segment]} -> {prev})")
+                return
+            self.seg_last[segment] = msg.sequence
         self.sequence = msg.sequence
         change = self.replica.apply(msg)
         if change is not None:
@@ -347,6 +372,12 @@ class Agent:
             self._begin_sync("server sequence went backwards (restarted)")
         elif self.full_tree and msg.sequence > self.sequence:
             self._begin_sync(f"missed updates {self.sequence + 1}..{msg.sequence}")
+        elif self.seg_last:
+            last = parse_last(msg.properties.get(LAST, ""))
+            for segment, seen in self.seg_last.items():
+                if last.get(segment, 0) > seen:
+                    self._begin_sync(f"missed updates of {segment} ({seen} -> {last[segment]})")
+                    return
 
     def _check_timers(self, now: float) -> None:
         if self.sync is not None:
@@ -380,3 +411,8 @@ class Agent:
                 stale[0],
             )
             self._begin_sync(None)
+
+
+def _int(text: str | None) -> int:
+    """A sequence property as an int (0 when absent or malformed: nothing to compare)."""
+    return int(text) if text is not None and text.isdigit() and len(text) < 20 else 0

@@ -1,4 +1,4 @@
-"""StoreClient: a local replica of (a subtree of) the Clone store, kept current by a background agent.
+"""StoreClient: a local replica of (subtrees of) the Clone store, kept current by a background agent.
 
 The agent thread (:mod:`stemstream.store.agent`, the zguide's clone agent) owns every socket: a SUB and a
 DEALER to the server in use, and a PUSH to each server's collector. The API talks to it through a command
@@ -11,11 +11,17 @@ Consistency, in short (docs/store.md has the details):
   the server echoes our update back, later updates of that key from others are ignored: they were
   numbered before ours. The echo "acknowledges" the update; unacknowledged updates are resent after a
   resync or failover, and servers drop the duplicates by uuid.
-* Keys outside ``subtree`` can be written but are not mirrored (we would never see their echo); recent
-  ones are resent after a failover too.
-* The client resyncs (new snapshot, watchers told of the differences) on a gap in sequence numbers (only
-  detectable with the whole tree, ``subtree="/"``), a server restart (new epoch in ``HUGZ``), or a
-  server silent for three heartbeats; with a ``backup`` it then tries the other server.
+* Keys outside ``subtrees`` can be written but are not mirrored (we would never see their echo); recent
+  ones are resent after a failover too. A client mirrors only the subtrees it uses (``subtrees=("/scans/",
+  "/nodegroups/")``): what others write elsewhere costs it nothing.
+* The client resyncs (new snapshot, watchers told of the differences) on a gap in sequence numbers (the
+  server drops updates for a subscriber that does not keep up; with the whole tree the global sequence
+  shows the gap, with subtrees of whole top-level segments, ``/scans/``, each update's ``prev`` and the
+  ``last`` of ``HUGZ``), a server restart (new epoch in ``HUGZ``), or a server silent for three heartbeats;
+  with a ``backup`` it then tries the other server.
+* Without CURVE, ``role``/``name`` are declared on every update (properties ``role``, ``writer``), so the
+  server's write policy refuses what a buggy client of that role should not write. With CURVE the server
+  goes by the client's key instead.
 * After a server restart that lost the state, the client re-publishes the keys whose latest value it wrote.
 """
 
@@ -24,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -32,8 +38,9 @@ import zmq
 from stemstream.config import Settings, get_settings
 from stemstream.errors import StoreError, StoreUnavailable, WaitTimeout
 from stemstream.store.agent import Agent, Commands
-from stemstream.store.kvmsg import KVMsg, KVMsgError, check_path, decode_value, encode_value, format_ttl
+from stemstream.store.kvmsg import MAX_SUBTREES, KVMsg, KVMsgError, check_path, decode_value, encode_value, format_ttl
 from stemstream.store.link import control_pipe, endpoint, split_address
+from stemstream.store.policy import ROLE, WRITER
 from stemstream.store.replica import Replica, Watcher
 from stemstream.transport.security import curve_security
 
@@ -47,10 +54,12 @@ def store_addresses(settings: Settings) -> tuple[str, str | None]:
 
 
 class StoreClient:
-    """A replica of the Clone store at ``address`` (and ``backup``), restricted to ``subtree``.
+    """A replica of the Clone store at ``address`` (and ``backup``), restricted to ``subtrees`` (or the one
+    ``subtree``; ``"/"`` is everything).
 
     ``start()`` waits up to ``timeout`` seconds for the first snapshot. Values are anything msgpack can
-    encode (tuples come back as lists); values written by non-msgpack clients come back as bytes.
+    encode (tuples come back as lists); values written by non-msgpack clients come back as bytes. ``role``
+    and ``name`` are declared on the updates for a site without CURVE (module docstring).
     """
 
     def __init__(
@@ -59,14 +68,26 @@ class StoreClient:
         *,
         backup: str | None = None,
         subtree: str = "/",
+        subtrees: Sequence[str] | None = None,
         timeout: float = 5.0,
         settings: Settings | None = None,
+        role: str | None = None,
+        name: str | None = None,
     ) -> None:
         hosts = [split_address(address)[0]]  # fail early on a malformed address
         if backup is not None:
             hosts.append(split_address(backup)[0])
         self._servers = [address] if backup is None else [address, backup]
-        self._subtree = subtree
+        self._subtrees = tuple(subtrees) if subtrees is not None else (subtree,)
+        if not 1 <= len(self._subtrees) <= MAX_SUBTREES:
+            raise StoreError(f"a store client follows 1 to {MAX_SUBTREES} subtrees, not {len(self._subtrees)}")
+        if any(t in ("", "/") for t in self._subtrees):
+            self._subtrees = ("/",)
+        self._declared: dict[str, str] = {}
+        if role:
+            self._declared[ROLE] = role
+        if name:
+            self._declared[WRITER] = name
         self._timeout = timeout
         self._settings: Settings = settings or get_settings()
         # CURVE: decided (and the client keys read) here, so a missing key is a one-line error now.
@@ -81,12 +102,28 @@ class StoreClient:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings | None = None, *, subtree: str = "/", timeout: float = 5.0
+        cls,
+        settings: Settings | None = None,
+        *,
+        subtree: str = "/",
+        subtrees: Sequence[str] | None = None,
+        timeout: float = 5.0,
+        role: str | None = None,
+        name: str | None = None,
     ) -> StoreClient:
         """A client of the store named by STEMSTREAM_STORE_HOST/PORT (and STORE_BACKUP_HOST/PORT, if set)."""
         settings = settings or get_settings()
         address, backup = store_addresses(settings)
-        return cls(address, backup=backup, subtree=subtree, timeout=timeout, settings=settings)
+        return cls(
+            address,
+            backup=backup,
+            subtree=subtree,
+            subtrees=subtrees,
+            timeout=timeout,
+            settings=settings,
+            role=role,
+            name=name,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -104,8 +141,9 @@ class StoreClient:
             agent_pipe,
             settings=self._settings,
             servers=self._servers,
-            subtree=self._subtree,
+            subtrees=self._subtrees,
             timeout=self._timeout,
+            declared=self._declared,
         )
         self._thread = threading.Thread(target=agent.run, name="store-client", daemon=True)
         self._thread.start()
@@ -150,7 +188,7 @@ class StoreClient:
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "not connected"
-        return f"StoreClient({self.server}, subtree={self._subtree!r}, {state}, {len(self._replica)} keys)"
+        return f"StoreClient({self.server}, subtrees={self._subtrees!r}, {state}, {len(self._replica)} keys)"
 
     @property
     def connected(self) -> bool:
@@ -163,8 +201,9 @@ class StoreClient:
         return self._replica.server
 
     @property
-    def subtree(self) -> str:
-        return self._subtree
+    def subtrees(self) -> tuple[str, ...]:
+        """The prefixes this client mirrors (``("/",)``: everything)."""
+        return self._subtrees
 
     # ------------------------------------------------------------------ writes
 
@@ -188,9 +227,11 @@ class StoreClient:
             check_path(msg.key)
         except KVMsgError as exc:
             raise StoreError(str(exc)) from None
-        tracked = msg.key.startswith(self._subtree)
+        tracked = msg.key.startswith(self._subtrees)
         with self._replica.lock:  # the agent sends in the order the replica changed
             changed = tracked and self._replica.write(msg, time.monotonic())
+            if not tracked:
+                self._replica.write_outside(msg)
             commands.put(("send", msg, tracked, changed))
         commands.wake()
 

@@ -39,6 +39,14 @@ N_FRAMES = 5
 UUID_BYTES = 16
 MAX_KEY_BYTES = 1024
 MAX_PROPERTIES_BYTES = 4096
+# What the server adds to properties it stores and publishes (writer, prev, last): room it keeps for itself.
+SERVER_PROPERTIES_BYTES = 4096
+# Subtrees one snapshot request may name.
+MAX_SUBTREES = 16
+# Properties the server sets: the previous sequence of an update's segment, and in HUGZ / KTHXBAI the last
+# sequence of each segment ("/scans/:12 /nodegroups/:40").
+PREV = "prev"
+LAST = "last"
 DEFAULT_MAX_BODY = 1 << 20
 # A month: long enough for anything ephemeral, short enough that a typo (ms for s) is caught.
 MAX_TTL_S = 30 * 24 * 3600.0
@@ -93,15 +101,25 @@ class KVMsg:
             self.body,
         ]
 
-    def send(self, sock: zmq.Socket, flags: int = 0, prefix: Sequence[bytes] = ()) -> None:
-        """Send as one multipart message, after ``prefix`` frames (a ROUTER's routing identity)."""
-        # Large bodies go zero-copy: they are immutable bytes kept in the server's state anyway.
-        copy = len(self.body) < 65536
-        sock.send_multipart([*prefix, *self.frames()], flags=flags, copy=copy)
+    def send(self, sock: zmq.Socket, flags: int = 0, prefix: Sequence[bytes] = (), copy: bool | None = None) -> None:
+        """Send as one multipart message, after ``prefix`` frames (a ROUTER's routing identity).
+
+        Large bodies go zero-copy: they are immutable bytes kept in the server's state anyway. ``copy=False``
+        sends every body zero-copy (a queued message then holds a reference, not a copy)."""
+        if copy is None:
+            copy = len(self.body) < 65536
+        if copy:
+            sock.send_multipart([*prefix, *self.frames()], flags=flags)
+            return
+        frames = self.frames()
+        for part in (*prefix, *frames[:-1]):
+            sock.send(part, flags | zmq.SNDMORE)
+        sock.send(zmq.Frame(frames[-1], copy=False), flags)
 
     @classmethod
     def from_frames(cls, frames: Sequence[bytes], *, max_body: int | None = DEFAULT_MAX_BODY) -> KVMsg:
-        """Decode and validate five frames; ``max_body=None`` accepts any size (trusted senders)."""
+        """Decode and validate five frames; ``max_body=None`` accepts any size (trusted senders: a server,
+        whose properties may also hold what it added, up to :data:`SERVER_PROPERTIES_BYTES` more)."""
         if len(frames) != N_FRAMES:
             raise KVMsgError("bad_frames", f"kvmsg has {len(frames)} frames, expected {N_FRAMES}")
         raw_key, raw_seq, raw_uuid, raw_props, body = (bytes(f) for f in frames)
@@ -115,7 +133,8 @@ class KVMsg:
             raise KVMsgError("bad_uuid", f"uuid frame is {len(raw_uuid)} bytes, expected {UUID_BYTES} or 0")
         if max_body is not None and len(body) > max_body:
             raise KVMsgError("oversized", f"body of {key[:64]!r} is {len(body)} bytes, over {max_body}")
-        return cls(key, sequence, body, decode_properties(raw_props), raw_uuid)
+        limit = MAX_PROPERTIES_BYTES + (SERVER_PROPERTIES_BYTES if max_body is None else 0)
+        return cls(key, sequence, body, decode_properties(raw_props, limit), raw_uuid)
 
     def __repr__(self) -> str:
         return f"KVMsg({self.key!r}, seq={self.sequence}, {len(self.body)} bytes, {self.properties})"
@@ -150,9 +169,9 @@ def encode_properties(props: dict[str, str]) -> bytes:
     return "".join(f"{name}={value}\n" for name, value in props.items()).encode()
 
 
-def decode_properties(raw: bytes) -> dict[str, str]:
-    if len(raw) > MAX_PROPERTIES_BYTES:
-        raise KVMsgError("bad_properties", f"properties are {len(raw)} bytes, over {MAX_PROPERTIES_BYTES}")
+def decode_properties(raw: bytes, limit: int = MAX_PROPERTIES_BYTES) -> dict[str, str]:
+    if len(raw) > limit:
+        raise KVMsgError("bad_properties", f"properties are {len(raw)} bytes, over {limit}")
     try:
         text = raw.decode()
     except UnicodeDecodeError:
@@ -166,6 +185,38 @@ def decode_properties(raw: bytes) -> dict[str, str]:
             raise KVMsgError("bad_properties", f"property line {line[:64]!r} is not name=value")
         props[name] = value
     return props
+
+
+def segment_of(key: str) -> str:
+    """A path's top-level segment (``/scans/7/counted`` -> ``/scans/``; a key with no second ``/`` is its own
+    segment): the unit of gap detection for clients that follow subtrees (docs/store.md, Lost updates)."""
+    end = key.find("/", 1)
+    return key if end < 0 else key[: end + 1]
+
+
+def format_last(segments: dict[str, int], max_bytes: int = 2048) -> str:
+    """The ``last`` property: ``/scans/:12 /nodegroups/:40``, at most ``max_bytes`` long; segments with a
+    blank or ``:``, or over 128 bytes, are left out."""
+    items, size = [], 0
+    for seg, seq in segments.items():
+        if " " in seg or ":" in seg or len(seg.encode()) > 128:
+            continue
+        item = f"{seg}:{seq}"
+        size += len(item.encode()) + 1
+        if size > max_bytes:
+            break
+        items.append(item)
+    return " ".join(items)
+
+
+def parse_last(text: str) -> dict[str, int]:
+    """The ``last`` property back to {segment: sequence}; malformed items are skipped."""
+    out = {}
+    for item in text.split():
+        seg, _, seq = item.rpartition(":")
+        if seg and seq.isdigit():
+            out[seg] = int(seq)
+    return out
 
 
 def parse_ttl(text: str) -> float:
@@ -183,22 +234,32 @@ def format_ttl(ttl: float) -> str:
     return str(int(ttl)) if float(ttl).is_integer() else repr(float(ttl))
 
 
-def decode_request(frames: Sequence[bytes]) -> tuple[bytes, str]:
-    """A snapshot request as the server's ROUTER hands it over, ``[identity, ICANHAZ?, subtree]`` (the
-    subtree frame may be left out: ``""``); returns ``(identity, subtree)``. Raises KVMsgError
-    ``bad_request`` (wrong number of frames, subtree not UTF-8 or too long) or ``bad_command``."""
-    if not 2 <= len(frames) <= 3:
-        raise KVMsgError("bad_request", f"{max(0, len(frames) - 1)} frames, expected 1 or 2")
+def decode_request(frames: Sequence[bytes]) -> tuple[bytes, tuple[str, ...]]:
+    """A snapshot request as the server's ROUTER hands it over, ``[identity, ICANHAZ?, subtree...]``: no
+    subtree frame means ``""`` (everything), a zguide client sends one, ours up to :data:`MAX_SUBTREES`;
+    returns ``(identity, subtrees)``. Raises KVMsgError ``bad_request`` (wrong number of frames, a subtree
+    not UTF-8 or too long) or ``bad_command``."""
+    if not 2 <= len(frames) <= 2 + MAX_SUBTREES:
+        raise KVMsgError("bad_request", f"{max(0, len(frames) - 1)} frames, expected 1 to {1 + MAX_SUBTREES}")
     identity, command = bytes(frames[0]), bytes(frames[1])
     if command != ICANHAZ:
         raise KVMsgError("bad_command", f"unknown command {command[:32]!r}")
-    raw_subtree = bytes(frames[2]) if len(frames) == 3 else b""
-    if len(raw_subtree) > MAX_KEY_BYTES:
-        raise KVMsgError("bad_request", f"subtree is {len(raw_subtree)} bytes, over {MAX_KEY_BYTES}")
-    try:
-        return identity, raw_subtree.decode()
-    except UnicodeDecodeError:
-        raise KVMsgError("bad_request", "subtree is not UTF-8") from None
+    subtrees = []
+    for frame in frames[2:] or [b""]:
+        raw_subtree = bytes(frame)
+        if len(raw_subtree) > MAX_KEY_BYTES:
+            raise KVMsgError("bad_request", f"subtree is {len(raw_subtree)} bytes, over {MAX_KEY_BYTES}")
+        try:
+            subtrees.append(raw_subtree.decode())
+        except UnicodeDecodeError:
+            raise KVMsgError("bad_request", "subtree is not UTF-8") from None
+    return identity, tuple(subtrees)
+
+
+def snapshot_tag(subtrees: Sequence[str]) -> bytes:
+    """The body of the ``KTHXBAI`` that ends a snapshot of ``subtrees``: the subtree itself for one (as in
+    the zguide), the subtrees joined by newlines for several."""
+    return "\n".join(subtrees).encode()
 
 
 def decode_subscription(frames: Sequence[bytes]) -> tuple[bool, bytes]:

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 
 from stemstream.config import Settings
 from stemstream.errors import StoreError
-from stemstream.store.kvmsg import ICANHAZ, KTHXBAI, KVMsg
+from stemstream.store.kvmsg import ICANHAZ, KTHXBAI, KVMsg, snapshot_tag
 from stemstream.transport.sockets import Role, make_socket
 
-# PUB drops at the HWM and a dropped update costs every subscriber a resync: be generous.
+# A subscriber's receive queue, and the server's send queue to its Binary Star peer (P+4): generous, since a
+# dropped update costs a resync. The peer must never be starved by a bound meant for clients.
 PUB_HWM = 100_000
+# The server's send queue to each client on P+1: ZeroMQ drops beyond it, so a subscriber that does not read
+# costs the server at most this many messages (it notices the gap and resyncs, docs/store.md).
+UPDATES_HWM = 1000
+# Port offsets from a server's base port P.
+SNAPSHOT_PORT, UPDATES_PORT, COLLECTOR_PORT, STATE_PORT, PEER_UPDATES_PORT = range(5)
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -47,26 +54,38 @@ def control_pipe(ctx: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket]:
     return bound, connected
 
 
-def waiting(sock: zmq.Socket, limit: int) -> Iterator[list[bytes]]:
-    """Up to ``limit`` messages already waiting on ``sock``, without blocking."""
+def waiting(sock: zmq.Socket, limit: int, copy: bool = True) -> Iterator[list[Any]]:
+    """Up to ``limit`` messages already waiting on ``sock``, without blocking (``copy=False``: as
+    ``zmq.Frame`` s, which carry the connection's properties such as ``User-Id``)."""
     for _ in range(limit):
         try:
-            frames = sock.recv_multipart(zmq.NOBLOCK)
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=copy)
         except zmq.Again:
             return
         yield frames
 
 
 class Link:
-    """The sockets to one server: its updates under ``topics`` (SUB, port P+1) and snapshots (DEALER, P)."""
+    """The sockets to one server: its updates under ``topics`` (SUB, port P+1, or P+4 for its Binary Star
+    peer) and snapshots (DEALER, P)."""
 
-    def __init__(self, ctx: zmq.Context, settings: Settings, address: str, topics: Sequence[bytes], role: Role):
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        settings: Settings,
+        address: str,
+        topics: Sequence[bytes],
+        role: Role,
+        updates_port: int = UPDATES_PORT,
+    ):
         host, port = split_address(address)
         self.address = address
-        self.sub = make_socket(ctx, zmq.SUB, settings=settings, rcvhwm=PUB_HWM, role=role)
+        # The SUB's send queue carries its subscriptions: with a small STEMSTREAM_SNDHWM ZeroMQ would drop
+        # all but the first few topics when it connects.
+        self.sub = make_socket(ctx, zmq.SUB, settings=settings, sndhwm=1000, rcvhwm=PUB_HWM, role=role)
         for topic in topics:
             self.sub.setsockopt(zmq.SUBSCRIBE, topic)
-        self.sub.connect(endpoint(host, port + 1))
+        self.sub.connect(endpoint(host, port + updates_port))
         self.dealer = make_socket(ctx, zmq.DEALER, settings=settings, role=role)
         self.dealer.connect(endpoint(host, port))
 
@@ -77,7 +96,8 @@ class Link:
 
 @dataclass(eq=False)
 class SnapshotSync:
-    """One attempt at the snapshot of ``subtree`` over ``link``: hold back the stream, ask, collect, or give up.
+    """One attempt at the snapshot of ``subtrees`` (one request, one consistent snapshot) over ``link``: hold
+    back the stream, ask, collect, or give up.
 
     The request goes out once something has come on the SUB (the subscription is live, so no update can fall
     between the snapshot and the stream) or at ``ask_by`` anyway. The attempt fails at ``give_up_at``; every
@@ -86,7 +106,7 @@ class SnapshotSync:
     """
 
     link: Link
-    subtree: str
+    subtrees: tuple[str, ...]
     ask_by: float
     give_up_at: float
     patience: float
@@ -105,7 +125,7 @@ class SnapshotSync:
         """A message from the snapshot port; True when it is the ``KTHXBAI`` that completes the snapshot."""
         self.give_up_at = max(self.give_up_at, now + self.patience)
         if msg.key == KTHXBAI:
-            return msg.body == self.subtree.encode()
+            return msg.body == snapshot_tag(self.subtrees)
         if msg.body:  # a snapshot never holds deletions; be lenient with servers that send them
             self.snapshot[msg.key] = msg
         return False
@@ -116,7 +136,7 @@ class SnapshotSync:
             return False
         if not self.requested and (self.ready or now >= self.ask_by):
             try:
-                self.link.dealer.send_multipart([ICANHAZ, self.subtree.encode()], zmq.NOBLOCK)
+                self.link.dealer.send_multipart([ICANHAZ, *(t.encode() for t in self.subtrees)], zmq.NOBLOCK)
             except zmq.Again:
                 return True  # not connected yet: the next tick tries again
             self.requested = True

@@ -17,25 +17,27 @@ import zmq
 
 from stemstream.config import Settings
 from stemstream.store.kvmsg import HUGZ, KVMsg
-from stemstream.store.link import Link, SnapshotSync
+from stemstream.store.link import PEER_UPDATES_PORT, Link, SnapshotSync
+from stemstream.store.policy import Writer
 from stemstream.store.table import Table
 
 logger = logging.getLogger(__name__)
 
 
 class PendingList:
-    """Updates clients sent a passive server directly, by uuid in arrival order, each with our sequence then."""
+    """Updates clients sent a passive server directly, by uuid in arrival order, each with our sequence then
+    and who sent it (the write policy is applied at takeover, to the state then)."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self._entries: OrderedDict[bytes, tuple[KVMsg, int]] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[KVMsg, int, Writer]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, msg: KVMsg, sequence: int) -> bool:
+    def add(self, msg: KVMsg, sequence: int, writer: Writer) -> bool:
         """Hold ``msg`` (it has a uuid); False if the list was full and its oldest entry was dropped."""
-        self._entries[msg.uuid] = (msg, sequence)
+        self._entries[msg.uuid] = (msg, sequence, writer)
         if len(self._entries) > self.cap:
             self._entries.popitem(last=False)
             return False
@@ -45,7 +47,7 @@ class PendingList:
         """The active server published this update: it needs no applying at takeover."""
         self._entries.pop(uuid, None)
 
-    def take(self) -> list[tuple[KVMsg, int]]:
+    def take(self) -> list[tuple[KVMsg, int, Writer]]:
         """Empty the list: its entries, oldest first."""
         entries, self._entries = list(self._entries.values()), OrderedDict()
         return entries
@@ -69,12 +71,12 @@ class Follower:
         count: Callable[[str], None],
         role: str,
     ) -> None:
-        self.link = Link(ctx, settings, peer, [b""], "peer")
+        self.link = Link(ctx, settings, peer, [b""], "peer", updates_port=PEER_UPDATES_PORT)
         now = time.monotonic()
         patience = max(10 * heartbeat_s, 2.0)
         self.sync: SnapshotSync | None = SnapshotSync(
             self.link,
-            "",
+            ("",),
             ask_by=now + 2 * heartbeat_s,  # ask anyway after this, even if the stream is silent
             give_up_at=now + patience,
             patience=patience,

@@ -61,6 +61,9 @@ class Record:
     heartbeat: float = field(default_factory=time.time)
     started: float = field(default_factory=time.time)
     extra: dict[str, Any] = field(default_factory=dict)
+    # With CURVE: the public key (z85) of the server keypair the process binds its endpoints with; clients
+    # connect to those endpoints with it (docs/security.md). None: the store's server key (or no CURVE).
+    server_key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,6 +102,7 @@ class Record:
             heartbeat=float(want("heartbeat", (int, float), 0.0)),
             started=float(want("started", (int, float), 0.0)),
             extra=want("extra", dict, dict),
+            server_key=want("server_key", (str, type(None))),
         )
 
 
@@ -193,11 +197,20 @@ class Registry:
         *,
         status: str = "starting",
         endpoints: dict[str, str] | None = None,
+        server_key: str | None = None,
         **extra: Any,
     ) -> Registration:
-        """Publish a record for this process and keep it alive; ``uid`` defaults to role-host-pid-random."""
+        """Publish a record for this process and keep it alive; ``uid`` defaults to role-host-pid-random.
+        ``server_key``: the public key clients must use for ``endpoints`` (with CURVE)."""
         uid = uid or f"{role}-{_hostname()}-{os.getpid()}-{secrets.token_hex(2)}"
-        record = Record(uid=uid, role=role, status=status, endpoints=dict(endpoints or {}), extra=dict(extra))
+        record = Record(
+            uid=uid,
+            role=role,
+            status=status,
+            endpoints=dict(endpoints or {}),
+            extra=dict(extra),
+            server_key=server_key,
+        )
         record_key(role, uid)  # validate before anything is published
         return Registration(self.client, record, self.ttl)
 

@@ -49,6 +49,9 @@ class Replica:
         self.version = 0
         self.entries: dict[str, Entry] = {}
         self.pending: dict[str, Pending] = {}
+        # Our latest write of each key outside the subtrees we mirror (we never see those keys change):
+        # put back if a restarted server lost them, like the mirrored keys we wrote last.
+        self.outside: dict[str, KVMsg] = {}
         self.connected = False
         self.server = server
         self.error: BaseException | None = None
@@ -86,6 +89,19 @@ class Replica:
                 self._watchers.pop(token, None)
 
         return unsubscribe
+
+    def write_outside(self, msg: KVMsg) -> None:
+        """Our write of a key we do not mirror: remembered (its latest value) to re-publish after a restart."""
+        with self.lock:
+            if msg.body:
+                self.outside[msg.key] = msg
+            else:
+                self.outside.pop(msg.key, None)
+
+    def outside_writes(self) -> list[KVMsg]:
+        """Our latest writes of keys we do not mirror, as new updates (a restarted server lost them)."""
+        with self.lock:
+            return [KVMsg(m.key, 0, m.body, dict(m.properties), new_uuid()) for m in self.outside.values()]
 
     def write(self, msg: KVMsg, now: float) -> bool:
         """Our write of a key in the subtree: visible at once, pending until echoed; True if the value changed."""

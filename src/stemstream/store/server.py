@@ -7,6 +7,8 @@ Ports, from a base port P (the address ``tcp://host:P``):
   subscriber gets a ``HUGZ`` at once: it then knows its subscription is live before asking for a snapshot.
 * P+2 PULL: updates from clients; the active server applies each, numbers it and republishes it.
 * P+3 PUB: Binary Star state, to the peer (only with a peer).
+* P+4 XPUB: the update stream again, for the peer only (only with a peer): its own queue, so a bound on
+  what slow clients may cost never starves the peer.
 
 With a peer (``role="backup"`` requires one) the pair runs Binary Star (:mod:`stemstream.store.bstar`): the
 passive server follows the active one's updates, holds the updates clients send it directly on a pending
@@ -15,7 +17,11 @@ the TTLs are a :class:`~stemstream.store.table.Table`. See docs/store.md for the
 failover timing.
 
 Bad input never stops the server: it is rejected, counted in :attr:`StoreServer.stats` (by kind, also
-published as ``/store/<role>/stats``) and logged once per kind per interval.
+published as ``/store/<role>/stats``) and logged once per kind per interval. So is a write its writer may not
+make: the server knows each writer (the CURVE key's name and role, or what a client declared without CURVE)
+and asks its write policy (:mod:`stemstream.store.policy`) and the writer's quota before applying anything;
+refused writes are counted as ``denied`` and by kind, never applied. See docs/store.md (Limits) for what a
+client may cost the server.
 """
 
 from __future__ import annotations
@@ -43,18 +49,32 @@ from stemstream.store.kvmsg import (
     DEFAULT_MAX_BODY,
     HUGZ,
     KTHXBAI,
+    LAST,
     MAX_KEY_BYTES,
+    PREV,
     KVMsg,
     KVMsgError,
     check_path,
     decode_peer_state,
     decode_request,
     decode_subscription,
+    format_last,
     format_ttl,
+    segment_of,
+    snapshot_tag,
 )
-from stemstream.store.link import PUB_HWM, control_pipe, endpoint, split_address, waiting
+from stemstream.store.link import (
+    PUB_HWM,
+    UPDATES_HWM,
+    control_pipe,
+    endpoint,
+    split_address,
+    waiting,
+)
 from stemstream.store.peer import Follower, PendingList
-from stemstream.store.table import Table
+from stemstream.store.policy import ROLE, STORE, WRITER, AllowAll, Denial, WritePolicy, Writer, owner_of
+from stemstream.store.snapshots import SNAPSHOT_HWM, Snapshots
+from stemstream.store.table import Table, entry_bytes
 from stemstream.transport.security import curve_security
 from stemstream.transport.sockets import CURVE_HANDSHAKE_BYTES, make_socket, term_context
 
@@ -65,10 +85,13 @@ __all__ = ["ROLES", "StoreServer", "endpoint", "split_address"]
 
 ROLES = ("primary", "backup")
 _WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "")
-# A snapshot that hits this HWM is abandoned (no KTHXBAI) rather than silently truncated.
-SNAPSHOT_HWM = 1_000_000
 # How many messages to take from one socket before looking at the others (fairness under floods).
 _BATCH = 500
+# Per writer (a key name; "" for clients that declared none on a site without CURVE): keys and bytes held.
+QUOTA_KEYS = 100_000
+QUOTA_BYTES = 256 << 20
+# At most this many bytes of ``last`` (segment -> last sequence) in a HUGZ.
+_LAST_BYTES = 2048
 
 
 class _Handler(NamedTuple):
@@ -98,6 +121,9 @@ class StoreServer:
         max_body: int = DEFAULT_MAX_BODY,
         stats_interval_s: float = 5.0,
         max_pending: int = 100_000,
+        policy: WritePolicy | None = None,
+        quota_keys: int = QUOTA_KEYS,
+        quota_bytes: int = QUOTA_BYTES,
         settings: Settings | None = None,
     ) -> None:
         if role not in ROLES:
@@ -113,6 +139,12 @@ class StoreServer:
         self._security = curve_security(self._settings, hosts=(host, self._peer_host or None))
         if self._security is not None:
             self._security.check("server")
+        # Who writes: with CURVE the key's name (ZAP User-Id) and its role in authorized/ (re-read at most
+        # once a second, so a revoked or re-roled key counts at once); without, what clients declare.
+        self._identities = self._security.identities(min_interval_s=1.0) if self._security else None
+        self.policy: WritePolicy = policy or AllowAll()
+        self.quota_keys = quota_keys
+        self.quota_bytes = quota_bytes
         self.heartbeat_s = heartbeat_s or self._settings.store_heartbeat_s
         self.max_body = max_body
         self.stats_interval_s = stats_interval_s
@@ -137,6 +169,8 @@ class StoreServer:
         self._hugz_due = False
         self._follower: Follower | None = None  # passive: following the active peer
         self._advertised: dict[str, str] = {}  # extra endpoints in the stats record (e.g. metrics)
+        self._snapshots: Snapshots | None = None
+        self._publishers: list[zmq.Socket] = []  # P+1, and P+4 with a peer: every update goes to both
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -268,7 +302,7 @@ class StoreServer:
             self._close_sockets()
 
     def _bind(self) -> None:
-        n_ports = 4 if self.peer else 3
+        n_ports = 5 if self.peer else 3
         if self._requested_port:
             self._bind_at(self._requested_port)
             return
@@ -286,27 +320,38 @@ class StoreServer:
         assert self._ctx is not None
         s, ctx = self._settings, self._ctx
         inbound_cap = 4 * self.max_body + 65536  # larger than this: peer disconnected, not even counted
+        # The snapshot port queues at most SNAPSHOT_HWM parts per client (snapshots.Snapshots sends the rest as
+        # the client reads), bodies zero-copy; the update port at most UPDATES_HWM messages per subscriber.
         router = make_socket(ctx, zmq.ROUTER, settings=s, sndhwm=SNAPSHOT_HWM, role="server")
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.MAXMSGSIZE, 65536)
-        publisher = make_socket(ctx, zmq.XPUB, settings=s, sndhwm=PUB_HWM, role="server")
+        publisher = make_socket(ctx, zmq.XPUB, settings=s, sndhwm=UPDATES_HWM, role="server")
         publisher.setsockopt(zmq.XPUB_VERBOSE, 1)
         publisher.setsockopt(zmq.MAXMSGSIZE, MAX_KEY_BYTES + 64)
         collector = make_socket(ctx, zmq.PULL, settings=s, role="server")
         collector.setsockopt(zmq.MAXMSGSIZE, inbound_cap)
         self._sockets = {"router": router, "publisher": publisher, "collector": collector}
         if self.peer:
-            self._sockets["statepub"] = make_socket(ctx, zmq.PUB, settings=s, role="server")
+            # Binary Star ports admit only the store's own keys (peer_only).
+            self._sockets["statepub"] = make_socket(ctx, zmq.PUB, settings=s, role="server", peer_only=True)
             # It only takes the peer's subscription, but MAXMSGSIZE also caps CURVE's handshake.
             self._sockets["statepub"].setsockopt(zmq.MAXMSGSIZE, CURVE_HANDSHAKE_BYTES)
+            peerpub = make_socket(ctx, zmq.XPUB, settings=s, sndhwm=PUB_HWM, role="server", peer_only=True)
+            peerpub.setsockopt(zmq.XPUB_VERBOSE, 1)
+            peerpub.setsockopt(zmq.MAXMSGSIZE, MAX_KEY_BYTES + 64)
+            self._sockets["peerpub"] = peerpub
         bind_host = "*" if self.host in _WILDCARD_HOSTS else self.host
+        names = ("router", "publisher", "collector", "statepub", "peerpub")
         try:
-            for offset, name in enumerate(("router", "publisher", "collector", "statepub")):
+            for offset, name in enumerate(names):
                 if name in self._sockets:
                     self._sockets[name].bind(endpoint(bind_host, base + offset))
         except zmq.ZMQError as exc:
             self._close_sockets()
-            raise StoreError(f"cannot bind ports {base}..{base + 3} on {self.host}: {exc}") from None
+            last = base + len(self._sockets) - 1
+            raise StoreError(f"cannot bind ports {base}..{last} on {self.host}: {exc}") from None
+        self._publishers = [self._sockets[n] for n in ("publisher", "peerpub") if n in self._sockets]
+        self._snapshots = Snapshots(router)
         if self.peer:
             statesub = make_socket(ctx, zmq.SUB, settings=s, role="peer")
             statesub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -321,7 +366,7 @@ class StoreServer:
             self._follower = None
         for sock in self._sockets.values():
             sock.close(linger=0)
-        self._sockets = {}
+        self._sockets, self._publishers, self._snapshots = {}, [], None
 
     def _state(self) -> State:
         return self._bstar.state if self._bstar else State.ACTIVE
@@ -340,7 +385,9 @@ class StoreServer:
                 return  # TERMINATE is the only message
             for sock in events:
                 handler = handlers[sock]
-                for frames in waiting(sock, _BATCH):
+                # With CURVE the collector's frames stay zmq.Frames: the first carries the writer's User-Id.
+                frames_as_is = sock is self._sockets["collector"] and self._identities is not None
+                for frames in waiting(sock, _BATCH, copy=not frames_as_is):
                     try:
                         message = handler.decode(frames)
                     except KVMsgError as exc:
@@ -359,6 +406,9 @@ class StoreServer:
             self._sockets["publisher"]: _Handler(decode_subscription, "update port", self._on_subscription),
             self._sockets["collector"]: _Handler(self._decode_update, "collector", self._on_collect),
         }
+        if "peerpub" in self._sockets:
+            peerpub = self._sockets["peerpub"]
+            handlers[peerpub] = _Handler(decode_subscription, "peer update port", self._on_subscription)
         if "statesub" in self._sockets:
             handlers[self._sockets["statesub"]] = _Handler(decode_peer_state, "peer state port", self._on_peer_state)
         if self._follower is not None:
@@ -385,9 +435,16 @@ class StoreServer:
             deadlines.append(self._follower.next_deadline(now))
         if self._hugz_due:
             deadlines.append(now)
+        if self._snapshots is not None and (retry := self._snapshots.next_deadline()) is not None:
+            deadlines.append(retry)
         return max(0, int(1000 * (min(deadlines) - now)) + 1)
 
     def _tick(self, timers: dict[str, float], now: float) -> None:
+        if self._snapshots is not None and len(self._snapshots):
+            done, given_up = self._snapshots.pump(now)
+            self._count("snapshots", done)
+            if given_up:
+                self._snapshot_aborted(given_up, "client not reading, or gone; it will ask again")
         active = self._state() is State.ACTIVE
         if self._hugz_due or (active and now >= timers["hugz"]):
             self._send_hugz()
@@ -417,12 +474,12 @@ class StoreServer:
             self._stats["rejected"] += 1
         self._rlog.warning(kind, "store %s: rejected input on the %s (%s): %s", self.role, where, kind, why)
 
-    def _on_request(self, request: tuple[bytes, str]) -> None:
-        identity, subtree = request
+    def _on_request(self, request: tuple[bytes, tuple[str, ...]]) -> None:
+        identity, subtrees = request
         if self._bstar is not None and not self._vote():
             self._count("refused")  # passive, or not sure yet: the client will try the other server
             return
-        self._send_snapshot(identity, subtree)
+        self._send_snapshot(identity, subtrees)
 
     def _vote(self) -> bool:
         assert self._bstar is not None
@@ -432,51 +489,107 @@ class StoreServer:
             self._on_state_change(before)
         return accept
 
-    def _send_snapshot(self, identity: bytes, subtree: str) -> None:
-        router = self._sockets["router"]
-        prefix = (identity,)
-        try:
-            for key, msg in self._table.kvmap.items():
-                if key.startswith(subtree):
-                    msg.send(router, zmq.NOBLOCK, prefix)
-            done = KVMsg(KTHXBAI, self._table.sequence, subtree.encode(), self._control_properties(), b"")
-            done.send(router, zmq.NOBLOCK, prefix)
-        except zmq.Again:  # not bad input: counted, and logged like it, but not "rejected"
-            self._count("snapshot_aborted")
-            why = "client not reading (HWM); it will ask again"
-            self._rlog.warning("snapshot_aborted", "store %s: snapshot abandoned: %s", self.role, why)
-            return
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-            self._count("snapshot_aborted")  # the client went away mid-snapshot
-            return
-        self._count("snapshots")
+    def _send_snapshot(self, identity: bytes, subtrees: tuple[str, ...]) -> None:
+        """Take the snapshot now (references to the stored updates); the loop sends it as the client reads."""
+        assert self._snapshots is not None
+        parts = [msg for key, msg in self._table.kvmap.items() if key.startswith(subtrees)]
+        props = self._control_properties()
+        segments = {t for t in subtrees if segment_of(t) == t and t.endswith("/") and len(t) > 1}
+        last = {seg: seq for seg, seq in self._table.segments.items() if seg in segments}
+        if last:
+            props[LAST] = format_last(last, max_bytes=1 << 12)
+        parts.append(KVMsg(KTHXBAI, self._table.sequence, snapshot_tag(subtrees), props, b""))
+        ended = self._snapshots.start(identity, parts, time.monotonic())
+        if ended:
+            self._snapshot_aborted(ended, "a newer request, or more snapshots in progress than allowed")
+        done, given_up = self._snapshots.pump(time.monotonic())  # most snapshots go out at once
+        self._count("snapshots", done)
+        if given_up:
+            self._snapshot_aborted(given_up, "the client went away")
+
+    def _snapshot_aborted(self, n: int, why: str) -> None:
+        """Not bad input: counted, and logged like it, but not "rejected"."""
+        self._count("snapshot_aborted", n)
+        self._rlog.warning("snapshot_aborted", "store %s: %d snapshot(s) abandoned: %s", self.role, n, why)
 
     def _on_subscription(self, subscription: tuple[bool, bytes]) -> None:
         subscribe, _ = subscription
         if subscribe:
             self._hugz_due = True  # coalesced: at most one HUGZ per loop iteration
 
-    def _decode_update(self, frames: list[bytes]) -> KVMsg:
-        """An update from a client, checked as the collector requires; raises KVMsgError."""
+    def _decode_update(self, frames: list[Any]) -> tuple[KVMsg, Writer]:
+        """An update from a client, checked as the collector requires, and who sent it; raises KVMsgError."""
+        user_id: str | None = None
+        if self._identities is not None:  # CURVE: zmq.Frames; the connection's key name is on each
+            try:
+                user_id = frames[0].get("User-Id")
+            except (zmq.ZMQError, IndexError):
+                user_id = None
+            frames = [f.bytes for f in frames]
         msg = KVMsg.from_frames(frames, max_body=self.max_body)
         check_path(msg.key)
         _ = msg.ttl  # validates
-        return msg
+        return msg, self._writer(user_id, msg)
 
-    def _on_collect(self, msg: KVMsg) -> None:
+    def _writer(self, user_id: str | None, msg: KVMsg) -> Writer:
+        """With CURVE, the key (its name and current role); without, what the update declares. The
+        declaration is removed from the update; the server stamps the writer's name on what it stores."""
+        declared_name = msg.properties.pop(WRITER, "")
+        declared_role = msg.properties.pop(ROLE, "") or None
+        if self._identities is None:
+            return Writer(declared_name, declared_role, authenticated=False)
+        name = user_id or ""
+        return Writer(name, self._identities.role(name) if name else None, authenticated=True)
+
+    def _on_collect(self, update: tuple[KVMsg, Writer]) -> None:
+        msg, writer = update
         if self._table.seen(msg.uuid):
             self._count("duplicates")  # a client resending after failover what we already applied
             return
         if self._state() is State.ACTIVE:
-            self._apply(msg)
+            self._apply_from(msg, writer)
         elif msg.uuid:
             # Passive (or not sure yet): hold it until the active server publishes it, or we take over.
-            if not self._pending.add(msg, self._table.sequence):
+            if not self._pending.add(msg, self._table.sequence, writer):
                 self._count("pending_dropped")
         else:
             self._count("unmatchable")  # no uuid: a passive server could never match it to the active's copy
+
+    def _apply_from(self, msg: KVMsg, writer: Writer) -> bool:
+        """Active: apply a client's update if its writer may make it (policy, then quota); else deny it."""
+        denial = self._admit(msg, writer)
+        if denial is not None:
+            with self._stats_lock:
+                self._stats["denied"] += 1
+                self._stats[f"denied_{denial.kind}"] += 1
+            self._rlog.warning(f"denied_{denial.kind}", "store %s: denied a write (%s): %s", self.role,
+                               denial.kind, denial.why)  # fmt: skip
+            return False
+        if writer.name:
+            msg.properties[WRITER] = writer.name
+        self._apply(msg)
+        return True
+
+    def _admit(self, msg: KVMsg, writer: Writer) -> Denial | None:
+        if writer.authenticated and writer.role is None:
+            return Denial("no_role", f"{writer} has no role: it may read the store, not write it")
+        if not writer.unchecked:
+            denial = self.policy.check(writer, msg, self._table)
+            if denial is not None:
+                return denial
+        if msg.is_delete:
+            return None
+        keys, nbytes = self._table.usage(writer.name)
+        old = self._table.get(msg.key)
+        if old is not None and (owner_of(old) or "") == writer.name:
+            keys, nbytes = keys - 1, nbytes - entry_bytes(old)  # replaced, not added
+        if keys + 1 > self.quota_keys or nbytes + entry_bytes(msg) > self.quota_bytes:
+            return Denial(
+                "quota",
+                f"{writer} holds {keys} keys, {nbytes} bytes; {msg.key[:80]!r} would pass the quota of "
+                f"{self.quota_keys} keys, {self.quota_bytes} bytes",
+            )
+        return None
 
     def _on_peer_state(self, state: int) -> None:
         assert self._bstar is not None
@@ -505,11 +618,14 @@ class StoreServer:
     # ------------------------------------------------------------------ state
 
     def _apply(self, msg: KVMsg, *, count: bool = True) -> None:
-        """Active: number the update, apply it, publish it."""
+        """Active: number the update, stamp its segment's previous sequence (clients of a subtree see gaps
+        by it), apply it, publish it."""
         self._table.sequence += 1
         msg.sequence = self._table.sequence
+        msg.properties[PREV] = str(self._table.published(msg))
         self._table.put(msg, time.monotonic())
-        msg.send(self._sockets["publisher"])
+        for sock in self._publishers:
+            msg.send(sock)
         if count:
             self._count("deletes" if msg.is_delete else "updates")
 
@@ -520,7 +636,13 @@ class StoreServer:
 
     def _send_hugz(self) -> None:
         self._hugz_due = False
-        KVMsg(HUGZ, self._table.sequence, b"", self._control_properties(), b"").send(self._sockets["publisher"])
+        props = self._control_properties()
+        last = format_last(dict(reversed(self._table.segments.items())), max_bytes=_LAST_BYTES)
+        if last:
+            props[LAST] = last  # the most recently written segments' last sequences
+        hugz = KVMsg(HUGZ, self._table.sequence, b"", props, b"")
+        for sock in self._publishers:
+            hugz.send(sock)
 
     def _control_properties(self) -> dict[str, str]:
         return {"epoch": self.epoch, "heartbeat": repr(self.heartbeat_s), "state": self.state}
@@ -545,13 +667,12 @@ class StoreServer:
     def _take_over(self) -> None:
         """Apply the pending list: updates clients sent us that the old active never published."""
         applied = superseded = 0
-        for msg, our_sequence in self._pending.take():
+        for msg, our_sequence, writer in self._pending.take():
             current = self._table.kvmap.get(msg.key)
             if current is not None and current.sequence > our_sequence:
                 superseded += 1  # the key changed after this arrived: it is older than what we hold
                 continue
-            self._apply(msg)
-            applied += 1
+            applied += self._apply_from(msg, writer)
         if applied or superseded:
             logger.info("store %s: applied %d pending updates, %d superseded", self.role, applied, superseded)
         self._hugz_due = True
@@ -581,7 +702,9 @@ class StoreServer:
         if self._state() is State.ACTIVE:
             self._apply(msg, count=False)
         elif self._bstar is not None and self._bstar.state is State.PASSIVE:
-            # Only the active server numbers updates: a passive one hands its stats to it like a client.
+            # Only the active server numbers updates: a passive one hands its stats to it like a client, of
+            # role "store" (declared for sites without CURVE; with CURVE its key says so).
+            msg.properties.update({WRITER: f"store-{self.role}", ROLE: STORE})
             if "peer_push" not in self._sockets:
                 push = make_socket(self._ctx, zmq.PUSH, settings=self._settings, role="peer")  # type: ignore[arg-type]
                 push.connect(endpoint(self._peer_host, self._peer_port + 2))

@@ -5,7 +5,9 @@
 * IMMEDIATE on PUSH: messages queue only on completed connections, never on a peer that is not there.
 * CURVE (docs/security.md): ``role="server"`` for a socket that binds, ``"client"`` for one that connects,
   ``"peer"`` for a store server's link to its Binary Star peer. Whether CURVE is on comes from the settings
-  (:func:`stemstream.config.curve_enabled`); when it is off the role changes nothing. A context that has
+  (:func:`stemstream.config.curve_enabled`); when it is off the role changes nothing. A client connecting to
+  a service that published its own server key (``server_key`` in its registry record) passes that key; a
+  server socket with ``peer_only`` admits only the store's own keys (Binary Star ports). A context that has
   had a server socket with CURVE on has a ZAP authenticator thread: end it with :func:`term_context`.
 * ``ZMQ_MAXMSGSIZE`` also caps CURVE's handshake commands (HELLO 200 bytes, INITIATE 257 plus metadata): a
   socket that sets it must allow at least :data:`CURVE_HANDSHAKE_BYTES`, or with CURVE on it never connects.
@@ -34,12 +36,16 @@ def make_socket(
     role: Role | None = None,
     curve: CurveKeys | None = None,
     curve_server: bool = False,
+    server_key: str | bytes | None = None,
+    peer_only: bool = False,
 ) -> zmq.Socket:
     """Create a socket of ``kind`` with the project's standard options applied.
 
     ``role`` (``"server"``, ``"client"``, ``"peer"``) gives the socket this process's CURVE keys when the
     settings turn CURVE on; every socket that talks to another process should have one (None: plaintext,
     for tests and bare benchmarks). ``curve``/``curve_server`` set explicit keys instead (no authenticator).
+    ``server_key`` (z85; clients) is the key the service published; None: the store's. ``peer_only``
+    (servers) admits only the store's own keys.
     """
     s = settings or get_settings()
     security = curve_security(s) if role is not None else None
@@ -52,7 +58,7 @@ def make_socket(
             sock.setsockopt(zmq.IMMEDIATE, 1)
         if security is not None:
             assert role is not None
-            security.apply(sock, role, ctx)
+            security.apply(sock, role, ctx, server_key=server_key, peer_only=peer_only)
         elif curve is not None:
             sock.curve_secretkey = curve.secret
             sock.curve_publickey = curve.public

@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         plane = stack.enter_context(StreamingPlane(args.groups, args.threads, tmp / "plain"))
         curve_plane = None
         if args.curve:
-            from stemstream.transport.security import KeyDirectory
+            from stemstream.transport.keys import KeyDirectory
 
             KeyDirectory(tmp / "keys").init()
             (tmp / "curve").mkdir()

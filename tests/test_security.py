@@ -26,13 +26,8 @@ from stemstream.nodes.consumer import CollectingConsumer, NullConsumer
 from stemstream.plane.nodegroup import NodeGroup
 from stemstream.store import Registry, StoreClient, StoreServer
 from stemstream.store.kvmsg import KVMsg
-from stemstream.transport.security import (
-    CurveKeys,
-    CurveSecurity,
-    KeyDirectory,
-    has_authenticator,
-    stop_authenticator,
-)
+from stemstream.transport.keys import CurveKeys, KeyDirectory
+from stemstream.transport.security import CurveSecurity, has_authenticator, stop_authenticator
 from stemstream.transport.sockets import CURVE_HANDSHAKE_BYTES, make_socket, term_context
 from stemstream.wire.protocol import EndMessage, ExpectMessage, SectorHeader
 

@@ -42,7 +42,7 @@ from stemstream.scans.records import ScanPlan
 from stemstream.store import Registry, StoreClient
 from stemstream.store.kvmsg import ICANHAZ, KVMsg
 from stemstream.store.registry import Record, record_key
-from stemstream.transport.security import CurveKeys, KeyDirectory
+from stemstream.transport.keys import CurveKeys, KeyDirectory
 
 MB = 1 << 20
 ROLES = {

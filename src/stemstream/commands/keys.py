@@ -88,7 +88,7 @@ def _role_note(role: str | None) -> str:
 def _directory(args: argparse.Namespace):  # -> KeyDirectory, imported lazily
     from stemstream.config import load_settings
     from stemstream.errors import ConfigError
-    from stemstream.transport.security import KeyDirectory
+    from stemstream.transport.keys import KeyDirectory
 
     path = args.dir if args.dir is not None else load_settings().keys_dir
     if path is None:
@@ -97,7 +97,7 @@ def _directory(args: argparse.Namespace):  # -> KeyDirectory, imported lazily
 
 
 def _init(args: argparse.Namespace) -> int:
-    from stemstream.transport.security import KeyDirectory
+    from stemstream.transport.keys import KeyDirectory
 
     d = KeyDirectory(args.dir)
     d.init(client=args.client)

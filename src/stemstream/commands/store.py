@@ -62,8 +62,9 @@ def _serve(args: argparse.Namespace) -> int:
     from stemstream.config import get_settings
     from stemstream.metrics.exporter import serve_metrics
     from stemstream.scans.policy import scan_policy
+    from stemstream.store.gate import QUOTA_BYTES, QUOTA_KEYS
     from stemstream.store.kvmsg import DEFAULT_MAX_BODY
-    from stemstream.store.server import QUOTA_BYTES, QUOTA_KEYS, StoreServer
+    from stemstream.store.server import StoreServer
 
     settings = get_settings()
     role = "backup" if args.backup_of else "primary"

@@ -1,14 +1,6 @@
 """The Clone store server (zguide chapter 5, model six): full state in memory, sequenced updates, Binary Star.
 
-Ports, from a base port P (the address ``tcp://host:P``):
-
-* P   ROUTER: snapshots. ``[ICANHAZ?, subtree]`` -> every kvmsg under ``subtree``, then ``KTHXBAI``.
-* P+1 XPUB: sequenced updates (topic = key) and ``HUGZ`` heartbeats. An XPUB rather than a PUB so a new
-  subscriber gets a ``HUGZ`` at once: it then knows its subscription is live before asking for a snapshot.
-* P+2 PULL: updates from clients; the active server applies each, numbers it and republishes it.
-* P+3 PUB: Binary Star state, to the peer (only with a peer).
-* P+4 XPUB: the update stream again, for the peer only (only with a peer): its own queue, so a bound on
-  what slow clients may cost never starves the peer.
+Its ports, from a base port P (the address ``tcp://host:P``), are :mod:`stemstream.store.ports`.
 
 With a peer (``role="backup"`` requires one) the pair runs Binary Star (:mod:`stemstream.store.bstar`): the
 passive server follows the active one's updates, holds the updates clients send it directly on a pending
@@ -29,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import secrets
 import socket
 import threading
@@ -45,38 +36,33 @@ from stemstream.config import Settings, get_settings
 from stemstream.errors import StoreError
 from stemstream.log import RateLimitedLog
 from stemstream.store.bstar import BinaryStar, Event, State
+from stemstream.store.gate import QUOTA_BYTES, QUOTA_KEYS, Gate
 from stemstream.store.kvmsg import (
     DEFAULT_MAX_BODY,
     HUGZ,
-    KTHXBAI,
     LAST,
-    MAX_KEY_BYTES,
     PREV,
     KVMsg,
     KVMsgError,
-    check_path,
     decode_peer_state,
     decode_request,
     decode_subscription,
     format_last,
     format_ttl,
-    segment_of,
-    snapshot_tag,
 )
 from stemstream.store.link import (
-    PUB_HWM,
-    UPDATES_HWM,
     control_pipe,
     endpoint,
     split_address,
     waiting,
 )
 from stemstream.store.peer import Follower, PendingList
-from stemstream.store.policy import ROLE, STORE, WRITER, AllowAll, Denial, WritePolicy, Writer, owner_of
-from stemstream.store.snapshots import SNAPSHOT_HWM, Snapshots
-from stemstream.store.table import Table, entry_bytes
+from stemstream.store.policy import ROLE, STORE, WRITER, AllowAll, WritePolicy, Writer
+from stemstream.store.ports import WILDCARD_HOSTS, bind_server_sockets
+from stemstream.store.snapshots import Snapshots, snapshot_parts
+from stemstream.store.table import Table
 from stemstream.transport.security import curve_security
-from stemstream.transport.sockets import CURVE_HANDSHAKE_BYTES, make_socket, term_context
+from stemstream.transport.sockets import make_socket, term_context
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +70,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["ROLES", "StoreServer", "endpoint", "split_address"]
 
 ROLES = ("primary", "backup")
-_WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "")
 # How many messages to take from one socket before looking at the others (fairness under floods).
 _BATCH = 500
-# Per writer (a key name; "" for clients that declared none on a site without CURVE): keys and bytes held.
-QUOTA_KEYS = 100_000
-QUOTA_BYTES = 256 << 20
 # At most this many bytes of ``last`` (segment -> last sequence) in a HUGZ.
 _LAST_BYTES = 2048
 
@@ -141,10 +123,8 @@ class StoreServer:
             self._security.check("server")
         # Who writes: with CURVE the key's name (ZAP User-Id) and its role in authorized/ (re-read at most
         # once a second, so a revoked or re-roled key counts at once); without, what clients declare.
-        self._identities = self._security.identities(min_interval_s=1.0) if self._security else None
-        self.policy: WritePolicy = policy or AllowAll()
-        self.quota_keys = quota_keys
-        self.quota_bytes = quota_bytes
+        identities = self._security.identities(min_interval_s=1.0) if self._security else None
+        self._gate = Gate(identities, policy or AllowAll(), quota_keys, quota_bytes, max_body)
         self.heartbeat_s = heartbeat_s or self._settings.store_heartbeat_s
         self.max_body = max_body
         self.stats_interval_s = stats_interval_s
@@ -182,7 +162,7 @@ class StoreServer:
 
     @property
     def address(self) -> str:
-        host = socket.gethostname() if self.host in _WILDCARD_HOSTS else self.host
+        host = socket.gethostname() if self.host in WILDCARD_HOSTS else self.host
         return endpoint(host, self.port)
 
     @property
@@ -302,63 +282,13 @@ class StoreServer:
             self._close_sockets()
 
     def _bind(self) -> None:
-        n_ports = 5 if self.peer else 3
-        if self._requested_port:
-            self._bind_at(self._requested_port)
-            return
-        # Free consecutive ports: try random bases and keep the first that binds (no check-then-bind race).
-        for _ in range(100):
-            base = random.randrange(20000, 60000 - n_ports)
-            try:
-                self._bind_at(base)
-                return
-            except StoreError:
-                continue
-        raise StoreError(f"found no {n_ports} free consecutive ports on {self.host}")
-
-    def _bind_at(self, base: int) -> None:
         assert self._ctx is not None
-        s, ctx = self._settings, self._ctx
-        inbound_cap = 4 * self.max_body + 65536  # larger than this: peer disconnected, not even counted
-        # The snapshot port queues at most SNAPSHOT_HWM parts per client (snapshots.Snapshots sends the rest as
-        # the client reads), bodies zero-copy; the update port at most UPDATES_HWM messages per subscriber.
-        router = make_socket(ctx, zmq.ROUTER, settings=s, sndhwm=SNAPSHOT_HWM, role="server")
-        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        router.setsockopt(zmq.MAXMSGSIZE, 65536)
-        publisher = make_socket(ctx, zmq.XPUB, settings=s, sndhwm=UPDATES_HWM, role="server")
-        publisher.setsockopt(zmq.XPUB_VERBOSE, 1)
-        publisher.setsockopt(zmq.MAXMSGSIZE, MAX_KEY_BYTES + 64)
-        collector = make_socket(ctx, zmq.PULL, settings=s, role="server")
-        collector.setsockopt(zmq.MAXMSGSIZE, inbound_cap)
-        self._sockets = {"router": router, "publisher": publisher, "collector": collector}
-        if self.peer:
-            # Binary Star ports admit only the store's own keys (peer_only).
-            self._sockets["statepub"] = make_socket(ctx, zmq.PUB, settings=s, role="server", peer_only=True)
-            # It only takes the peer's subscription, but MAXMSGSIZE also caps CURVE's handshake.
-            self._sockets["statepub"].setsockopt(zmq.MAXMSGSIZE, CURVE_HANDSHAKE_BYTES)
-            peerpub = make_socket(ctx, zmq.XPUB, settings=s, sndhwm=PUB_HWM, role="server", peer_only=True)
-            peerpub.setsockopt(zmq.XPUB_VERBOSE, 1)
-            peerpub.setsockopt(zmq.MAXMSGSIZE, MAX_KEY_BYTES + 64)
-            self._sockets["peerpub"] = peerpub
-        bind_host = "*" if self.host in _WILDCARD_HOSTS else self.host
-        names = ("router", "publisher", "collector", "statepub", "peerpub")
-        try:
-            for offset, name in enumerate(names):
-                if name in self._sockets:
-                    self._sockets[name].bind(endpoint(bind_host, base + offset))
-        except zmq.ZMQError as exc:
-            self._close_sockets()
-            last = base + len(self._sockets) - 1
-            raise StoreError(f"cannot bind ports {base}..{last} on {self.host}: {exc}") from None
+        peer = (self._peer_host, self._peer_port) if self.peer else None
+        self._port, self._sockets = bind_server_sockets(
+            self._ctx, self._settings, self.host, self._requested_port, peer, self.max_body
+        )
         self._publishers = [self._sockets[n] for n in ("publisher", "peerpub") if n in self._sockets]
-        self._snapshots = Snapshots(router)
-        if self.peer:
-            statesub = make_socket(ctx, zmq.SUB, settings=s, role="peer")
-            statesub.setsockopt(zmq.SUBSCRIBE, b"")
-            statesub.setsockopt(zmq.MAXMSGSIZE, CURVE_HANDSHAKE_BYTES)  # state messages are 1 byte
-            statesub.connect(endpoint(self._peer_host, self._peer_port + 3))
-            self._sockets["statesub"] = statesub
-        self._port = base
+        self._snapshots = Snapshots(self._sockets["router"])
 
     def _close_sockets(self) -> None:
         if self._follower is not None:
@@ -386,7 +316,7 @@ class StoreServer:
             for sock in events:
                 handler = handlers[sock]
                 # With CURVE the collector's frames stay zmq.Frames: the first carries the writer's User-Id.
-                frames_as_is = sock is self._sockets["collector"] and self._identities is not None
+                frames_as_is = sock is self._sockets["collector"] and self._gate.identities is not None
                 for frames in waiting(sock, _BATCH, copy=not frames_as_is):
                     try:
                         message = handler.decode(frames)
@@ -404,7 +334,7 @@ class StoreServer:
         handlers = {
             self._sockets["router"]: _Handler(decode_request, "snapshot port", self._on_request),
             self._sockets["publisher"]: _Handler(decode_subscription, "update port", self._on_subscription),
-            self._sockets["collector"]: _Handler(self._decode_update, "collector", self._on_collect),
+            self._sockets["collector"]: _Handler(self._gate.decode, "collector", self._on_collect),
         }
         if "peerpub" in self._sockets:
             peerpub = self._sockets["peerpub"]
@@ -492,13 +422,7 @@ class StoreServer:
     def _send_snapshot(self, identity: bytes, subtrees: tuple[str, ...]) -> None:
         """Take the snapshot now (references to the stored updates); the loop sends it as the client reads."""
         assert self._snapshots is not None
-        parts = [msg for key, msg in self._table.kvmap.items() if key.startswith(subtrees)]
-        props = self._control_properties()
-        segments = {t for t in subtrees if segment_of(t) == t and t.endswith("/") and len(t) > 1}
-        last = {seg: seq for seg, seq in self._table.segments.items() if seg in segments}
-        if last:
-            props[LAST] = format_last(last, max_bytes=1 << 12)
-        parts.append(KVMsg(KTHXBAI, self._table.sequence, snapshot_tag(subtrees), props, b""))
+        parts = snapshot_parts(self._table, subtrees, self._control_properties())
         ended = self._snapshots.start(identity, parts, time.monotonic())
         if ended:
             self._snapshot_aborted(ended, "a newer request, or more snapshots in progress than allowed")
@@ -517,30 +441,6 @@ class StoreServer:
         if subscribe:
             self._hugz_due = True  # coalesced: at most one HUGZ per loop iteration
 
-    def _decode_update(self, frames: list[Any]) -> tuple[KVMsg, Writer]:
-        """An update from a client, checked as the collector requires, and who sent it; raises KVMsgError."""
-        user_id: str | None = None
-        if self._identities is not None:  # CURVE: zmq.Frames; the connection's key name is on each
-            try:
-                user_id = frames[0].get("User-Id")
-            except (zmq.ZMQError, IndexError):
-                user_id = None
-            frames = [f.bytes for f in frames]
-        msg = KVMsg.from_frames(frames, max_body=self.max_body)
-        check_path(msg.key)
-        _ = msg.ttl  # validates
-        return msg, self._writer(user_id, msg)
-
-    def _writer(self, user_id: str | None, msg: KVMsg) -> Writer:
-        """With CURVE, the key (its name and current role); without, what the update declares. The
-        declaration is removed from the update; the server stamps the writer's name on what it stores."""
-        declared_name = msg.properties.pop(WRITER, "")
-        declared_role = msg.properties.pop(ROLE, "") or None
-        if self._identities is None:
-            return Writer(declared_name, declared_role, authenticated=False)
-        name = user_id or ""
-        return Writer(name, self._identities.role(name) if name else None, authenticated=True)
-
     def _on_collect(self, update: tuple[KVMsg, Writer]) -> None:
         msg, writer = update
         if self._table.seen(msg.uuid):
@@ -557,7 +457,7 @@ class StoreServer:
 
     def _apply_from(self, msg: KVMsg, writer: Writer) -> bool:
         """Active: apply a client's update if its writer may make it (policy, then quota); else deny it."""
-        denial = self._admit(msg, writer)
+        denial = self._gate.admit(msg, writer, self._table)
         if denial is not None:
             with self._stats_lock:
                 self._stats["denied"] += 1
@@ -569,27 +469,6 @@ class StoreServer:
             msg.properties[WRITER] = writer.name
         self._apply(msg)
         return True
-
-    def _admit(self, msg: KVMsg, writer: Writer) -> Denial | None:
-        if writer.authenticated and writer.role is None:
-            return Denial("no_role", f"{writer} has no role: it may read the store, not write it")
-        if not writer.unchecked:
-            denial = self.policy.check(writer, msg, self._table)
-            if denial is not None:
-                return denial
-        if msg.is_delete:
-            return None
-        keys, nbytes = self._table.usage(writer.name)
-        old = self._table.get(msg.key)
-        if old is not None and (owner_of(old) or "") == writer.name:
-            keys, nbytes = keys - 1, nbytes - entry_bytes(old)  # replaced, not added
-        if keys + 1 > self.quota_keys or nbytes + entry_bytes(msg) > self.quota_bytes:
-            return Denial(
-                "quota",
-                f"{writer} holds {keys} keys, {nbytes} bytes; {msg.key[:80]!r} would pass the quota of "
-                f"{self.quota_keys} keys, {self.quota_bytes} bytes",
-            )
-        return None
 
     def _on_peer_state(self, state: int) -> None:
         assert self._bstar is not None

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from stemstream.store.kvmsg import KVMsg
+from stemstream.store.kvmsg import KTHXBAI, LAST, KVMsg, format_last, segment_of, snapshot_tag
+from stemstream.store.table import Table
 
 # Parts queued per client on the snapshot port; the rest waits in the server as references.
 SNAPSHOT_HWM = 1000
@@ -100,3 +101,15 @@ class Snapshots:
                 raise
             return False
         return True
+
+
+def snapshot_parts(table: Table, subtrees: tuple[str, ...], props: dict[str, str]) -> list[KVMsg]:
+    """A snapshot of ``subtrees``: references to the stored updates, then ``KTHXBAI`` with the sequence (and,
+    for whole segments, each segment's last sequence, so a client can tell a later loss)."""
+    parts = [msg for key, msg in table.kvmap.items() if key.startswith(subtrees)]
+    segments = {t for t in subtrees if segment_of(t) == t and t.endswith("/") and len(t) > 1}
+    last = {seg: seq for seg, seq in table.segments.items() if seg in segments}
+    if last:
+        props = {**props, LAST: format_last(last, max_bytes=1 << 12)}
+    parts.append(KVMsg(KTHXBAI, table.sequence, snapshot_tag(subtrees), props, b""))
+    return parts

@@ -18,7 +18,8 @@ from __future__ import annotations
 import zmq
 
 from stemstream.config import Settings, get_settings
-from stemstream.transport.security import CurveKeys, Role, curve_security, stop_authenticator
+from stemstream.transport.keys import CurveKeys
+from stemstream.transport.security import Role, curve_security, stop_authenticator
 
 __all__ = ["CURVE_HANDSHAKE_BYTES", "CurveKeys", "Role", "bind_random", "make_socket", "term_context"]
 

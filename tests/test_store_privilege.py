@@ -484,9 +484,9 @@ def test_a_client_that_falls_behind_loses_updates_at_the_hwm_notices_and_resyncs
     """The server drops what a subscriber does not take (a small HWM here); the client sees the gap (the
     global sequence for the whole tree; each segment's ``prev`` and HUGZ's ``last`` for subtrees) and
     resyncs by snapshot, so it ends with every key's last value."""
-    from stemstream.store import StoreServer, link, server
+    from stemstream.store import StoreServer, link, ports
 
-    monkeypatch.setattr(server, "UPDATES_HWM", 20)
+    monkeypatch.setattr(ports, "UPDATES_HWM", 20)
     monkeypatch.setattr(link, "PUB_HWM", 20)  # the client's receive queue
     caplog.set_level("WARNING", logger="stemstream.store")
     srv = StoreServer("127.0.0.1", None, heartbeat_s=2.0).start()
@@ -514,9 +514,9 @@ def test_the_binary_star_peer_follows_on_its_own_queue_whatever_bounds_the_clien
     """Clients' queue on P+1 is bounded (1 message here, so a burst drops); the passive server follows on P+4
     with its own generous queue, so it keeps up without a single resync."""
     from plane_helpers import free_port_block
-    from stemstream.store import StoreServer, server
+    from stemstream.store import StoreServer, ports
 
-    monkeypatch.setattr(server, "UPDATES_HWM", 1)
+    monkeypatch.setattr(ports, "UPDATES_HWM", 1)
     base_p, base_b = free_port_block(5), free_port_block(5)
     primary = StoreServer("127.0.0.1", base_p, peer=f"tcp://127.0.0.1:{base_b}", heartbeat_s=0.2)
     backup = StoreServer("127.0.0.1", base_b, role="backup", peer=f"tcp://127.0.0.1:{base_p}", heartbeat_s=0.2)

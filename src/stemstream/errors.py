@@ -53,3 +53,7 @@ class ArchiveError(StemstreamError):
 
 class CatalogError(StemstreamError):
     """The scan catalog could not be read or written (unknown scan, bad database URL, ...)."""
+
+
+class AnalysisError(StemstreamError):
+    """An analysis could not be found, built from its parameters, or run; the message names it."""

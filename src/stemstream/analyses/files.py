@@ -58,7 +58,8 @@ def write_results(
         for key, value in outcome.results.items():
             value = np.asarray(value)
             big = value.size > _COMPRESS_ABOVE
-            sub.create_dataset(key, data=value, compression="gzip" if big else None, compression_opts=1 if big else None)
+            options: dict[str, Any] = {"compression": "gzip", "compression_opts": 1} if big else {}
+            sub.create_dataset(key, data=value, **options)
 
 
 def read_results(path: str | os.PathLike[str]) -> tuple[dict[str, Outcome], list[dict[str, Any]]]:
@@ -141,7 +142,7 @@ def analyse_file(
     params: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     write: bool = True,
-    pngs: str | os.PathLike[str] | None | bool = True,
+    pngs: str | os.PathLike[str] | bool | None = True,
 ) -> tuple[dict[str, Outcome], list[Path]]:
     """Run analyses over a counted file's events (the offline path): their outcomes, written into the file's
     ``/analyses`` group when ``write``, and the PNGs written (to ``pngs``, or :func:`png_dir` when True)."""

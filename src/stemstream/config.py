@@ -50,8 +50,9 @@ class Settings(BaseSettings):
     rcvhwm: int = Field(1000, ge=1, le=1_000_000)
     linger_ms: int = Field(2000, ge=0, le=600_000, description="never infinite")
     bind_host: str = "127.0.0.1"
-    # Ports this process may bind that others must find: "LO-HI", tried in order until one is free. Today the
-    # metrics HTTP port (one per process); the data plane's bound sockets will take theirs from here too.
+    # Ports this process may bind that others must find: "LO-HI", tried in order until one is free: the metrics
+    # HTTP port (one per process), the live view's on rank 0 of a counting job (docs/analyses.md); the data
+    # plane's bound sockets will take theirs from here too.
     port_range: str = Field("40000-40999", pattern=r"^\s*\d{1,5}\s*-\s*\d{1,5}\s*$", description="LO-HI")
     # Prometheus metrics (docs/operations.md): every long-lived process serves /metrics on a port of port_range.
     metrics: bool = Field(True, description="serve /metrics (STEMSTREAM_METRICS=off: not at all)")
@@ -100,6 +101,15 @@ class Settings(BaseSettings):
     engine: EngineName = "stempy"
     dark: Path | None = Field(None, description="dark reference, a .npy of one 576x576 frame")
     gain: Path | None = Field(None, description="gain reference, a .npy of one 576x576 frame")
+
+    # Live analyses and the live view (docs/analyses.md).
+    analyses: str = Field(
+        "default", description="run while counting: default (the built-ins), all (every one installed), none, or names"
+    )
+    analysis_params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description='JSON by analysis, e.g. {"virtual": {"detectors": {"bf": [0, 40]}}}'
+    )
+    view: bool = Field(True, description="rank 0 of a counting job serves the live view on bind_host, port_range")
 
     # Sessions, archive, catalog.
     catalog_url: str = "sqlite:///./data/catalog.sqlite"

@@ -119,6 +119,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="pin the counting processes to these cores, comma-separated (e.g. 2,3,4,5)",
     )
     c.add_argument("--buffer-frames", type=int, default=512, help="frames held for counting before waiting")
+    c.add_argument("--analyses", default=None, help="live analyses: default | all | none | names (STEMSTREAM_ANALYSES)")
     n.set_defaults(func=_nodegroup)
 
 
@@ -301,5 +302,18 @@ def _counting_service(args: argparse.Namespace) -> Any:
         worker_cpus=_cpu_list(args.worker_cpus),
         max_buffered_frames=args.buffer_frames,
         scan_timeout_s=args.scan_timeout or s.scan_timeout_s,
+        **_analyses_config(args.analyses or s.analyses, s),
     )
     return CountingService(config, transport=make_transport(), uids=[])
+
+
+def _analyses_config(spec: str, s: Any) -> dict[str, Any]:
+    """The live analyses (docs/analyses.md) and, when on, the live view of rank 0."""
+    from stemstream.analyses import registry
+    from stemstream.analyses.page import ViewConfig
+    from stemstream.analyses.runner import specs_for
+
+    if spec.strip() == "none":
+        return {"analyses": None, "view": None}
+    specs = specs_for(registry.names(spec), s.analysis_params)
+    return {"analyses": specs, "view": ViewConfig(host=s.bind_host, ports=s.ports) if s.view else None}

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,7 @@ def write_counted(
     scan_shape: tuple[int, int],
     frame_shape: tuple[int, int] = FRAME_SHAPE,
     metadata: Mapping[str, Any] | None = None,
+    extra: Callable[[h5py.File], None] | None = None,
 ) -> Path:
     """Write per-frame events (frame order, position-major) as a stempy electron-counts file; return its path.
 
@@ -152,6 +153,8 @@ def write_counted(
     (:class:`Thresholds` or its dict), ``engine``, ``scan_number``, ``frames_incomplete``,
     ``missing_sectors`` ((frame, sector) pairs, always written, (0, 2) when none), ``messages`` (counts),
     ``timings`` (unix seconds; ``file_written`` is added here). Any other key is stored as it is.
+    ``extra(f)`` may add groups of its own to the open file before it is renamed into place (the analyses'
+    ``/analyses``, docs/analyses.md).
     """
     import stempy.io as sio
 
@@ -191,6 +194,8 @@ def write_counted(
             group.attrs["frame_shape"] = (frame_rows, frame_cols)
             group.attrs["n_frames"] = int(data.size)
             _write_mapping(group, meta)
+            if extra is not None:
+                extra(f)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)  # the data must be on disk before the name points at it

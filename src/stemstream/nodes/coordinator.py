@@ -84,6 +84,7 @@ class Coordinator:
         self._scans: dict[int, _CoordScan] = {}
         self._written: dict[int, dict[str, Any]] = {}
         self._written_cond = threading.Condition()
+        self.analyses: Any = None  # analyses.live.Board: results into the file (before_write, after_write)
 
     def wait_written(self, scan_number: int, timeout: float) -> dict[str, Any]:
         """The ``/scans/<n>/counted`` record once the scan's file is written (or failed)."""
@@ -342,8 +343,17 @@ class Coordinator:
                     "counted": gathered.counted_at,
                 },
             }
+            extra = None
+            if self.analyses is not None:
+                ranks = self._ranks_of(cs)
+                try:
+                    extra = self.analyses.before_write(
+                        cs.number, gathered.events, cs.scan_shape, self.config.frame_shape, ranks
+                    )
+                except Exception:  # the counted file matters more than its analyses
+                    logger.exception("scan %d: analyses failed; the file is written without them", cs.number)
             try:
-                written = write_counted(path, gathered.events, scan_shape=cs.scan_shape, metadata=metadata)
+                written = write_counted(path, gathered.events, scan_shape=cs.scan_shape, metadata=metadata, extra=extra)
             except (OSError, StemstreamError) as exc:
                 record = replace(record, status="failed", error=f"writing {path} failed: {exc}; free space there")
             else:
@@ -370,6 +380,8 @@ class Coordinator:
                 self.store.set(keys.counted(cs.number), value)
             except StemstreamError as exc:
                 logger.error("scan %d: the counted record did not reach the store: %s", cs.number, exc)
+        if self.analyses is not None:
+            self.analyses.after_write(cs.number, value)
         with self._written_cond:
             self._written[cs.number] = value
             self._written_cond.notify_all()

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from stemstream.analyses.live import Board, RankAnalyses
 from stemstream.counting import CountingEngine, Thresholds, get_engine
 from stemstream.errors import CountingError, StemstreamError
 from stemstream.log import RateLimitedLog
@@ -55,6 +56,7 @@ from stemstream.nodes.ranks import RankTransport
 from stemstream.nodes.workers import ProcessCounter, unpack
 from stemstream.scans import keys
 from stemstream.scans.plan import KeyValue
+from stemstream.scans.records import AnalysesRecord
 from stemstream.wire.protocol import FRAME_SHAPE, N_SECTORS
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,8 @@ class CountingConfig:
     sample_grace_s: float = 2.0
     scan_timeout_s: float = 60.0  # rank 0 writes what it has when a scan makes no progress this long
     preview_interval_s: float = 1.0
+    analyses: dict[str, dict[str, Any]] | None = None  # name -> parameters (analyses.runner.specs_for); None: none
+    view: Any = None  # rank 0 serves the live view with this (analyses.page.ViewConfig); None: no view
     frame_shape: tuple[int, int] = FRAME_SHAPE
     n_sectors: int = N_SECTORS
 
@@ -175,6 +179,9 @@ class CountingService:
         self._inside = bright_field_mask(config.frame_shape)
         self._frames_counted = 0  # by the engine, every scan (metrics)
         self._frames_failed = 0  # whose counting failed
+        self.analyses = RankAnalyses(config.analyses or {}, self.rank)  # docs/analyses.md
+        self._board: Board | None = None  # rank 0: every rank's analyses merged, and the live view's state
+        self._view: Any = None
 
     # ---- life cycle
 
@@ -192,6 +199,8 @@ class CountingService:
             self._coordinator = Coordinator(
                 self.config, self.transport, self.store, self.engine.name, self._counter, self._inbox.put
             )
+            if self.analyses.enabled:
+                self._start_board()
         with self._cond:
             self._pool.prefill()
         self.transport.start(self._inbox.put)
@@ -217,6 +226,8 @@ class CountingService:
         for t in self._threads:
             t.join(10)
         self.transport.close()
+        if self._view is not None:
+            self._view.stop()
         if self._counter is not None:
             self._counter.close()
         self._pool.close()
@@ -290,6 +301,7 @@ class CountingService:
                     "scan_shape": list(info.scan_shape),
                 }
         if announce is not None:
+            self.analyses.begin(info.scan_number, tuple(info.scan_shape), self.config.frame_shape)  # type: ignore[arg-type]
             self.transport.send(0, announce)
 
     def _frame_buffer(self, scan_number: int, frame: int) -> np.ndarray:
@@ -435,6 +447,8 @@ class CountingService:
     ) -> None:
         if error is not None and error != ls.failed:
             logger.error("scan %d: %s", ls.number, error)
+        if error is None and results:  # before the slots are done, so before the scan can be reported
+            self.analyses.process(ls.number, *_frames_and_events(b, results))
         with self._cond:
             self._in_flight -= 1
             if error is None:
@@ -496,6 +510,7 @@ class CountingService:
         lengths = np.fromiter((a.size for a in arrays), np.uint32, count=len(arrays))
         flat = np.concatenate(arrays).astype(np.uint32, copy=False) if arrays else np.zeros(0, np.uint32)
         self._publish_preview(ls, final=True)
+        self._send_partials(ls, final=True)
         self.transport.send(
             0,
             {
@@ -539,6 +554,7 @@ class CountingService:
             # Counting is progress: rank 0 must not write a scan off as stalled while a rank still counts it.
             self.transport.send(0, {"kind": "progress", "rank": self.rank, "scan": ls.number})
             self._publish_preview(ls)
+            self._send_partials(ls)
 
     def _publish_preview(self, ls: _LocalScan, final: bool = False) -> None:
         if self.store is None or ls.bf is None:
@@ -551,6 +567,33 @@ class CountingService:
             self.store.set(keys.preview(ls.number, self.rank), record.to_record())
         except StemstreamError as exc:
             _rlog.warning("preview", "scan %d: preview not published: %s", ls.number, exc)
+
+    # ---- analyses (docs/analyses.md): partials to rank 0; rank 0 merges them and serves the live view
+
+    def _send_partials(self, ls: _LocalScan, final: bool = False) -> None:
+        gone = sum(1 for m in ls.incomplete.values() if len(m) >= self.config.n_sectors)
+        progress = {"counted": ls.counted + gone, "share": ls.share, "incomplete": len(ls.incomplete)}
+        message = self.analyses.message(ls.number, final=final, **progress)
+        if message is not None:
+            self.transport.send(0, message)
+
+    def _start_board(self) -> None:
+        def record(scan: int, value: dict[str, Any]) -> None:
+            if self.store is not None:
+                self.store.set(keys.analyses(scan), AnalysesRecord.from_record(value).to_record())
+
+        self._board = Board(self.analyses.specs, self.transport.send, self.transport.size, record=record)
+        assert self._coordinator is not None
+        self._coordinator.analyses = self._board
+        if self.config.view is not None:
+            from stemstream.analyses.page import LiveView
+
+            self._view = LiveView(self._board, self.config.view, post=self._inbox.put).start()
+
+    @property
+    def view_url(self) -> str | None:
+        """Rank 0: the live view's address (with its token), None elsewhere or without a view."""
+        return self._view.url if self._view is not None else None
 
     # ---- control messages (one thread; rank 0 also coordinates)
 
@@ -567,17 +610,25 @@ class CountingService:
                     logger.exception("rank %d: a %r message could not be handled", self.rank, message.get("kind"))
             if self._coordinator is not None:
                 self._coordinator.tick(time.monotonic())
+            if self._board is not None:
+                self._board.tick()
 
     def _on_message(self, message: dict[str, Any]) -> None:
         kind = message.get("kind")
         if kind == "thresholds":
             self._on_thresholds(message)
             return
+        if kind == "analysis_params":
+            self.analyses.apply(message)
+            return
         if self._coordinator is None:
             logger.error("rank %d got a %r message, which only rank 0 handles", self.rank, kind)
             return
         if isinstance(message.get("rank"), int):
             self._coordinator.heard(message["rank"])
+        if kind in ("partials", "_settings") and self._board is not None:
+            self._board.on_message(message)
+            return
         self._coordinator.on_message(kind, message)
 
     def _on_thresholds(self, message: dict[str, Any]) -> None:
@@ -592,6 +643,15 @@ class CountingService:
                 ls.thresholds = Thresholds.from_dict(message["thresholds"])
             self._cond.notify_all()
         self._maybe_report(n)
+
+
+def _frames_and_events(b: Batch, results: list[tuple[int, list[np.ndarray]]]) -> tuple[list[int], list[np.ndarray]]:
+    frames, events = [], []
+    for i, ev in results:
+        for k, e in enumerate(ev, start=i):
+            frames.append(int(b.frames[k]))
+            events.append(e)
+    return frames, events
 
 
 class CountingConsumer:
@@ -615,3 +675,9 @@ class CountingConsumer:
 
     def end_scan(self, scan_number: int, summary: ScanSummary) -> None:
         self._service._end(self.uid, scan_number, summary)
+
+    @property
+    def registry_fields(self) -> dict[str, Any]:
+        """Added to the NodeGroup's registry record: the live view's address (rank 0)."""
+        url = self._service.view_url
+        return {"view": url} if url else {}

@@ -140,7 +140,9 @@ class NodeGroup(Receiver):
 
     def _registry_fields(self) -> dict[str, Any]:
         # "ack": what tells the producers they may let go of a scan (docs/reliability.md).
-        return {"ack": getattr(self.consumer, "acknowledges", "received"), **self._job}
+        # A consumer may add fields of its own (the counting service: its live view's address).
+        extra = getattr(self.consumer, "registry_fields", None) or {}
+        return {"ack": getattr(self.consumer, "acknowledges", "received"), **self._job, **extra}
 
     def wait_scan(self, scan_number: int, timeout: float) -> ScanSummary:
         """Block until ``scan_number`` is handed over completely; its summary (raises TimeoutError)."""

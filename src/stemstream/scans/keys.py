@@ -11,6 +11,7 @@ registry (:func:`stemstream.store.registry.record_key`).
     /scans/<n>/nodegroups/<uid>     what a NodeGroup received (that NodeGroup)
     /scans/<n>/counted              the counted file (rank 0 of the counting job)
     /scans/<n>/preview/<rank>       the live preview of one rank (that rank)
+    /scans/<n>/analyses             the live analyses: parameters, settings changes (rank 0 of the job)
     /scans/<n>/replay/<sector>      a sector written to disk after all (that sector's producer)
     /sessions/<uid>                 a streaming session (the session)
     /control/scan                   a request for a scan (an operator)
@@ -53,6 +54,10 @@ def nodegroup(number: int, uid: str) -> str:
 
 def counted(number: int) -> str:
     return f"{scan_prefix(number)}counted"
+
+
+def analyses(number: int) -> str:
+    return f"{scan_prefix(number)}analyses"
 
 
 def preview(number: int, rank: int) -> str:

@@ -323,6 +323,19 @@ class PreviewRecord(Record):
 
 
 @dataclass(frozen=True)
+class AnalysesRecord(Record):
+    """``/scans/<n>/analyses``: the scan's live analyses (rank 0 of the counting job, docs/analyses.md): the
+    parameters of each, every detector-settings change that applied to the scan, where its PNGs are."""
+
+    scan: int = -1
+    status: str = ""  # "streaming", then the counted record's status
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    history: tuple[dict[str, Any], ...] = ()  # {at, source, version, settings}
+    pngs: str | None = None
+    at: float = 0.0
+
+
+@dataclass(frozen=True)
 class ReplayRecord(Record):
     """``/scans/<n>/replay/<sector>``: a streamed sector that its producer wrote to disk after all."""
 

@@ -44,7 +44,14 @@ def run_scan(
     seed = int(request.extra.get("seed", seed))
     loss_rate = float(request.extra.get("loss_rate", loss_rate))
     m = producer.sector
-    sim = FourDCameraSim(request.scan_shape, scan_number=request.scan_number, seed=seed, loss_rate=loss_rate)
+    electrons = float(request.extra.get("electrons_per_frame", 20.0))  # a few: frames without events
+    sim = FourDCameraSim(
+        request.scan_shape,
+        scan_number=request.scan_number,
+        seed=seed,
+        loss_rate=loss_rate,
+        electrons_per_frame=electrons,
+    )
     lost = {f for f, s in sim.lost_sectors() if s == m}
     pool = [sim.sector(i, m) for i in range(min(pregen, sim.n_frames))] if pregen > 0 else None
     stop = stop or threading.Event()

@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/store.py
 	$(BIN)/python benchmarks/plane.py
 	$(BIN)/python benchmarks/count.py
+	$(BIN)/python benchmarks/analyses.py
 	$(BIN)/python benchmarks/turnaround.py
 	$(BIN)/python benchmarks/metrics.py --control
 

@@ -325,7 +325,7 @@ class Board:
                 messages.append((r, {"kind": "analysis_params", "scan": None, "specs": self.specs}))
             touched = []
             for ls in self._scans.values():
-                ls.target = apply_settings(ls.target, clean)
+                ls.target = _keep_found_centre(apply_settings(ls.target, clean), ls.target)
                 ls.history.append(entry)
                 ls.version += 1
                 ls.refined_at = 0.0  # a centre to find again at the next tick
@@ -440,15 +440,22 @@ class Board:
 
     # ---- views of a scan
 
-    def _merged(self, ls: LiveScan, only: Iterable[str] | None = None) -> AnalysisSet:
-        """The sum of the contributions made with the target parameters."""
+    def _merged(self, ls: LiveScan, only: Iterable[str] | None = None, pending: set[str] | None = None) -> AnalysisSet:
+        """The sum of the contributions made with the target parameters. With ``pending`` (for the view), an
+        analysis that no rank has reported with its target parameters yet (they are recomputing it) shows
+        what was reported with the previous ones instead, and its name is added to ``pending``."""
         names = list(only) if only is not None else list(ls.target)
         aset = AnalysisSet({n: ls.target[n] for n in names if n in ls.target}, ls.geometry)
         for name in list(aset.analyses):
             want = canonical(aset.analyses[name].params())
-            for rank in sorted(ls.contributions):
-                c = ls.contributions[rank].get(name)
-                if c is not None and c.params == want:
+            mine = [ls.contributions[r][name] for r in sorted(ls.contributions) if name in ls.contributions[r]]
+            if pending is not None and mine and not any(c.params == want for c in mine):
+                previous = mine[-1].params
+                aset.rebuild(name, json.loads(previous))
+                want = previous
+                pending.add(name)
+            for c in mine:
+                if c.params == want:
                     aset.add(name, c.partial)
         return aset
 
@@ -508,7 +515,8 @@ class Board:
             ls = self._scans.get(number)
             if ls is not None:
                 version = ls.version
-                aset = self._merged(ls)
+                pending: set[str] = set()
+                aset = self._merged(ls, pending=pending)
                 facts = {
                     "status": "streaming",
                     "frames": ls.geometry.n_frames,
@@ -516,6 +524,7 @@ class Board:
                     "incomplete": ls.incomplete(),
                     "frames_per_s": round(ls.frames_per_s(), 1),
                     "errors": {**aset.errors, **ls.errors},
+                    "pending": sorted(pending),
                 }
             else:
                 f = self._finished.get(number)
@@ -678,6 +687,16 @@ class Board:
             self._record(number, value)
         except Exception as exc:  # the store is down: the file has it anyway
             logger.warning("scan %d: analyses record not published: %s", number, exc)
+
+
+def _keep_found_centre(new: Specs, old: Mapping[str, Mapping[str, Any]]) -> Specs:
+    """New parameters of a streaming scan: where the centre stays to be found from the summed pattern, the
+    one found so far stays too (the ranks recompute once, not first at the frame centre)."""
+    for name, params in new.items():
+        before = old.get(name, {})
+        if params.get("center_auto") and params.get("center") is None and before.get("center_auto"):
+            params["center"] = before.get("center")
+    return new
 
 
 def _with_center(params: Mapping[str, Any], outcome: Outcome) -> dict[str, Any]:

@@ -83,12 +83,14 @@ def _b64(data: bytes) -> str:
 
 
 class Renderer:
-    """Images of a scan for the page, rendered once per (scan, version) and shared by every client."""
+    """Images of a scan for the page, rendered once per (scan, version) and shared by every client; while a
+    scan streams, at most once per ``min_interval_s`` (its version changes with every rank's report)."""
 
-    def __init__(self, board: Board) -> None:
+    def __init__(self, board: Board, min_interval_s: float = 1.0) -> None:
         self.board = board
+        self.min_interval_s = min_interval_s
         self._lock = threading.Lock()
-        self._cache: dict[int, tuple[int, dict[str, Any]]] = {}
+        self._cache: dict[int, tuple[int, float, dict[str, Any]]] = {}
         self.renders = 0
 
     def render(self, number: int) -> dict[str, Any] | None:
@@ -98,14 +100,17 @@ class Renderer:
         with self._lock:
             hit = self._cache.get(number)
             if hit is not None and hit[0] == version:
-                return hit[1]
+                return hit[2]
+            fresh = hit is not None and time.monotonic() - hit[1] < self.min_interval_s
+            if fresh and hit[2].get("status") == "streaming" and number in self.board.live_numbers():
+                return hit[2]
         viewed = self.board.view(number)
         if viewed is None:
             return None
         version, outcomes, facts = viewed
         payload = {"scan": number, "version": version, **facts, **_draw(outcomes)}
         with self._lock:
-            self._cache[number] = (version, payload)
+            self._cache[number] = (version, time.monotonic(), payload)
             for old in sorted(self._cache)[:-8]:
                 del self._cache[old]
             self.renders += 1
@@ -123,6 +128,9 @@ def _draw(outcomes: Mapping[str, Outcome]) -> dict[str, Any]:
         for key, image in images(outcome):
             if name == "com" and key in ("com_col", "com_row"):
                 continue  # the DPC pictures say it better
+            if key == "pattern" and min(image.shape) >= 512:  # shown at 384 px: half the pixels do
+                rows, cols = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
+                image = image[:rows, :cols].reshape(rows // 2, 2, cols // 2, 2).sum(axis=(1, 3))
             cmap, log = png.style(key)
             pictures[f"{name}.{key}"] = _b64(png.image_png(image, cmap, log=log))
             finite = np.asarray(image, np.float64)
@@ -156,6 +164,7 @@ class LiveView:
         self.port = 0
         self.clients = 0
         self.pushed = 0
+        self._started_at = 0.0
 
     @property
     def url(self) -> str:
@@ -176,6 +185,7 @@ class LiveView:
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="live-view", daemon=True)
+        self._started_at = time.time()
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
@@ -225,6 +235,13 @@ class LiveView:
             "following": scan is None,
             "settings": self.board.settings(),
             "settings_version": self.board.settings_version,
+        }
+        out["cost"] = {
+            "cpu_s": round(self.cpu_seconds(), 4),
+            "since": self._started_at,
+            "clients": self.clients,
+            "renders": self.renderer.renders,
+            "pushed": self.pushed,
         }
         progress = next((s for s in strip if s["scan"] == shown), None)
         if progress is not None:

@@ -13,6 +13,7 @@ installed); a plug-in may not take a built-in's name.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
@@ -27,16 +28,27 @@ GROUP = "stemstream.analyses"
 DEFAULT = ("sum", "virtual", "com", "radial")
 
 
+_found: dict[tuple[str, ...], dict[str, Callable[[], Callable[..., Any]]]] = {}
+
+
 def available() -> dict[str, Callable[[], Callable[..., Any]]]:
-    """Every analysis that can be run, by name: a loader of its factory (imported only when loaded)."""
-    found: dict[str, Callable[[], Callable[..., Any]]] = {name: (lambda cls=cls: cls) for name, cls in BUILTINS.items()}
-    for ep in entry_points(group=GROUP):
-        if ep.name in BUILTINS:
-            if ep.value.split(":")[0] != BUILTINS[ep.name].__module__:
-                logger.warning("analysis %r from %s ignored: a built-in has that name", ep.name, ep.value)
-            continue
-        found.setdefault(ep.name, ep.load)
-    return found
+    """Every analysis that can be run, by name: a loader of its factory (imported only when loaded).
+
+    Entry points are read once per ``sys.path`` (reading them takes milliseconds, and analyses are built
+    for every merge the live view shows); a package installed into a running process is not seen."""
+    key = tuple(sys.path)
+    found = _found.get(key)
+    if found is None:
+        found = {name: (lambda cls=cls: cls) for name, cls in BUILTINS.items()}
+        for ep in entry_points(group=GROUP):
+            if ep.name in BUILTINS:
+                if ep.value.split(":")[0] != BUILTINS[ep.name].__module__:
+                    logger.warning("analysis %r from %s ignored: a built-in has that name", ep.name, ep.value)
+                continue
+            found.setdefault(ep.name, ep.load)
+        _found.clear()
+        _found[key] = found
+    return dict(found)
 
 
 def names(spec: str | Iterable[str] | None) -> list[str]:

@@ -279,7 +279,7 @@ class Board:
         record: Record | None = None,
         write_pngs: bool = True,
     ) -> None:
-        self.specs: Specs = {n: dict(p) for n, p in specs.items()}
+        self.specs: Specs = _complete(specs)
         self._send = send
         self._n_ranks = n_ranks
         self._record = record
@@ -319,13 +319,13 @@ class Board:
             self.settings_version += 1
             entry = {"at": time.time(), "source": source, "version": self.settings_version, "settings": clean}
             self.history.append(entry)
-            self.specs = apply_settings(self.specs, clean)
+            self.specs = _complete(apply_settings(self.specs, clean))
             messages: list[tuple[int, dict[str, Any]]] = []
             for r in range(self._n_ranks):
                 messages.append((r, {"kind": "analysis_params", "scan": None, "specs": self.specs}))
             touched = []
             for ls in self._scans.values():
-                ls.target = _keep_found_centre(apply_settings(ls.target, clean), ls.target)
+                ls.target = _complete(_keep_found_centre(apply_settings(ls.target, clean), ls.target))
                 ls.history.append(entry)
                 ls.version += 1
                 ls.refined_at = 0.0  # a centre to find again at the next tick
@@ -366,7 +366,7 @@ class Board:
             geometry = ScanGeometry(
                 (int(scan_shape[0]), int(scan_shape[1])), (int(frame_shape[0]), int(frame_shape[1]))
             )
-            ls = self._scans[number] = LiveScan(number, geometry, {n: dict(p) for n, p in self.specs.items()})
+            ls = self._scans[number] = LiveScan(number, geometry, _complete(self.specs))
         return ls
 
     def _ranks(self, ls: LiveScan) -> list[int]:
@@ -687,6 +687,18 @@ class Board:
             self._record(number, value)
         except Exception as exc:  # the store is down: the file has it anyway
             logger.warning("scan %d: analyses record not published: %s", number, exc)
+
+
+def _complete(specs: Mapping[str, Mapping[str, Any]]) -> Specs:
+    """Every parameter of each analysis, defaults included (what the ranks report); as given where an
+    analysis cannot be built (its error shows when it runs)."""
+    out: Specs = {}
+    for name, params in specs.items():
+        try:
+            out[name] = registry.create(name, params).params()
+        except AnalysisError:
+            out[name] = dict(params)
+    return out
 
 
 def _keep_found_centre(new: Specs, old: Mapping[str, Mapping[str, Any]]) -> Specs:

@@ -257,3 +257,29 @@ def test_server_sent_events_come_at_the_interval(view):
                 messages.append(json.loads(line[6:]))
     assert "view" in messages[0] and "view" not in messages[1]  # images once, then only what changed
     assert messages[2]["at"] - messages[1]["at"] < 1.0
+
+
+def test_a_change_and_back_before_the_ranks_report_counts_each_frame_once():
+    """Parameters A, then B, then A again before a rank reports: its next message is a whole partial at A
+    ("reset"), which must replace what rank 0 holds at A, not add to it."""
+    events = _events()
+    job = Job(2)
+    a = {"center": [287.5, 287.0], "detectors": {"bf": [0, 50], "adf": [60, 200]}}
+    job.board.set_settings(a)
+    job.deliver()
+    for rank in job.ranks:
+        rank.begin(1, SHAPE, (576, 576))
+        frames = list(range(rank.rank, 128, 2))
+        rank.process(1, frames, [events[f] for f in frames])
+        job.to_board(rank.message(1, counted=64))
+    job.board.set_settings({"center": [280.0, 280.0], "detectors": {"bf": [0, 10]}}, scan=1)
+    job.board.set_settings(a, scan=1)
+    job.deliver()
+    for rank in job.ranks:
+        frames = list(range(128 + rank.rank, 256, 2))
+        rank.process(1, frames, [events[f] for f in frames])
+        job.to_board(rank.message(1, final=True, counted=128))
+    outcomes = _written(job, job.board.before_write(1, events, SHAPE, (576, 576), [0, 1]))["outcomes"]
+    assert outcomes["virtual"].how == outcomes["radial"].how == "merged"
+    specs = {**SPECS, "virtual": {**a, "center_auto": False}, "radial": {**SPECS["radial"], "center": a["center"]}}
+    _assert_equal_offline(outcomes, events, specs)

@@ -1,13 +1,15 @@
-"""Check the live preview the way a person would: a headless-browser screenshot of the Prefect UI while a
-scan streams.
+"""Check what a session's Prefect run shows while a scan streams, the way a person would: headless-Chromium
+screenshots of the Prefect UI and of the live view it links to.
 
-    python scripts/screenshot_preview.py [--out docs/images] [--scan-shape 48 48]
+    python scripts/screenshot_preview.py [--out docs/images] [--scan-shape 96 96]
 
 Starts a local site (Prefect server, store, simulated producers), a streaming session, then one scan; while
-it is being counted, Chromium (Debian's ``chromium``, headless) photographs the session run's Artifacts tab
-and the live virtual bright-field artifact, once the artifact's own text ("N of M frames") says the scan is
-between ``--after`` and ``--until`` counted (45 % .. 70 %: the picture shows it about half built). Prints the PNG
-paths, and the progress the artifact showed. Exit code 0 only if both pictures were taken in that window.
+it is being counted (its progress artifact between ``--after`` and ``--until``, 45 % .. 70 %), Chromium
+(Debian's ``chromium``, headless) photographs the session run's Artifacts tab (``live-preview-run.png``: the
+link to the live view and the scan's progress) and the live view through that link
+(``live-view-from-run.png``). Then it checks the run's artifacts: one link artifact to the live view, one
+progress artifact per scan (updated in place), no picture card per second. Prints what it saw; exit code 0
+only if both pictures were taken in that window and the artifacts are those.
 """
 
 from __future__ import annotations
@@ -46,16 +48,13 @@ def _artifact(url: str, key: str) -> dict | None:
     return found[0] if found else None
 
 
-def _screenshot(chromium: str, page: str, out: Path) -> None:
-    with tempfile.TemporaryDirectory() as profile:
-        argv = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={out}", page]
-        subprocess.run(argv, capture_output=True, timeout=120, check=True)
-
-
-def _screenshot_tab(chromium: str, page: str, tab: str, out: Path, timeout: float = 90.0) -> None:
-    """Open ``page``, click its ``tab`` (the Prefect UI picks a run page's tab only once the run has loaded,
-    so ``?tab=`` in the address is not enough), wait for it to render, save a PNG. Over the DevTools
-    protocol (websockets, which Prefect brings)."""
+def _screenshot_tab(
+    chromium: str, page: str, tab: str | None, out: Path, timeout: float = 90.0, ready: str | None = None
+) -> str:
+    """Open ``page``, click its ``tab`` if any (the Prefect UI picks a run page's tab only once the run has
+    loaded, so ``?tab=`` in the address is not enough), wait for it to render (and for the JavaScript
+    ``ready`` to be true), save a PNG; the page's text. Over the DevTools protocol (websockets, which Prefect
+    brings)."""
     from websockets.sync.client import connect
 
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
@@ -95,22 +94,38 @@ def _screenshot_tab(chromium: str, page: str, tab: str, out: Path, timeout: floa
                     f".find(e => e.textContent.trim() === {json.dumps(tab)} && e.offsetParent !== null);"
                     " if (b) { b.click(); return true } return false })()"
                 )
-                while not js(click):
+                while tab is not None and not js(click):
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"no {tab!r} tab on {page}")
                     time.sleep(0.5)
+                while ready is not None and not js(ready):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{page}: not ready ({ready})")
+                    time.sleep(0.3)
                 time.sleep(3)  # the tab's content: cards, images
                 while js("[...document.images].some(i => !i.complete)") and time.monotonic() < deadline:
                     time.sleep(0.5)
                 png = call("Page.captureScreenshot", format="png")["data"]
                 out.write_bytes(base64.b64decode(png))
+                return str(js("document.body.innerText"))
         finally:
-            proc.terminate()
+            proc.terminate()  # (the page's text was returned above)
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+
+
+def _url(link: dict) -> str:
+    """The address in a link artifact (stored as markdown, ``[text](url)``)."""
+    found = re.search(r"\((https?://[^)]+)\)", str(link["data"]))
+    return found.group(1) if found else str(link["data"])
+
+
+def _run_artifacts(url: str, flow_run_id: str) -> list[dict]:
+    body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}
+    return list(_api(url, "/artifacts/filter", body))  # type: ignore[arg-type]
 
 
 def main() -> int:
@@ -145,46 +160,72 @@ def main() -> int:
         )
         session = threading.Thread(target=streaming_session, args=(params,), daemon=True)
         session.start()
-        taken: list[tuple[Path, int, int]] = []
-        seen = (0, 0)
+        taken: list[tuple[Path, float]] = []
+        seen = 0.0
+        texts: dict[str, str] = {}
+        link: dict | None = None
         with StoreClient.from_settings(timeout=10) as client:
             try:
                 Registry(client).wait_for_members("nodegroup", 2, status="ready", timeout=180)
-                time.sleep(2)
+                deadline = time.monotonic() + 60
+                while link is None and time.monotonic() < deadline:  # the session links the view first
+                    link = _artifact(site.prefect_url, "live-view")
+                    time.sleep(0.3)
+                if link is None:
+                    print("no live-view link artifact in the session's run", file=sys.stderr)
+                    return 1
                 request_scan(client, 1, tuple(args.scan_shape), seed=1)
                 deadline = time.monotonic() + 300
                 while time.monotonic() < deadline and not taken:
-                    live = _artifact(site.prefect_url, "scan-1-live")
-                    if live:
-                        # The newest version of the live picture; its own text says how far the scan was.
-                        version = _api(site.prefect_url, f"/artifacts/{live['latest_id']}")
-                        found = re.search(r"(\d+) of (\d+) frames", str(version["data"]))
-                        seen = (int(found.group(1)), int(found.group(2))) if found else (0, 0)
-                        counted, total = seen
-                        if total and counted / total > args.until:
-                            break  # too late: the picture would not show the scan being built
-                        if total and counted / total >= args.after:
-                            card = args.out / "live-preview-artifact.png"
-                            _screenshot(args.chromium, f"{site.prefect_url}/artifacts/artifact/{version['id']}", card)
-                            taken.append((card, counted, total))
+                    progress = _artifact(site.prefect_url, "scan-1-progress")
+                    if progress:
+                        seen = float(progress["data"]) / 100
+                        if seen > args.until:
+                            break  # too late: the pictures would not show the scan being counted
+                        if seen >= args.after:
                             page = args.out / "live-preview-run.png"
-                            run = f"{site.prefect_url}/runs/flow-run/{live['flow_run_id']}?tab=Artifacts"
-                            _screenshot_tab(args.chromium, run, "Artifacts", page)
+                            run = f"{site.prefect_url}/runs/flow-run/{progress['flow_run_id']}?tab=Artifacts"
+                            texts["run"] = _screenshot_tab(args.chromium, run, "Artifacts", page)
+                            taken.append((page, seen))
+                            view = args.out / "live-view-from-run.png"
+                            ready = "window.stemstream && window.stemstream.view && window.stemstream.view.scan === 1"
+                            texts["view"] = _screenshot_tab(args.chromium, _url(link), None, view, ready=ready)
+                            taken.append((view, seen))
                             continue
                     time.sleep(0.3)
+                key = keys.counted(1)
+                client.wait_for(lambda items: key in items, prefix=key, timeout=300)
+                time.sleep(2)  # the session's last update of the scan's progress
+                artifacts = _run_artifacts(site.prefect_url, link["flow_run_id"])
             finally:  # also on errors: the session releases its NodeGroups (else they outlive this script)
                 client.set(keys.session_stop(uid), True)
                 session.join(120)
-    for path, counted, total in taken:
-        print(f"{path}: the picture of scan 1 with {counted} of {total} frames counted (still streaming)")
-    if not taken or not 0 < taken[0][1] < taken[0][2]:
+    kinds: dict[tuple[str, str], int] = {}
+    for a in artifacts:
+        kinds[(a["type"], a.get("key") or "")] = kinds.get((a["type"], a.get("key") or ""), 0) + 1
+    print(f"the run's artifacts: {sorted(kinds.items())}")
+    for path, fraction in taken:
+        print(f"{path}: scan 1 with {100 * fraction:.0f} % counted (still streaming)")
+    ok = bool(taken) and 0 < taken[0][1] < 1
+    if not ok:
         print(
-            f"no picture in the window (last seen: {seen[0]} of {seen[1]} frames counted); "
+            f"no picture in the window (last seen: {100 * seen:.0f} % counted); "
             "a scan too fast or a machine too busy: try a larger --scan-shape",
             file=sys.stderr,
         )
-        return 1
-    return 0
+    # (Prefect stores a link artifact as markdown, "[text](url)".)
+    expected = {("markdown", "live-view"): 1, ("progress", "scan-1-progress"): 1}
+    cards = [k for t, k in kinds if t == "markdown" and k.startswith("scan-") and k.endswith("-live")]
+    if any(kinds.get(k) != n for k, n in expected.items()) or cards:
+        print(f"the run's artifacts are not one link and one progress artifact per scan: {kinds}", file=sys.stderr)
+        ok = False
+    if ok:
+        final = next(a for a in artifacts if a.get("key") == "scan-1-progress")["data"]
+        print(f"progress artifact of scan 1 at the end: {float(final):.1f} %")
+        print(f"link artifact to the live view: {_url(link) if link else None}")
+        print("the run's page shows the link:", "live-view" in texts.get("run", ""))
+        print("the view through the link shows scan 1:", "Scan 1" in texts.get("view", ""))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -242,14 +242,15 @@ class SlowGlobus:
         return 200, {}, json.dumps(doc)
 
 
-def _live_pictures(scan: int) -> list[float]:
-    """When each version of the scan's live preview picture was made (unix seconds)."""
+def _live_progress(scan: int) -> list[float]:
+    """When the scan's progress artifact was made and last updated, in place (unix seconds)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"scan-{scan}-live"])))
-    return sorted(a.created.timestamp() for a in found if a.created is not None)
+        key = ArtifactFilterKey(any_=[f"scan-{scan}-progress"])
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=key))
+    return sorted(t.timestamp() for a in found for t in (a.created, a.updated) if t is not None)
 
 
 def test_a_slow_archive_holds_up_neither_the_preview_nor_supervision(tmp_path, plane, mocked_responses):
@@ -269,7 +270,7 @@ def test_a_slow_archive_holds_up_neither_the_preview_nor_supervision(tmp_path, p
             _request(1)
             wait_until(lambda: 1 in globus.first_poll, 120, "scan 1's transfer submitted")
             blocked = globus.first_poll[1]
-            # While scan 1 archives: scan 2 streams (its live picture is drawn), is counted, archived, catalogued.
+            # While scan 1 archives: scan 2 streams (its progress is shown), is counted, archived, catalogued.
             _request(2, (32, 32))
             _wait_archived(catalog, 2, timeout=120)
             # ... and the aggregator the session supervises is restarted when it dies.
@@ -289,7 +290,7 @@ def test_a_slow_archive_holds_up_neither_the_preview_nor_supervision(tmp_path, p
         globus.release()
         catalog.close()
     assert "error" not in session.result, session.result.get("error")
-    pictures = [t for t in _live_pictures(2) if blocked < t < released]
-    assert pictures, f"no live picture of scan 2 while scan 1 archived ({blocked:.1f} .. {released:.1f})"
+    shown = [t for t in _live_progress(2) if blocked < t < released]
+    assert shown, f"no progress of scan 2 shown while scan 1 archived ({blocked:.1f} .. {released:.1f})"
     assert blocked < restarted < released
     assert session.result["scans"] == [1, 2]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -15,11 +14,11 @@ from stemstream.tasks.session import check_session, close_session, open_session,
 
 class _Scans:
     """What the session does with its scans: a subflow per scan (in the runner's worker threads, children of the
-    session's run), the live preview as artifacts (in the loop)."""
+    session's run), a progress artifact per streaming scan and the link to the live view (in the loop)."""
 
     def __init__(self, params: SessionParams) -> None:
         self.params = params
-        self.live = LivePreview(Path(params.output_dir))
+        self.live = LivePreview()
 
     def counted(self, view: ScanView) -> dict[str, Any]:
         counted = view.counted.to_record() if view.counted is not None else None
@@ -38,13 +37,15 @@ class _Scans:
 @flow(name="streaming-session", log_prints=True)
 def streaming_session(session: SessionParams) -> dict[str, Any]:
     """Allocate, start the NodeGroups, wait until they are live in the store, then until the session time ends
-    (or the run is cancelled, or ``/control/session/<uid>/stop`` is set): restart what dies, show each streaming
-    scan's progress and picture live, process every scan alongside. Then release the nodes."""
-    runner = SessionRunner(session, _Scans(session), logger=get_run_logger())
+    (or the run is cancelled, or ``/control/session/<uid>/stop`` is set): restart what dies, link the live view
+    and show each streaming scan's progress, process every scan alongside. Then release the nodes."""
+    scans = _Scans(session)
+    runner = SessionRunner(session, scans, logger=get_run_logger())
     try:
         check_session(runner)
         open_session(runner)
         wait_for_nodegroups(runner)
+        scans.live.link(runner.live_view, session.uid)
         with stop_on_sigterm(runner.stopping):
             runner.serve()
     finally:

@@ -4,7 +4,7 @@ to each scan, multi-scan experiments. No Prefect here: ``stemstream.tasks`` wrap
 
 from stemstream.sessions.params import SessionParams, check_store, make_allocator, make_archiver, session_params
 from stemstream.sessions.runner import ScanHandlers, SessionResult, SessionRunner, stop_on_sigterm
-from stemstream.sessions.watcher import ScanView, ScanWatcher
+from stemstream.sessions.watcher import ScanView, ScanWatcher, live_view_url
 
 __all__ = [
     "ScanHandlers",
@@ -14,6 +14,7 @@ __all__ = [
     "SessionResult",
     "SessionRunner",
     "check_store",
+    "live_view_url",
     "make_allocator",
     "make_archiver",
     "session_params",

@@ -39,7 +39,7 @@ from stemstream.scans.records import SessionRecord
 from stemstream.sessions.metrics import session_metrics
 from stemstream.sessions.params import SessionParams, check_store, make_allocator
 from stemstream.sessions.supervise import JobWatch, Supervisor, aggregator_spec, event_lines
-from stemstream.sessions.watcher import ScanView, ScanWatcher
+from stemstream.sessions.watcher import ScanView, ScanWatcher, live_view_url
 
 POLL_S = 0.5
 _log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class SessionRunner:
         self.job: JobWatch | None = None
         self.supervisor: Supervisor | None = None
         self.members: list[str] = []
+        self.live_view: str | None = None  # the live view's address (rank 0 of the NodeGroups, docs/analyses.md)
         self._client: Any = None
         self._metrics: Any = None  # the session's /metrics (sessions.metrics), while it serves
         self._catalog_open = False
@@ -169,6 +170,9 @@ class SessionRunner:
             if self.stopping.wait(0.5):
                 break
         self.members = ready
+        self.live_view = live_view_url(client)
+        if self.live_view:
+            self.log.info("session %s: live view at %s", self.params.uid, self.live_view)
         return ready
 
     def serve(self) -> str:

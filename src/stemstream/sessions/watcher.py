@@ -76,3 +76,15 @@ class ScanWatcher:
 
 def _num(view: ScanView) -> int:
     return view.number
+
+
+def live_view_url(client: Any) -> str | None:
+    """The live view's address (docs/analyses.md): rank 0 of the counting job puts it in its NodeGroups'
+    registry records; None while none is registered (no view, or the NodeGroups are not up)."""
+    from stemstream.store import Registry
+
+    for record in Registry(client).members("nodegroup"):
+        url = record.extra.get("view")
+        if isinstance(url, str) and url.startswith("http"):
+            return url
+    return None

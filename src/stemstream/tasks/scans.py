@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
@@ -20,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 
 from stemstream.catalog import Catalog
 from stemstream.config import get_settings
-from stemstream.counting import CountingParams, save_png
+from stemstream.counting import CountingParams
 from stemstream.sessions import ScanView, SessionParams, make_archiver
 from stemstream.sessions.scanwork import (
     CountedScan,
@@ -108,22 +109,36 @@ def publish_scan(scan_number: int, row: dict[str, Any], png: str | None) -> None
 
 
 class LivePreview:
-    """While a scan streams: a progress artifact (frames counted of the scan's) and the growing
-    virtual bright-field image (a markdown artifact, key ``scan-<n>-live``), updated at most every
-    ``interval_s``. Plain helper for the session loop, not a task: it runs every second for an hour."""
+    """What the session's Prefect run shows while scans stream: one link artifact to the live view (key
+    ``live-view``: the session's page, served by the NodeGroups, docs/analyses.md) and one progress artifact per
+    scan (key ``scan-<n>-progress``, frames counted of the scan's), updated in place at most every
+    ``interval_s``. The pictures are on the page, not in the run. Plain helper for the session loop, not a
+    task: it runs every second for an hour."""
 
-    def __init__(self, directory: Path, interval_s: float = 1.0) -> None:
-        self.directory = directory
+    def __init__(self, interval_s: float = 1.0) -> None:
         self.interval_s = interval_s
+        self.linked: str | None = None
         self._progress: dict[int, Any] = {}
         self._last: dict[int, tuple[float, int]] = {}
 
-    def show(self, view: ScanView) -> None:
-        """The scan's progress and picture so far, from the session's watcher."""
-        image, counted, _share = view.preview
-        self.update(view.number, image, counted, view.n_frames)
+    def link(self, url: str | None, session_uid: str = "") -> None:
+        """The link artifact to the live view, once per session."""
+        if not url or self.linked == url:
+            return
+        create_link_artifact(
+            link=url,
+            link_text="live view: the scans as they are counted",
+            key="live-view",
+            description=f"session {session_uid}: progress, diffraction pattern, virtual images, detector settings",
+        )
+        self.linked = url
 
-    def update(self, scan_number: int, image: Any, counted: int, n_frames: int) -> None:
+    def show(self, view: ScanView) -> None:
+        """The scan's progress so far, from the session's watcher."""
+        _image, counted, _share = view.preview
+        self.update(view.number, counted, view.n_frames)
+
+    def update(self, scan_number: int, counted: int, n_frames: int) -> None:
         now = time.monotonic()
         last_t, last_counted = self._last.get(scan_number, (0.0, -1))
         if counted == last_counted or now - last_t < self.interval_s or n_frames <= 0:
@@ -136,17 +151,6 @@ class LivePreview:
             )
         else:
             update_progress_artifact(self._progress[scan_number], percent)
-        if image is not None:
-            png = save_png(
-                image,
-                self.directory / f"scan_{scan_number}_live.png",
-                title=f"scan {scan_number}: {counted} of {n_frames} frames counted",
-            )
-            create_markdown_artifact(
-                markdown=_png_markdown(str(png), f"scan {scan_number} (live): {counted} of {n_frames} frames"),
-                key=f"scan-{scan_number}-live",
-                description=f"scan {scan_number}: live virtual bright field",
-            )
 
     def finish(self, scan_number: int) -> None:
         if scan_number in self._progress:

@@ -431,7 +431,8 @@ class Board:
             self._send(rank, message)
 
     def _refine(self, ls: LiveScan) -> dict[str, dict[str, Any]]:
-        needing = [n for n in ls.target if getattr(registry.available()[n](), "refine", None) is not None]
+        loaders = registry.available()
+        needing = [n for n in ls.target if n in loaders and getattr(loaders[n](), "refine", None) is not None]
         if not needing:
             return {}
         merged = self._merged(ls, only=[n for n in ls.target if n in ("sum",)] + needing)

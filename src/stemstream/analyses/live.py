@@ -47,7 +47,8 @@ from stemstream.errors import AnalysisError
 
 logger = logging.getLogger(__name__)
 
-REFINE_INTERVAL_S = 0.5  # rank 0 looks for a moved centre at most this often per scan
+REFINE_INTERVAL_S = 0.5  # rank 0 looks for a moved centre this often per scan at first ...
+REFINE_BACKOFF_MAX_S = 30.0  # ... twice as long after each move (each makes the ranks recompute), up to this
 KEEP_OUTCOMES = 16  # finished scans whose results rank 0 keeps in memory for the view (older: from the file)
 
 
@@ -162,7 +163,7 @@ class RankAnalyses:
                     rs.analyses.process(batch, only=changed)
                 rs.reset.update(changed)
                 rs.dirty = True
-                logger.info(
+                logger.debug(
                     "scan %s: rank %d recomputed %s from %d kept batches", scan, self.rank, changed, len(rs.kept)
                 )
 
@@ -227,6 +228,7 @@ class LiveScan:
     rate: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, counted) samples
     version: int = 0  # bumped whenever what the view shows changed
     refined_at: float = 0.0
+    refine_every: float = REFINE_INTERVAL_S
     corrections: set[int] = field(default_factory=set)  # ranks to send the target to
 
     def counted(self) -> int:
@@ -328,7 +330,7 @@ class Board:
                 ls.target = _complete(_keep_found_centre(apply_settings(ls.target, clean), ls.target))
                 ls.history.append(entry)
                 ls.version += 1
-                ls.refined_at = 0.0  # a centre to find again at the next tick
+                ls.refined_at, ls.refine_every = 0.0, REFINE_INTERVAL_S  # a centre to find again at the next tick
                 touched.append(ls.number)
                 for r in self._ranks(ls):
                     messages.append((r, {"kind": "analysis_params", "scan": ls.number, "specs": ls.target}))
@@ -409,7 +411,8 @@ class Board:
 
     def tick(self, now: float | None = None) -> None:
         """Send corrections; refine (a centre found from the summed pattern so far) at most every
-        ``REFINE_INTERVAL_S`` per scan."""
+        ``REFINE_INTERVAL_S`` per scan, twice as long after each change (up to ``REFINE_BACKOFF_MAX_S``): each
+        makes every rank recompute from all it kept, and the centre found settles as the pattern fills."""
         now = time.monotonic() if now is None else now
         messages: list[tuple[int, dict[str, Any]]] = []
         with self._lock:
@@ -417,14 +420,15 @@ class Board:
                 for rank in sorted(ls.corrections):
                     messages.append((rank, {"kind": "analysis_params", "scan": ls.number, "specs": ls.target}))
                 ls.corrections.clear()
-                if now - ls.refined_at < REFINE_INTERVAL_S:
+                if now - ls.refined_at < ls.refine_every:
                     continue
                 ls.refined_at = now
                 changes = self._refine(ls)
                 if changes:
                     ls.target.update(changes)
                     ls.version += 1
-                    logger.info("scan %d: %s", ls.number, "; ".join(f"{n} now {p}" for n, p in changes.items()))
+                    ls.refine_every = min(2 * ls.refine_every, REFINE_BACKOFF_MAX_S)
+                    logger.debug("scan %d: %s", ls.number, "; ".join(f"{n} now {p}" for n, p in changes.items()))
                     for rank in self._ranks(ls):
                         messages.append((rank, {"kind": "analysis_params", "scan": ls.number, "specs": changes}))
         for rank, message in messages:

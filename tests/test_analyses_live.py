@@ -67,11 +67,11 @@ def site(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("live")
     out = tmp / "counted"
-    port = free_port_block(20)
+    port = free_port_block(40)  # the view's, and every process's metrics port
     env = {
         "STEMSTREAM_ANALYSES": ANALYSES,
         "STEMSTREAM_ANALYSIS_PARAMS": json.dumps(PARAMS),
-        "STEMSTREAM_PORT_RANGE": f"{port}-{port + 19}",
+        "STEMSTREAM_PORT_RANGE": f"{port}-{port + 39}",
         "PYTHONPATH": str(PLUGIN),
     }
     with ProcessTree(tmp / "logs", env=env) as tree:

@@ -149,11 +149,13 @@ def test_live_results_equal_stempy_and_the_offline_run_on_the_same_file(site):
     counts = np.array([len(e) for e in np.asarray(sparse.data).ravel()]).reshape(shape)
     assert np.array_equal(stored["occupancy"].results["events"], counts)
 
-    # PNGs beside the file, the scan's analyses record, the view's strip.
-    assert (png_dir(path) / "virtual.bf.png").stat().st_size > 0
-    rec = site.client.wait_for(lambda it: keys.analyses(3) in it, prefix=keys.analyses(3), timeout=10)
-    analyses = AnalysesRecord.from_record(rec[keys.analyses(3)])
-    assert analyses.status == "counted" and analyses.params["virtual"] == stored["virtual"].params
+    # The scan's analyses record (published once the PNGs beside the file are written, just after the counted
+    # record), the PNGs, the view's strip.
+    key = keys.analyses(3)
+    rec = site.client.wait_for(lambda it: it.get(key, {}).get("status") == "counted", prefix=key, timeout=10)
+    analyses = AnalysesRecord.from_record(rec[key])
+    assert analyses.params["virtual"] == stored["virtual"].params
+    assert analyses.pngs == str(png_dir(path)) and (png_dir(path) / "virtual.bf.png").stat().st_size > 0
     state = get_json(site.view + "api/state?scan=3")
     assert [s["status"] for s in state["strip"] if s["scan"] == 3] == ["counted"]
     assert state["view"]["totals"]["virtual.bf"] == stored["virtual"].results["bf"].sum()

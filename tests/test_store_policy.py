@@ -95,6 +95,8 @@ CASES: list[tuple[str, Any, set[tuple[str, str]]]] = [
     (keys.counted(7), None, {("ng-a", NODEGROUP), ("ng-b", NODEGROUP)}),  # rank 0 of the job: a member's
     (keys.preview(7, 0), None, {("ng-a", NODEGROUP), ("ng-b", NODEGROUP)}),
     (keys.counted(8), None, set()),
+    (keys.analyses(7), None, {("ng-a", NODEGROUP), ("ng-b", NODEGROUP)}),
+    (keys.analyses(8), None, set()),
     (record_key(PRODUCER, "producer-1"), None, {("daq1", PRODUCER), ("daq1", LEADER)}),
     (keys.producer(7, "producer-1"), None, {("daq1", PRODUCER), ("daq1", LEADER)}),
     (keys.producer(7, "producer-0"), None, {("daq0", PRODUCER), ("daq0", LEADER)}),
@@ -161,6 +163,7 @@ _KEYS = st.one_of(
     st.builds(keys.replay, st.integers(0, 10), st.integers(0, 5)),
     st.builds(keys.preview, st.integers(0, 10), st.integers(0, 5)),
     st.builds(keys.counted, st.integers(0, 10)),
+    st.builds(keys.analyses, st.integers(0, 10)),
     st.builds(keys.scan, st.integers(0, 10)),
     st.builds(lambda r, u: f"/{r}s/{u}", st.sampled_from([NODEGROUP, PRODUCER, AGGREGATOR, "flow", SESSION]), _PARTS),
     st.text(max_size=40),

@@ -684,7 +684,7 @@ class Board:
                 "scan": number,
                 "status": status,
                 "params": json.loads(json.dumps(params)),
-                "history": list(history),
+                "history": list(history)[-100:],  # the last ones (the file has them all): the record stays small
                 "pngs": str(png_dir(path)) if path else None,
                 "at": time.time(),
             }

@@ -4,8 +4,8 @@ The store does not know what a scan is, so these rules live here and ``stemstrea
 the server (:class:`~stemstream.store.policy.RulePolicy`). Each role writes only what it owns:
 
 * a NodeGroup its registry record, and its sub-records of scans it is a member of (the scan's plan names
-  it and the writer owns its registry record); rank 0 of a counting job the counted record and previews of
-  scans one of the writer's NodeGroups is a member of;
+  it and the writer owns its registry record); rank 0 of a counting job the counted record, previews and the
+  analyses record of scans one of the writer's NodeGroups is a member of;
 * a producer its registry record, its share records and the replay records of its own sector; the leader
   producer (role ``leader``) also the scan record (plan, totals, replayed) of scans it planned;
 * an aggregator its registry record and the per-sector records of scans whose plan names it;
@@ -117,6 +117,7 @@ RULES: tuple[Rule, ...] = (
     rule(NODEGROUP, _SCAN + "/nodegroups/{uid}", member, max_bytes=RECORD_BYTES),
     rule(NODEGROUP, _SCAN + "/counted", member_of_job, max_bytes=RECORD_BYTES),
     rule(NODEGROUP, _SCAN + "/preview/{rank_n}", member_of_job, max_bytes=PREVIEW_BYTES),
+    rule(NODEGROUP, _SCAN + "/analyses", member_of_job, max_bytes=RECORD_BYTES),
     rule(_PRODUCERS, role_prefix(PRODUCER) + "{uid}", owner, max_bytes=RECORD_BYTES),
     rule(_PRODUCERS, _SCAN + "/producers/{uid}", producer_record, max_bytes=SCAN_BYTES),
     rule(_PRODUCERS, _SCAN + "/replay/{sector_n}", own_sector, max_bytes=SCAN_BYTES),

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -36,11 +37,19 @@ CHROMIUM_FLAGS = [
 ]  # fmt: skip
 
 
-def _api(url: str, path: str, body: dict | None = None) -> object:
+def _api(url: str, path: str, body: dict | None = None, tries: int = 3) -> object:
+    """A Prefect API call; a busy server (seconds to answer on a loaded machine) is asked again."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"{url}/api{path}", data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+    for attempt in range(tries):
+        req = urllib.request.Request(f"{url}/api{path}", data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())
+        except (TimeoutError, urllib.error.URLError):
+            if attempt + 1 == tries:
+                raise
+            time.sleep(1)
+    raise AssertionError("unreachable")
 
 
 def _artifact(url: str, key: str) -> dict | None:

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from stemstream.analyses import EventBatch, ScanGeometry, specs_for
-from stemstream.analyses.live import RankAnalyses, encode_partial
+from stemstream.analyses.rank import RankAnalyses, encode_partial
 from stemstream.analyses.runner import AnalysisSet
 from stemstream.sim.camera import FourDCameraSim
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from stemstream.analyses import ScanGeometry, analyse_events, specs_for
-from stemstream.analyses.live import Board, RankAnalyses, decode_partial, encode_partial
+from stemstream.analyses.board import Board
+from stemstream.analyses.rank import RankAnalyses, decode_partial, encode_partial
 from stemstream.errors import AnalysisError
 
 SHAPE = (16, 16)

@@ -39,8 +39,8 @@ from fastapi import FastAPI, HTTPException, Request  # route signatures are read
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from stemstream.analyses import png
+from stemstream.analyses.board import Board
 from stemstream.analyses.files import images
-from stemstream.analyses.live import Board
 from stemstream.analyses.runner import Outcome
 from stemstream.errors import AnalysisError, ConfigError
 

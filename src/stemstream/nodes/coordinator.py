@@ -84,7 +84,7 @@ class Coordinator:
         self._scans: dict[int, _CoordScan] = {}
         self._written: dict[int, dict[str, Any]] = {}
         self._written_cond = threading.Condition()
-        self.analyses: Any = None  # analyses.live.Board: results into the file (before_write, after_write)
+        self.analyses: Any = None  # analyses.board.Board: results into the file (before_write, after_write)
 
     def wait_written(self, scan_number: int, timeout: float) -> dict[str, Any]:
         """The ``/scans/<n>/counted`` record once the scan's file is written (or failed)."""

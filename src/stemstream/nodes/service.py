@@ -44,7 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from stemstream.analyses.live import Board, RankAnalyses
+from stemstream.analyses.board import Board
+from stemstream.analyses.rank import RankAnalyses
 from stemstream.counting import CountingEngine, Thresholds, get_engine
 from stemstream.errors import CountingError, StemstreamError
 from stemstream.log import RateLimitedLog

@@ -116,6 +116,29 @@ def test_info_round_trips() -> None:
     assert decode_info(zmq.Frame(END.encode()).buffer) == END
 
 
+def test_the_acquisition_id_is_optional_and_round_trips() -> None:
+    # Scan numbers are reused (a DAQ restart resets its counter): "start" names the acquisition. Without it a
+    # message means the newest acquisition of its scan number, and the encoding is what it always was.
+    start = "20260612T101530123Z-a3f9"
+    header = SectorHeader(7, 1234, 2, (64, 32), timestamp_ns=123456789, start=start)
+    assert SectorHeader.decode(header.encode()) == header
+    assert msgpack.unpackb(header.encode(), raw=False)["start"] == start
+    assert "start" not in msgpack.unpackb(HEADER.encode(), raw=False) and HEADER.start == ""
+    for message in (EXPECT, END):
+        with_start = type(message)(**{**{f: getattr(message, f) for f in message.__slots__}, "start": start})
+        assert decode_info(with_start.encode()) == with_start
+        assert decode_info(message.encode()).start == ""
+
+
+def test_minted_acquisition_ids_sort_in_time_order() -> None:
+    from stemstream.wire.protocol import START_RE, new_start_id, start_time
+
+    ids = [new_start_id(t) for t in (1.7e9, 1.7e9 + 0.001, 1.7e9 + 86400)]
+    assert ids == sorted(ids) and all(START_RE.fullmatch(i) for i in ids)
+    assert [start_time(i) for i in ids] == pytest.approx([1.7e9, 1.7e9 + 0.001, 1.7e9 + 86400])
+    assert start_time("my-daq-run-7") is None
+
+
 def test_route_spreads_frames_over_members() -> None:
     assert [route(f, 3) for f in range(7)] == [0, 1, 2, 0, 1, 2, 0]
 
@@ -154,6 +177,12 @@ BAD_HEADERS: dict[str, Any] = {
     "ts negative": _pack(_header_map(ts=-5)),
     "int keys": msgpack.packb({1: 2}),
     "nested garbage": _pack({"v": 1, "frame": [[[[]]]]}),
+    "start empty": _pack(_header_map(start="")),
+    "start int": _pack(_header_map(start=5)),
+    "start bytes": _pack(_header_map(start=b"a1")),
+    "start with a slash": _pack(_header_map(start="../etc")),
+    "start too long": _pack(_header_map(start="a" * 65)),
+    "start with a newline": _pack(_header_map(start="a1\n")),
 }
 
 
@@ -237,6 +266,9 @@ BAD_INFO: dict[str, Any] = {
     "end sent empty uid": _pack(_end_map(sent={"": 1})),
     "end lost float": _pack(_end_map(lost=1.5)),
     "end sector too big": _pack(_end_map(sector=64)),
+    "expect start empty": _pack(_expect_map(start="")),
+    "expect start not a string": _pack(_expect_map(start=["a"])),
+    "end start with a space": _pack(_end_map(start="a b")),
 }
 
 

@@ -164,7 +164,7 @@ def test_writers_of_different_sectors_share_a_directory(tmp_path: Path) -> None:
         w.close()
         w.close()  # idempotent
     assert sorted(p.name for w in writers for p in w.paths) == [raw_file_name(9, m) for m in range(4)]
-    reader = _stempy_reader(sorted(tmp_path.iterdir()))
+    reader = _stempy_reader(sorted(tmp_path.glob("*.data")))  # not the sidecars: stempy takes any file given
     assert np.array_equal(reader.read_frames(5)[0].data, sim.frame(5))
 
 
@@ -179,13 +179,13 @@ def test_any_buffer_is_written_as_it_is(tmp_path: Path) -> None:
 
 
 def test_short_writes_are_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_writev = os.writev
+    real_pwritev = os.pwritev
 
-    def short_writev(fd: int, buffers: list) -> int:  # writes the header and 1000 bytes of payload only
+    def short_pwritev(fd: int, buffers: list, offset: int) -> int:  # the header and 1000 bytes at most
         data = b"".join(bytes(b) for b in buffers)
-        return real_writev(fd, [data[: min(len(data), HEADER_BYTES + 1000)]])
+        return real_pwritev(fd, [data[: min(len(data), HEADER_BYTES + 1000)]], offset)
 
-    monkeypatch.setattr(rawfile.os, "writev", short_writev)
+    monkeypatch.setattr(rawfile.os, "pwritev", short_pwritev)
     sim = FourDCameraSim((1, 2), pool_size=1)
     with RawScanWriter(tmp_path, 1, (1, 2)) as w:
         w.write(0, 1, sim.sector(0, 1))
@@ -196,19 +196,18 @@ def test_short_writes_are_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_a_failed_write_leaves_whole_records_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_writev = os.writev
+    real_pwritev = os.pwritev
     calls = []
 
-    def writev_then_disk_full(fd: int, buffers: list) -> int:  # part of the second record, then ENOSPC
+    def pwritev_then_disk_full(fd: int, buffers: list, offset: int) -> int:  # part of record 2, then ENOSPC
         calls.append(1)
         if len(calls) == 1:
-            return real_writev(fd, buffers)
+            return real_pwritev(fd, buffers, offset)
         if len(calls) == 2:
-            return real_writev(fd, [bytes(buffers[0]), bytes(buffers[1])[:5000]])
+            return real_pwritev(fd, [b"".join(bytes(b) for b in buffers)[:5000]], offset)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(rawfile.os, "writev", writev_then_disk_full)
-    monkeypatch.setattr(rawfile.os, "write", lambda fd, data: writev_then_disk_full(fd, [data]))
+    monkeypatch.setattr(rawfile.os, "pwritev", pwritev_then_disk_full)
     sim = FourDCameraSim((1, 2), pool_size=1)
     with RawScanWriter(tmp_path, 1, (1, 2)) as w:
         w.write(0, 0, sim.sector(0, 0))
@@ -216,6 +215,92 @@ def test_a_failed_write_leaves_whole_records_only(tmp_path: Path, monkeypatch: p
             w.write(1, 0, sim.sector(1, 0))
     assert w.paths[0].stat().st_size == RECORD_BYTES
     assert [r.frame_number for r in read_sectors(w.paths)] == [0]
+
+
+_FILE_SIZE_LIMIT_CHILD = """
+import resource, signal, sys
+from pathlib import Path
+from stemstream.errors import FallbackError
+from stemstream.sim import FourDCameraSim
+from stemstream.wire.rawfile import RawScanWriter
+
+RECORD = 16 + 144 * 576 * 2
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+sim = FourDCameraSim((1, 3), pool_size=1)
+w = RawScanWriter(Path(sys.argv[1]), 1, (1, 3), start="s1")
+w.write(0, 2, sim.sector(0, 2))
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (RECORD + RECORD // 2, hard))  # record 1 fits only half way
+try:
+    w.write(1, 2, sim.sector(1, 2))
+    sys.exit("the write past the limit did not fail")
+except FallbackError as exc:
+    print("failed as it should:", exc)
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space freed: the retry must continue right there
+w.write(1, 2, sim.sector(1, 2))
+w.write(2, 2, sim.sector(2, 2))
+w.close()
+"""
+
+
+def test_a_write_retried_after_the_disk_refused_it_leaves_no_gap(tmp_path: Path) -> None:
+    """A real short write and failure from the kernel (a file-size limit, in a child process): the record cut
+    off is dropped, the retry lands exactly after the last whole record, and stempy reads every frame."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _FILE_SIZE_LIMIT_CHILD, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "failed as it should" in done.stdout and "File too large" in done.stdout
+    (path,) = sorted(tmp_path.glob("*.data"))
+    assert path.stat().st_size == 3 * RECORD_BYTES
+    sim = FourDCameraSim((1, 3), pool_size=1)
+    assert [(r.frame_number, r.sector) for r in read_sectors([path])] == [(0, 2), (1, 2), (2, 2)]
+    with RawScanWriter(tmp_path, 1, (1, 3), start="s1") as w:  # stempy wants every module: the others, whole
+        for i in range(3):
+            for m in (0, 1, 3):
+                w.write(i, m, sim.sector(i, m))
+    reader = _stempy_reader([*w.paths, path])
+    for i in range(3):
+        assert np.array_equal(reader.read_frames(i)[0].data, sim.frame(i))
+    assert rawfile.read_sidecar(tmp_path / rawfile.sidecar_name(1, 2))["state"] == "complete"
+
+
+def test_sidecars_say_whether_a_sector_is_whole(tmp_path: Path) -> None:
+    sim = FourDCameraSim((1, 2), pool_size=1)
+    w = RawScanWriter(tmp_path, 4, (1, 2), start="a1")
+    w.write(0, 1, sim.sector(0, 1))
+    side = rawfile.read_sidecar(tmp_path / rawfile.sidecar_name(4, 1))
+    assert side is not None and side["state"] == "writing" and side["start"] == "a1"
+    assert rawfile.partial_sectors(w.paths) == [1]  # the writer died here: recognisably partial
+    w.write(1, 1, sim.sector(1, 1))
+    w.close()
+    side = rawfile.read_sidecar(tmp_path / rawfile.sidecar_name(4, 1))
+    assert side["state"] == "complete" and side["records"] == 2 and side["files"] == [raw_file_name(4, 1)]
+    assert rawfile.partial_sectors(w.paths) == [] and w.complete
+    (acq,) = rawfile.find_acquisitions(tmp_path, 4)
+    assert acq.start == "a1" and acq.complete and acq.paths == tuple(w.paths)
+
+
+def test_a_reused_scan_number_writes_to_its_own_directory(tmp_path: Path) -> None:
+    first, second = FourDCameraSim((1, 2), seed=1, pool_size=1), FourDCameraSim((1, 2), seed=2, pool_size=1)
+    with RawScanWriter(tmp_path, 3, (1, 2), start="20260101T000000000Z-0001") as w1:
+        for i in range(2):
+            w1.write(i, 0, first.sector(i, 0))
+    # The DAQ restarted and counts from 3 again: the plain names are taken, so this acquisition's go apart.
+    with RawScanWriter(tmp_path, 3, (1, 2), start="20260101T000500000Z-0002") as w2:
+        for i in range(2):
+            w2.write(i, 0, second.sector(i, 0))
+    assert w2.paths == [tmp_path / "scan_3_20260101T000500000Z-0002" / raw_file_name(3, 0)]
+    assert all(np.array_equal(r.data, first.sector(r.frame_number, 0)) for r in read_sectors(w1.paths))
+    assert all(np.array_equal(r.data, second.sector(r.frame_number, 0)) for r in read_sectors(w2.paths))
+    acquisitions = rawfile.find_acquisitions(tmp_path, 3)
+    assert [a.start for a in acquisitions] == ["20260101T000000000Z-0001", "20260101T000500000Z-0002"]
+    assert [list(a.paths) for a in acquisitions] == [w1.paths, w2.paths]
+    assert rawfile.find_acquisitions(tmp_path, 4) == []
 
 
 # --- errors -------------------------------------------------------------------------------------------------
@@ -283,9 +368,9 @@ def test_existing_file_is_never_overwritten(tmp_path: Path) -> None:
     [
         ("open", errno.ENOSPC, "free space"),
         ("open", errno.EACCES, "permissions"),
-        ("writev", errno.ENOSPC, "free space"),
-        ("writev", errno.EDQUOT, "free space"),
-        ("writev", errno.EIO, "check the disk"),
+        ("pwritev", errno.ENOSPC, "free space"),
+        ("pwritev", errno.EDQUOT, "free space"),
+        ("pwritev", errno.EIO, "check the disk"),
     ],
 )
 def test_os_errors_become_one_line_fallback_errors(

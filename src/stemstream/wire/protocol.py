@@ -11,6 +11,10 @@ else. Nothing is ever pickled.
 
 from __future__ import annotations
 
+import calendar
+import re
+import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +38,10 @@ MAX_INFO_BYTES = 1 << 20
 # larger than MAX_HEADER_BYTES + a sector): the sender is disconnected and the part is never read.
 MAX_INFO_PART_BYTES = 4 * MAX_INFO_BYTES
 _UINT32_MAX = 2**32 - 1
+# A scan's acquisition id (``start``): which acquisition of a scan number a message belongs to. Scan numbers
+# are reused (a DAQ restart resets its counter); ``(scan, start)`` is unique. Optional on the wire: a message
+# without it means the newest acquisition of its scan number the receiver knows. Safe in file names.
+START_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def _short(value: Any, limit: int = 40) -> str:
@@ -82,6 +90,42 @@ def _str(obj: dict[str, Any], key: str, what: str, max_len: int = 256) -> str:
     return value
 
 
+def _start(obj: dict[str, Any], what: str) -> str:
+    """The optional ``start`` field ("" when absent): 1..64 characters of ``A-Z a-z 0-9 . _ -``."""
+    if "start" not in obj:
+        return ""
+    value = obj["start"]
+    if not isinstance(value, str) or not START_RE.fullmatch(value):
+        raise ProtocolError(f"{what}: field 'start' must be 1..64 characters of A-Z a-z 0-9 . _ -, got {_short(value)}")
+    return value
+
+
+def check_start(start: str) -> str:
+    """``start`` if it is a valid acquisition id or "" (none); ProtocolError otherwise."""
+    if start and not START_RE.fullmatch(start):
+        raise ProtocolError(f"acquisition id {_short(start)}: use 1..64 characters of A-Z a-z 0-9 . _ -")
+    return start
+
+
+def new_start_id(now: float | None = None) -> str:
+    """A fresh acquisition id: the UTC time it was minted to the millisecond, and 16 random bits, e.g.
+    ``20260612T101530123Z-a3f9``. Ids minted this way sort in time order (:func:`start_time`)."""
+    t = time.time() if now is None else now
+    ms = int(t * 1000) % 1000
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(t)) + f"{ms:03d}Z-{secrets.token_hex(2)}"
+
+
+_MINTED = re.compile(r"(\d{8}T\d{6})(\d{3})Z-[0-9a-f]{4}")
+
+
+def start_time(start: str) -> float | None:
+    """When an id from :func:`new_start_id` was minted (unix seconds); None for any other id."""
+    m = _MINTED.fullmatch(start)
+    if m is None:
+        return None
+    return calendar.timegm(time.strptime(m.group(1), "%Y%m%dT%H%M%S")) + int(m.group(2)) / 1000
+
+
 def _pair(obj: dict[str, Any], key: str, what: str, lo: int = 1, hi: int = 65535) -> tuple[int, int]:
     if key not in obj:
         raise ProtocolError(f"{what}: missing field {key!r}")
@@ -105,6 +149,7 @@ class SectorHeader:
     n_sectors: int = N_SECTORS
     dtype: str = DTYPE
     timestamp_ns: int = 0  # when the receiving server had the sector (0 = unknown)
+    start: str = ""  # the acquisition of ``scan_number`` ("": the newest one; on the wire only when set)
 
     @property
     def payload_nbytes(self) -> int:
@@ -115,19 +160,20 @@ class SectorHeader:
         return self.scan_shape[0] * self.scan_shape[1]
 
     def encode(self) -> bytes:
-        return msgpack.packb(
-            {
-                "v": PROTOCOL_VERSION,
-                "scan": self.scan_number,
-                "frame": self.frame_number,
-                "sector": self.sector,
-                "nsec": self.n_sectors,
-                "scan_shape": list(self.scan_shape),
-                "shape": list(self.sector_shape),
-                "dtype": self.dtype,
-                "ts": self.timestamp_ns,
-            }
-        )
+        obj: dict[str, Any] = {
+            "v": PROTOCOL_VERSION,
+            "scan": self.scan_number,
+            "frame": self.frame_number,
+            "sector": self.sector,
+            "nsec": self.n_sectors,
+            "scan_shape": list(self.scan_shape),
+            "shape": list(self.sector_shape),
+            "dtype": self.dtype,
+            "ts": self.timestamp_ns,
+        }
+        if self.start:
+            obj["start"] = self.start
+        return msgpack.packb(obj)
 
     @classmethod
     def decode(cls, raw: bytes | memoryview) -> SectorHeader:
@@ -144,6 +190,7 @@ class SectorHeader:
             n_sectors=n_sectors,
             dtype=_str(obj, "dtype", what, 8),
             timestamp_ns=_int(obj, "ts", what, 0, 2**63 - 1),
+            start=_start(obj, what),
         )
         if header.dtype not in _DTYPE_SIZES:
             raise ProtocolError(f"{what}: dtype {header.dtype!r} not one of {sorted(_DTYPE_SIZES)}")
@@ -198,21 +245,23 @@ class ExpectMessage:
     scan_shape: tuple[int, int]
     members: tuple[str, ...]
     expected: dict[str, int] = field(default_factory=dict)
+    start: str = ""  # the acquisition of ``scan_number`` ("": the newest one; on the wire only when set)
 
     def encode(self) -> bytes:
-        return msgpack.packb(
-            {
-                "v": PROTOCOL_VERSION,
-                "type": "expect",
-                "producer": self.producer,
-                "scan": self.scan_number,
-                "sector": self.sector,
-                "threads": self.threads,
-                "scan_shape": list(self.scan_shape),
-                "members": list(self.members),
-                "expected": dict(self.expected),
-            }
-        )
+        obj: dict[str, Any] = {
+            "v": PROTOCOL_VERSION,
+            "type": "expect",
+            "producer": self.producer,
+            "scan": self.scan_number,
+            "sector": self.sector,
+            "threads": self.threads,
+            "scan_shape": list(self.scan_shape),
+            "members": list(self.members),
+            "expected": dict(self.expected),
+        }
+        if self.start:
+            obj["start"] = self.start
+        return msgpack.packb(obj)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,19 +274,21 @@ class EndMessage:
     sector: int
     sent: dict[str, int]
     lost_upstream: int = 0
+    start: str = ""  # the acquisition of ``scan_number`` ("": the newest one; on the wire only when set)
 
     def encode(self) -> bytes:
-        return msgpack.packb(
-            {
-                "v": PROTOCOL_VERSION,
-                "type": "end",
-                "producer": self.producer,
-                "scan": self.scan_number,
-                "sector": self.sector,
-                "sent": dict(self.sent),
-                "lost": self.lost_upstream,
-            }
-        )
+        obj: dict[str, Any] = {
+            "v": PROTOCOL_VERSION,
+            "type": "end",
+            "producer": self.producer,
+            "scan": self.scan_number,
+            "sector": self.sector,
+            "sent": dict(self.sent),
+            "lost": self.lost_upstream,
+        }
+        if self.start:
+            obj["start"] = self.start
+        return msgpack.packb(obj)
 
 
 InfoMessage = ExpectMessage | EndMessage
@@ -279,6 +330,7 @@ def decode_info(raw: bytes | memoryview) -> InfoMessage:
             scan_shape=_pair(obj, "scan_shape", what),
             members=tuple(members),
             expected=expected,
+            start=_start(obj, what),
         )
     if kind == "end":
         what = "info end"
@@ -288,6 +340,7 @@ def decode_info(raw: bytes | memoryview) -> InfoMessage:
             sector=_int(obj, "sector", what, 0, 63),
             sent=_count_map(obj, "sent", what),
             lost_upstream=_int(obj, "lost", what),
+            start=_start(obj, what),
         )
     raise ProtocolError(f"info message: unknown type {_short(kind)} (expected 'expect' or 'end')")
 

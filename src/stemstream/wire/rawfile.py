@@ -28,6 +28,18 @@ version=stempy.io.FileVersion.VERSION5, backend="multi-pass")`` reads (checked a
   scan size from the first header it reads and does not bounds-check positions, so every file of a scan
   must agree on it: :func:`read_sectors` checks that.
 
+Beyond the format, for stemstream's own bookkeeping (stempy never opens them):
+
+* **Sidecar.** Next to a sector's files, ``data_scan{scan:010d}_module{m}_state.json`` says which acquisition
+  (``start``) they hold and whether they are ``complete`` (every file fsynced and closed) or still ``writing``:
+  a scan whose writer died, or whose disk never took the rest, stays ``writing``, recognisably partial.
+* **Reused scan numbers.** A later acquisition of a scan number never overwrites or joins the earlier one's
+  files: it writes into its own directory, ``scan_{scan}_{start}/`` (:func:`acquisition_dir`), chosen by the
+  scan's plan or, when the plain names are taken already, by the writer itself. :func:`find_acquisitions`
+  lists a directory's acquisitions of a scan number, oldest first.
+* **Disk full.** Records are written with ``pwritev`` at the file's own record offset: a record the disk
+  refused part way is cut off again (``ftruncate``) and a retry writes exactly there, without a gap.
+
 Nothing here is thread-safe; one writer per sector per thread (``SectorDiskWriter`` adds a lock).
 """
 
@@ -35,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import operator
 import os
@@ -50,7 +63,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from stemstream.errors import FallbackError, RawFileError
-from stemstream.wire.protocol import FRAME_SHAPE, SECTOR_SHAPE
+from stemstream.wire.protocol import FRAME_SHAPE, SECTOR_SHAPE, start_time
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +72,40 @@ HEADER_BYTES = HEADER.size  # 16
 FILE_VERSION = 5
 _MODULE_RE = re.compile(r"module(\d+).*\.data$")
 _MAX_SCAN_SIDE = 65535  # uint16 in the header
+SIDECAR_FORMAT = "stemstream-raw-state"
+STATE_WRITING, STATE_COMPLETE = "writing", "complete"
 
 
 def raw_file_name(scan_number: int, sector: int, index: int = 0) -> str:
     """The file name the receiving servers use for sector ``sector``'s ``index``-th file of a scan."""
     return f"data_scan{scan_number:010d}_module{sector}_{index:05d}.data"
+
+
+def sidecar_name(scan_number: int, sector: int) -> str:
+    """The sidecar of one sector's files of a scan (no ``.data``: stempy's readers never take it)."""
+    return f"data_scan{scan_number:010d}_module{sector}_state.json"
+
+
+def acquisition_dir(scan_number: int, start: str) -> str:
+    """The directory (relative to the fallback directory) of a reused scan number's acquisition ``start``."""
+    return f"scan_{scan_number}_{start}"
+
+
+def read_sidecar(path: Path) -> dict[str, Any] | None:
+    """A sidecar's content, or None when it is missing or not one."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) and value.get("format") == SIDECAR_FORMAT else None
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fallback_error(action: str, path: Path, exc: OSError) -> FallbackError:
@@ -86,8 +128,12 @@ class RawScanWriter:
     """Writes one scan's sectors as 4D Camera raw files, one file stream per sector.
 
     Files are created lazily, on a sector's first record, so several writers (one per receiving server)
-    can share a directory, each writing only its own sector. Existing files are never overwritten.
-    ``write`` sends the header and the caller's buffer with one ``writev`` call: no Python-side copy.
+    can share a directory, each writing only its own sector. Existing files are never overwritten: when a
+    sector's plain names are taken (an earlier acquisition of the scan number), its files go to
+    ``acquisition_dir(scan, start)`` instead. ``write`` sends the header and the caller's buffer with one
+    ``pwritev`` call at the record's offset (no Python-side copy); a failed write leaves whole records only
+    and a retry continues exactly there. ``close`` fsyncs and closes every file and marks the sidecars
+    complete; it may be called again after it failed (the disk was full), and retries what was left.
     """
 
     def __init__(
@@ -98,6 +144,9 @@ class RawScanWriter:
         n_sectors: int = 4,
         sector_shape: tuple[int, int] = SECTOR_SHAPE,
         max_file_bytes: int | None = None,
+        *,
+        start: str = "",
+        sidecar: bool = True,
     ) -> None:
         rows, cols = (int(v) for v in scan_shape)
         if not (0 < rows <= _MAX_SCAN_SIDE and 0 < cols <= _MAX_SCAN_SIDE):
@@ -120,9 +169,14 @@ class RawScanWriter:
         self.bytes_written = 0
         self.sectors_written = 0
         self._n_frames = rows * cols
+        self.start = start
+        self.sidecar = sidecar
         self._fds: dict[int, int] = {}
         self._file_bytes: dict[int, int] = {}
         self._file_index: dict[int, int] = {}
+        self._dirs: dict[int, Path] = {}  # per sector: where its files go (its own directory if names were taken)
+        self._records: dict[int, int] = {}  # per sector: records written
+        self._unfinished: set[int] = set()  # sectors whose files are not yet all fsynced, closed and marked
         self._closed = False
         if not self.directory.is_dir():
             raise FallbackError(
@@ -162,25 +216,103 @@ class RawScanWriter:
         fd = self._fd_for(sector)
         self._writev(fd, sector, header, payload)
         self._file_bytes[sector] += self.record_nbytes
+        self._records[sector] = self._records.get(sector, 0) + 1
         self.bytes_written += self.record_nbytes
         self.sectors_written += 1
 
     def close(self) -> None:
-        """Close every file (idempotent)."""
+        """Fsync and close every file, then mark each sector's sidecar complete. Idempotent; after a
+        FallbackError (a delayed write error, a full disk for the sidecar) calling it again retries."""
         self._closed = True
-        fds, self._fds = self._fds, {}
         error: FallbackError | None = None
-        for sector, fd in fds.items():
+        for sector, fd in list(self._fds.items()):
+            try:
+                os.fsync(fd)
+            except OSError as exc:  # a delayed write error (NFS, a full thin volume) surfaces here
+                error = error or _fallback_error("fsync", self._path(sector), exc)
+                continue
+            del self._fds[sector]
             try:
                 os.close(fd)
-            except OSError as exc:  # a delayed write error (NFS) surfaces at close
+            except OSError as exc:
                 error = error or _fallback_error("close", self._path(sector), exc)
+        for sector in sorted(self._unfinished):
+            if sector in self._fds:
+                continue
+            try:
+                _fsync_dir(self._dir(sector))
+                self._write_sidecar(sector, STATE_COMPLETE)
+            except OSError as exc:
+                error = error or _fallback_error("finish", self._sidecar_path(sector), exc)
+                continue
+            self._unfinished.discard(sector)
         if error is not None:
             raise error
 
+    @property
+    def complete(self) -> bool:
+        """Every file written so far is fsynced, closed and marked complete."""
+        return self._closed and not self._fds and not self._unfinished
+
+    def _dir(self, sector: int) -> Path:
+        return self._dirs.get(sector, self.directory)
+
     def _path(self, sector: int) -> Path:
         name = raw_file_name(self.scan_number, sector, self._file_index.get(sector, 0))
-        return self.directory / name
+        return self._dir(sector) / name
+
+    def _sidecar_path(self, sector: int) -> Path:
+        return self._dir(sector) / sidecar_name(self.scan_number, sector)
+
+    def _write_sidecar(self, sector: int, state: str) -> None:
+        """Replace the sector's sidecar (a temporary file renamed over it; fsynced when complete)."""
+        if not self.sidecar:
+            return
+        path = self._sidecar_path(sector)
+        content = {
+            "format": SIDECAR_FORMAT,
+            "version": 1,
+            "scan": self.scan_number,
+            "start": self.start,
+            "sector": sector,
+            "scan_shape": list(self.scan_shape),
+            "state": state,
+            "records": self._records.get(sector, 0),
+            "files": [p.name for p in self.paths if sector_of_path(p) == sector],
+        }
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(content, f)
+                if state == STATE_COMPLETE:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    def _choose_dir(self, sector: int) -> None:
+        """Before a sector's first file: its plain names taken by an earlier acquisition of this scan number
+        (a DAQ restart reset the counter) mean this acquisition's files go to a directory of their own."""
+        first = self.directory / raw_file_name(self.scan_number, sector)
+        side = read_sidecar(self.directory / sidecar_name(self.scan_number, sector))
+        taken = first.exists() or (side is not None and side.get("start") != self.start)
+        if not taken:
+            return
+        if not self.start:
+            raise FallbackError(
+                f"cannot create {first}: a file of this scan is already there; move it away (scan number reused?)"
+            )
+        own = self.directory / acquisition_dir(self.scan_number, self.start)
+        try:
+            own.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise _fallback_error("create directory", own, exc) from None
+        logger.warning("scan %d sector %d: %s is taken (an earlier acquisition); writing to %s",
+                       self.scan_number, sector, first.name, own)  # fmt: skip
+        self._dirs[sector] = own
 
     def _fd_for(self, sector: int) -> int:
         fd = self._fds.get(sector)
@@ -197,8 +329,16 @@ class RawScanWriter:
                 raise _fallback_error("close", self._path(sector), exc) from None
             self._file_index[sector] += 1
         else:
+            if sector not in self._file_index:
+                self._choose_dir(sector)
             self._file_index.setdefault(sector, 0)
         path = self._path(sector)
+        if sector not in self._unfinished:
+            try:  # before the data: a sector with files always has a sidecar saying whether they are whole
+                self._write_sidecar(sector, STATE_WRITING)
+            except OSError as exc:
+                raise _fallback_error("create", self._sidecar_path(sector), exc) from None
+            self._unfinished.add(sector)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except OSError as exc:
@@ -210,22 +350,26 @@ class RawScanWriter:
         return fd
 
     def _writev(self, fd: int, sector: int, header: bytes, payload: memoryview) -> None:
+        """One record at the file's record offset. Explicit offsets (``pwritev``), never the file position:
+        after a failed write the position would point past the cut-off record, and a retry there would
+        leave a zero-filled gap that neither stempy nor :func:`read_sectors` can read past."""
+        offset = self._file_bytes[sector]
         total = len(header) + payload.nbytes
         try:
-            done = os.writev(fd, [header, payload])
+            done = 0
             # A regular file takes short writes only near a full disk, but they are legal: finish the record.
             while done < total:
                 if done < len(header):
-                    done += os.writev(fd, [header[done:], payload])
+                    written = os.pwritev(fd, [header[done:], payload], offset + done)
                 else:
-                    written = os.write(fd, payload[done - len(header) :])
-                    if written == 0:
-                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                    done += written
+                    written = os.pwritev(fd, [payload[done - len(header) :]], offset + done)
+                if written == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += written
         except OSError as exc:
             # Drop the partial record, so that the file stays readable up to the last whole one.
             with contextlib.suppress(OSError):
-                os.ftruncate(fd, self._file_bytes[sector])
+                os.ftruncate(fd, offset)
             raise _fallback_error("write", self._path(sector), exc) from None
 
 
@@ -312,6 +456,67 @@ def read_sectors(paths: Iterable[Path | str]) -> Iterator[RawSector]:
             raise RawFileError(f"cannot read {path}: {exc.strerror or exc}") from None
         finally:
             f.close()
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """One acquisition's raw files of a scan number in a directory (:func:`find_acquisitions`)."""
+
+    scan_number: int
+    start: str  # "" when the files carry no sidecar (written elsewhere, or before sidecars)
+    directory: Path
+    paths: tuple[Path, ...]
+    partial_sectors: tuple[int, ...]  # sectors whose sidecar still says "writing": the scan is partial
+
+    @property
+    def complete(self) -> bool:
+        return not self.partial_sectors
+
+
+def partial_sectors(paths: Iterable[Path | str]) -> list[int]:
+    """The sectors of ``paths`` whose sidecar (next to the files) says they were never finished."""
+    partial = set()
+    for path in paths:
+        path = Path(path)
+        name = path.name
+        if not name.startswith("data_scan") or "_module" not in name:
+            continue
+        try:
+            scan_number = int(name[len("data_scan") : name.index("_module")])
+            sector = sector_of_path(path)
+        except (ValueError, RawFileError):
+            continue
+        side = read_sidecar(path.parent / sidecar_name(scan_number, sector))
+        if side is not None and side.get("state") != STATE_COMPLETE:
+            partial.add(sector)
+    return sorted(partial)
+
+
+def find_acquisitions(directory: Path | str, scan_number: int) -> list[Acquisition]:
+    """Every acquisition of ``scan_number`` under ``directory``: its plain-named files, and each directory
+    ``scan_<n>_<start>/`` (a reused scan number), oldest first (by the time in the acquisition id where it
+    has one, else by when its first file was last written)."""
+    directory = Path(directory)
+    pattern = f"data_scan{scan_number:010d}_module*.data"
+    groups: list[tuple[Path, str]] = [(directory, "")]
+    prefix = f"scan_{scan_number}_"
+    if directory.is_dir():
+        groups += [(d, d.name[len(prefix) :]) for d in sorted(directory.glob(prefix + "*")) if d.is_dir()]
+    found: list[tuple[tuple[float, str], Acquisition]] = []
+    for where, start in groups:
+        paths = tuple(sorted(where.glob(pattern)))
+        if not paths:
+            continue
+        if not start:
+            sides = [read_sidecar(x) for x in where.glob(f"data_scan{scan_number:010d}_module*_state.json")]
+            starts = {str(x.get("start") or "") for x in sides if x is not None}
+            start = starts.pop() if len(starts) == 1 else ""
+        when = start_time(start)
+        if when is None:
+            when = min(p.stat().st_mtime for p in paths)
+        acq = Acquisition(scan_number, start, where, paths, tuple(partial_sectors(paths)))
+        found.append(((when, start), acq))
+    return [acq for _, acq in sorted(found, key=lambda item: item[0])]
 
 
 class SectorSource(Protocol):

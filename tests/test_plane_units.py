@@ -338,8 +338,11 @@ def test_scan_requests_are_seen_once_and_old_ones_ignored(client: StoreClient):
             )
             and req.extra["seed"] == 4
         )
-        request_scan(client, 2, (3, 3))
+        client.set("/control/scan", req.to_record())  # the same request again (a re-sync): not a new scan
         assert requests.get(timeout=0.3) is None
+        again = request_scan(client, 2, (3, 3))  # scan number 2 once more (a DAQ restart): a new scan
+        req = requests.get(timeout=5)
+        assert req is not None and req.scan_number == 2 and req.requested_at == again.requested_at
     finally:
         requests.close()
 
@@ -430,7 +433,7 @@ def test_a_failed_scan_is_recorded_and_the_producer_serves_the_next(client: Stor
             "/scans/21/",
             timeout=15,
         )
-        assert sorted(p.name for p in not_a_dir.iterdir()) == ["data_scan0000000021_module0_00000.data"]
+        assert sorted(p.name for p in not_a_dir.glob("*.data")) == ["data_scan0000000021_module0_00000.data"]
     finally:
         stop.set()
         worker.join(10)

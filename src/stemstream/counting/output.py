@@ -27,12 +27,44 @@ GROUP = "stemstream"
 FORMAT_VERSION = 1
 FRAME_SHAPE = (576, 576)
 
-__all__ = ["counted_path", "read_counted", "save_png", "virtual_bright_field", "write_counted"]
+__all__ = [
+    "counted_path",
+    "counted_path_for",
+    "counted_start",
+    "read_counted",
+    "save_png",
+    "virtual_bright_field",
+    "write_counted",
+]
 
 
-def counted_path(output_dir: str | os.PathLike[str], scan_number: int) -> Path:
-    """Where a scan's counted file goes: ``<output_dir>/scan_<n>_counted.h5``."""
+def counted_path(output_dir: str | os.PathLike[str], scan_number: int, start: str | None = None) -> Path:
+    """Where a scan's counted file goes: ``<output_dir>/scan_<n>_counted.h5``; with ``start`` (an acquisition
+    of a reused scan number), ``<output_dir>/scan_<n>_<start>_counted.h5``."""
+    if start:
+        return Path(output_dir) / f"scan_{scan_number}_{start}_counted.h5"
     return Path(output_dir) / f"scan_{scan_number}_counted.h5"
+
+
+def counted_start(path: str | os.PathLike[str]) -> str | None:
+    """The acquisition a counted file holds (its ``/stemstream`` ``start``; "" when it names none), None when
+    there is no readable counted file there."""
+    try:
+        with h5py.File(path, "r") as f:
+            group = f.get(GROUP)
+            return str(_to_python(group.attrs.get("start", ""))) if group is not None else ""
+    except (OSError, KeyError):
+        return None
+
+
+def counted_path_for(output_dir: str | os.PathLike[str], scan_number: int, start: str) -> Path:
+    """The counted file of acquisition ``start`` of a scan number: ``scan_<n>_counted.h5`` unless a file of
+    another acquisition of the number is there (the number was reused), then ``scan_<n>_<start>_counted.h5``."""
+    plain = counted_path(output_dir, scan_number)
+    held = counted_start(plain)
+    if held is None or held == start or not start:
+        return plain
+    return counted_path(output_dir, scan_number, start)
 
 
 def _frames_array(events: Sequence[np.ndarray], n_positions: int, n_pixels: int) -> np.ndarray:

@@ -42,6 +42,9 @@ class ScanInfo:
     n_sectors: int
     members: tuple[str, ...]  # NodeGroup UIDs, fixed for the scan; frame f goes to members[f % len]
     my_index: int  # this NodeGroup's position in ``members``
+    # The acquisition ("" when its producers named none). A scan number may be acquired again (a DAQ restart
+    # resets the counter); a NodeGroup ends one acquisition of a number before it begins the next.
+    start: str = ""
 
     @property
     def n_frames(self) -> int:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stemstream.counting import Thresholds, compute_thresholds, write_counted
-from stemstream.counting.output import counted_path
+from stemstream.counting.output import counted_path_for
 from stemstream.errors import CountingError, StemstreamError, WaitTimeout
 from stemstream.nodes.ranks import RankTransport
 from stemstream.nodes.workers import ProcessCounter, SharedBatch
@@ -42,6 +42,7 @@ class _CoordScan:
     """What rank 0 gathers of a scan."""
 
     number: int
+    start: str  # the acquisition of the scan number
     members: tuple[str, ...]
     scan_shape: tuple[int, int]
     window: int
@@ -81,21 +82,29 @@ class Coordinator:
         self._post = post  # back onto the control thread (thresholds computed by a worker process)
         self._uid_rank: dict[str, int] = {}
         self._heard: dict[int, float] = {}  # rank -> when rank 0 last heard from it (monotonic)
-        self._scans: dict[int, _CoordScan] = {}
-        self._written: dict[int, dict[str, Any]] = {}
+        self._scans: dict[tuple[int, str], _CoordScan] = {}
+        self._written: dict[tuple[int, str], dict[str, Any]] = {}
         self._written_cond = threading.Condition()
         self.analyses: Any = None  # analyses.board.Board: results into the file (before_write, after_write)
 
-    def wait_written(self, scan_number: int, timeout: float) -> dict[str, Any]:
-        """The ``/scans/<n>/counted`` record once the scan's file is written (or failed)."""
+    def wait_written(self, scan_number: int, timeout: float, start: str | None = None) -> dict[str, Any]:
+        """The ``/scans/<n>/counted`` record once the scan's file is written (or failed): the newest written
+        acquisition of ``scan_number``, or ``start``'s."""
         deadline = time.monotonic() + timeout
+
+        def written() -> dict[str, Any] | None:
+            for (n, s), record in reversed(self._written.items()):
+                if n == scan_number and (start is None or s == start):
+                    return record
+            return None
+
         with self._written_cond:
-            while scan_number not in self._written:
+            while (record := written()) is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise WaitTimeout(f"scan {scan_number} not written within {timeout:.0f} s")
                 self._written_cond.wait(left)
-            return self._written[scan_number]
+            return record
 
     def files(self) -> dict[str, int]:
         """Scans written so far, by the status of their counted record (counted, partial, failed)."""
@@ -115,7 +124,8 @@ class Coordinator:
                 self._uid_rank[uid] = int(message["rank"])
             return
         n = int(message["scan"])
-        cs = self._scans.get(n)
+        key = (n, str(message.get("start") or ""))
+        cs = self._scans.get(key)
         if kind == "_decided":  # from our own thresholds worker
             if cs is not None:
                 self._decided(cs, message["thresholds"], message["error"])
@@ -127,8 +137,9 @@ class Coordinator:
                 logger.error("scan %d: %r before its begin; ignored", n, kind)
                 return
             shape = (int(message["scan_shape"][0]), int(message["scan_shape"][1]))
-            cs = self._scans[n] = _CoordScan(
+            cs = self._scans[key] = _CoordScan(
                 number=n,
+                start=key[1],
                 members=tuple(message["members"]),
                 scan_shape=shape,
                 window=min(shape[0] * shape[1], 2 * self.config.threshold_frames),
@@ -225,7 +236,7 @@ class Coordinator:
             cs.samples.clear()
             future = self.counter.thresholds(sample, *sigmas)
 
-            def done(fut: Any, number: int = cs.number, sample: SharedBatch = sample) -> None:
+            def done(fut: Any, number: int = cs.number, start: str = cs.start, sample: SharedBatch = sample) -> None:
                 sample.release()
                 try:
                     result, error = Thresholds.from_dict(fut.result()), None
@@ -233,7 +244,7 @@ class Coordinator:
                     result, error = None, str(exc)
                 except Exception as exc:  # a worker that died
                     result, error = None, f"thresholds: the counting worker failed: {exc}"
-                self._post({"kind": "_decided", "scan": number, "thresholds": result, "error": error})
+                self._post({"kind": "_decided", "scan": number, "start": start, "thresholds": result, "error": error})
 
             future.add_done_callback(done)
             return
@@ -268,6 +279,7 @@ class Coordinator:
         reply = {
             "kind": "thresholds",
             "scan": cs.number,
+            "start": cs.start,
             "thresholds": cs.thresholds.to_dict() if cs.thresholds else None,
             "error": cs.failed,
         }
@@ -285,7 +297,7 @@ class Coordinator:
 
     def _write(self, cs: _CoordScan, partial: list[int]) -> None:
         cs.written = True
-        self._scans.pop(cs.number, None)
+        self._scans.pop((cs.number, cs.start), None)
         gathered = _gather(cs, self.config.n_sectors)
         n_frames = len(gathered.events)
         incomplete_frames = sorted({f for f, _ in gathered.missing})
@@ -320,13 +332,20 @@ class Coordinator:
             last_count=max(count_span) if count_span else None,
             thresholds_at=cs.thresholds_at,
             host=socket.gethostname(),
+            start=cs.start,
         )
         if not gathered.failures:
-            path = counted_path(self.config.output_dir, cs.number)
+            path = counted_path_for(self.config.output_dir, cs.number, cs.start)
             metadata = {
                 "engine": self.engine_name,
                 "source": "stream",
                 "scan_number": cs.number,
+                "start": cs.start,
+                "counting_options": {
+                    "dark_reference": self.config.dark is not None,
+                    "gain": self.config.gain is not None,
+                    "apply_row_dark_subtraction": False,
+                },
                 "thresholds": cs.thresholds,
                 "background_n_sigma": self.config.background_n_sigma,
                 "xray_n_sigma": self.config.xray_n_sigma,
@@ -383,7 +402,9 @@ class Coordinator:
         if self.analyses is not None:
             self.analyses.after_write(cs.number, value)
         with self._written_cond:
-            self._written[cs.number] = value
+            self._written[(cs.number, cs.start)] = value
+            while len(self._written) > 4096:
+                del self._written[next(iter(self._written))]
             self._written_cond.notify_all()
 
 

@@ -38,7 +38,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ from stemstream.nodes.consumer import ScanInfo, ScanSummary
 from stemstream.nodes.coordinator import Coordinator
 from stemstream.nodes.preview import bright_field_mask, preview_record
 from stemstream.nodes.ranks import RankTransport
-from stemstream.nodes.workers import ProcessCounter, unpack
+from stemstream.nodes.workers import ProcessCounter, unlink_orphaned_segments, unpack
 from stemstream.scans import keys
 from stemstream.scans.plan import KeyValue
 from stemstream.scans.records import AnalysesRecord
@@ -101,11 +101,15 @@ class CountingConfig:
             raise CountingError(f"workers must be 0 (count in this process) .. 1024, got {self.workers}")
 
 
+ScanKey = tuple[int, str]  # (scan number, acquisition id): a scan number may be acquired again
+
+
 @dataclass
 class _LocalScan:
-    """What one rank holds of a scan."""
+    """What one rank holds of a scan (one acquisition of a scan number)."""
 
     number: int
+    start: str
     members: tuple[str, ...]
     scan_shape: tuple[int, int]
     local_uids: set[str]
@@ -132,6 +136,14 @@ class _LocalScan:
     @property
     def n_frames(self) -> int:
         return self.scan_shape[0] * self.scan_shape[1]
+
+    @property
+    def key(self) -> ScanKey:
+        return (self.number, self.start)
+
+    def message(self, kind: str, rank: int, **fields: Any) -> dict[str, Any]:
+        """A message to rank 0 about this scan."""
+        return {"kind": kind, "rank": rank, "scan": self.number, "start": self.start, **fields}
 
     @property
     def all_ended(self) -> bool:
@@ -162,8 +174,8 @@ class CountingService:
         self._counter: ProcessCounter | None = None
         self._in_flight = 0
         self._cond = threading.Condition()
-        self._scans: dict[int, _LocalScan] = {}
-        self._finished: set[int] = set()
+        self._scans: dict[ScanKey, _LocalScan] = {}
+        self._finished: set[ScanKey] = set()
         self._stop = threading.Event()
         self._pool = BatchPool(
             self.batch_size,
@@ -188,6 +200,7 @@ class CountingService:
 
     def start(self) -> CountingService:
         if self.workers:
+            unlink_orphaned_segments()  # of an earlier counting process on this node that was killed
             self._counter = ProcessCounter(
                 self.engine.name,
                 self.workers,
@@ -270,22 +283,25 @@ class CountingService:
             raise ValueError(f"NodeGroup {uid!r} was not declared to this counting service")
         return CountingConsumer(self, uid)
 
-    def wait_written(self, scan_number: int, timeout: float) -> dict[str, Any]:
-        """Rank 0: the ``/scans/<n>/counted`` record once the scan's file is written (or failed)."""
+    def wait_written(self, scan_number: int, timeout: float, start: str | None = None) -> dict[str, Any]:
+        """Rank 0: the ``/scans/<n>/counted`` record once the scan's file is written (or failed); the newest
+        acquisition of ``scan_number``, or ``start``."""
         if self._coordinator is None:
             raise CountingError(f"rank {self.rank} does not write files; ask rank 0")
-        return self._coordinator.wait_written(scan_number, timeout)
+        return self._coordinator.wait_written(scan_number, timeout, start)
 
     # ---- the consumer side (NodeGroup threads)
 
-    def _begin(self, uid: str, info: ScanInfo) -> None:
+    def _begin(self, uid: str, info: ScanInfo) -> ScanKey:
         announce = None
+        key = (info.scan_number, info.start)
         with self._cond:
-            ls = self._scans.get(info.scan_number)
+            ls = self._scans.get(key)
             if ls is None:
                 local = {u for u in info.members if u in self.uids}
                 ls = _LocalScan(
                     number=info.scan_number,
+                    start=info.start,
                     members=tuple(info.members),
                     scan_shape=tuple(info.scan_shape),  # type: ignore[arg-type]
                     local_uids=local,
@@ -293,32 +309,27 @@ class CountingService:
                     share=sum(len(range(info.members.index(u), info.n_frames, len(info.members))) for u in local),
                     bf=np.zeros(info.n_frames, np.uint16),
                 )
-                self._scans[info.scan_number] = ls
-                announce = {
-                    "kind": "begin",
-                    "rank": self.rank,
-                    "scan": info.scan_number,
-                    "members": list(info.members),
-                    "scan_shape": list(info.scan_shape),
-                }
+                self._scans[key] = ls
+                announce = ls.message("begin", self.rank, members=list(info.members), scan_shape=list(info.scan_shape))
         if announce is not None:
             self.analyses.begin(info.scan_number, tuple(info.scan_shape), self.config.frame_shape)  # type: ignore[arg-type]
             self.transport.send(0, announce)
+        return key
 
-    def _frame_buffer(self, scan_number: int, frame: int) -> np.ndarray:
+    def _frame_buffer(self, key: ScanKey, frame: int) -> np.ndarray:
         with self._cond:
-            ls = self._scans[scan_number]
-            b, k, taken = self._pool.slot(scan_number, frame)
+            ls = self._scans[key]
+            b, k, taken = self._pool.slot(key, frame)
             if taken is not None:
                 ls.batches.add(taken)
             ls.outstanding += 1
             return b.data[k]
 
-    def _frame_ready(self, scan_number: int, frame: int, missing: tuple[int, ...]) -> None:
+    def _frame_ready(self, key: ScanKey, frame: int, missing: tuple[int, ...]) -> None:
         sample = None
         with self._cond:
-            b, k = self._pool.locate(scan_number, frame)
-            ls = self._scans[scan_number]
+            b, k = self._pool.locate(key, frame)
+            ls = self._scans[key]
             if missing:
                 ls.incomplete[frame] = tuple(missing)
             if len(missing) >= self.config.n_sectors:
@@ -335,28 +346,21 @@ class CountingService:
                     sample = b.data[k].tobytes()  # under the lock: the slot cannot be reused meanwhile
             self._cond.notify_all()
         if sample is not None:
-            self.transport.send(
-                0, {"kind": "sample", "rank": self.rank, "scan": scan_number, "frame": frame, "data": sample}
-            )
+            self.transport.send(0, ls.message("sample", self.rank, frame=frame, data=sample))
 
-    def _end(self, uid: str, scan_number: int, summary: ScanSummary) -> None:
+    def _end(self, uid: str, key: ScanKey, summary: ScanSummary) -> None:
         ended = None
         with self._cond:
-            ls = self._scans[scan_number]
+            ls = self._scans[key]
             ls.ended.add(uid)
             ls.summaries[uid] = summary.to_dict()
             if ls.all_ended and ls.all_ended_at is None:
                 ls.all_ended_at = time.monotonic()
-                ended = {
-                    "kind": "ended",
-                    "rank": self.rank,
-                    "scan": scan_number,
-                    "incomplete": sorted(f for f in ls.incomplete if f < ls.window),
-                }
+                ended = ls.message("ended", self.rank, incomplete=sorted(f for f in ls.incomplete if f < ls.window))
             self._cond.notify_all()
         if ended is not None:
             self.transport.send(0, ended)
-            self._maybe_report(scan_number)
+            self._maybe_report(key)
 
     # ---- counting (one thread)
 
@@ -378,7 +382,7 @@ class CountingService:
             if ls.thresholds is None and ls.failed is None:
                 continue
             if ls.all_ended:
-                self._pool.stop_filling(ls.number)  # nothing more comes for this scan
+                self._pool.stop_filling(ls.key)  # nothing more comes for this scan
             for b in ls.queue:
                 due = b is not self._pool.filling or b.n_assigned == b.size or now - b.last_assign > _IDLE_FLUSH_S
                 if not due:
@@ -478,7 +482,7 @@ class CountingService:
             ls.preview_dirty = True
             self._slots_done(ls, b, n)
             self._cond.notify_all()
-        self._maybe_report(ls.number)
+        self._maybe_report(ls.key)
 
     def _check_stalled(self, now: float) -> None:
         """A rank whose scan ended but whose thresholds never came gives up (rank 0 lost?)."""
@@ -493,17 +497,17 @@ class CountingService:
         for n in stale:
             logger.error("scan %d: no thresholds from rank 0; giving up on counting it", n)
 
-    def _maybe_report(self, scan_number: int) -> None:
+    def _maybe_report(self, key: ScanKey) -> None:
         with self._cond:
-            ls = self._scans.get(scan_number)
+            ls = self._scans.get(key)
             if ls is None or ls.reported or not ls.all_ended or ls.outstanding:
                 return
             if ls.thresholds is None and ls.failed is None:
                 return
             ls.reported = True
-            del self._scans[scan_number]
-            self._finished.add(scan_number)
-            self._pool.stop_filling(scan_number)
+            del self._scans[key]
+            self._finished.add(key)
+            self._pool.stop_filling(key)
             for b in list(ls.batches):
                 self._release(ls, b)
         frames = np.fromiter(sorted(ls.events), np.uint32, count=len(ls.events))
@@ -517,7 +521,8 @@ class CountingService:
             {
                 "kind": "events",
                 "rank": self.rank,
-                "scan": scan_number,
+                "scan": ls.number,
+                "start": ls.start,
                 "frames": frames.tobytes(),
                 "lengths": lengths.tobytes(),
                 "events": flat.tobytes(),
@@ -532,7 +537,7 @@ class CountingService:
         )
         logger.info(
             "scan %d: rank %d counted %d frames (%d incomplete)%s",
-            scan_number,
+            ls.number,
             self.rank,
             ls.counted,
             len(ls.incomplete),
@@ -548,12 +553,12 @@ class CountingService:
             # closes it by its own scan timeout (what came, then the rest as incomplete). Without this, a scan
             # whose data stopped (aggregator killed mid-scan) was written off as partial by rank 0 with the
             # same timeout, measured from the last frame counted, just before the NodeGroups closed it.
-            held = [ls.number for ls in self._scans.values() if not ls.preview_dirty and not ls.all_ended]
-        for n in held:
-            self.transport.send(0, {"kind": "progress", "rank": self.rank, "scan": n})
+            held = [ls for ls in self._scans.values() if not ls.preview_dirty and not ls.all_ended]
+        for ls in held:
+            self.transport.send(0, ls.message("progress", self.rank))
         for ls in dirty:
             # Counting is progress: rank 0 must not write a scan off as stalled while a rank still counts it.
-            self.transport.send(0, {"kind": "progress", "rank": self.rank, "scan": ls.number})
+            self.transport.send(0, ls.message("progress", self.rank))
             self._publish_preview(ls)
             self._send_partials(ls)
 
@@ -563,7 +568,8 @@ class CountingService:
         with self._cond:
             ls.preview_dirty = False
             gone = sum(1 for m in ls.incomplete.values() if len(m) >= self.config.n_sectors)
-            record = preview_record(self.rank, ls.bf, ls.scan_shape, ls.counted + gone, ls.share, final)
+            record = replace(preview_record(self.rank, ls.bf, ls.scan_shape, ls.counted + gone, ls.share, final),
+                             start=ls.start)  # fmt: skip
         try:
             self.store.set(keys.preview(ls.number, self.rank), record.to_record())
         except StemstreamError as exc:
@@ -633,9 +639,9 @@ class CountingService:
         self._coordinator.on_message(kind, message)
 
     def _on_thresholds(self, message: dict[str, Any]) -> None:
-        n = int(message["scan"])
+        key = (int(message["scan"]), str(message.get("start") or ""))
         with self._cond:
-            ls = self._scans.get(n)
+            ls = self._scans.get(key)
             if ls is None:
                 return
             if message.get("error"):
@@ -643,7 +649,7 @@ class CountingService:
             else:
                 ls.thresholds = Thresholds.from_dict(message["thresholds"])
             self._cond.notify_all()
-        self._maybe_report(n)
+        self._maybe_report(key)
 
 
 def _frames_and_events(b: Batch, results: list[tuple[int, list[np.ndarray]]]) -> tuple[list[int], list[np.ndarray]]:
@@ -664,18 +670,21 @@ class CountingConsumer:
     def __init__(self, service: CountingService, uid: str) -> None:
         self._service = service
         self.uid = uid
+        # The acquisition of each scan number this NodeGroup has begun last: it ends one acquisition of a
+        # number before it begins the next, so the frames of a number are always the newest begun's.
+        self._current: dict[int, ScanKey] = {}
 
     def begin_scan(self, scan: ScanInfo) -> None:
-        self._service._begin(self.uid, scan)
+        self._current[scan.scan_number] = self._service._begin(self.uid, scan)
 
     def frame_buffer(self, scan_number: int, frame_number: int) -> np.ndarray:
-        return self._service._frame_buffer(scan_number, frame_number)
+        return self._service._frame_buffer(self._current[scan_number], frame_number)
 
     def frame_ready(self, scan_number: int, frame_number: int, missing_sectors: tuple[int, ...]) -> None:
-        self._service._frame_ready(scan_number, frame_number, missing_sectors)
+        self._service._frame_ready(self._current[scan_number], frame_number, missing_sectors)
 
     def end_scan(self, scan_number: int, summary: ScanSummary) -> None:
-        self._service._end(self.uid, scan_number, summary)
+        self._service._end(self.uid, self._current[scan_number], summary)
 
     @property
     def registry_fields(self) -> dict[str, Any]:

@@ -6,14 +6,24 @@ buffers that the NodeGroup assembles frames into live in POSIX shared memory, an
 (each with its own interpreter and engine) count slots of them in place: still no copy between
 assembly and counting, and ``workers`` cores per NodeGroup process. Only slot ranges, thresholds and
 the resulting events cross the process boundary (a local pipe, not a network wire).
+
+Clean death: the workers watch their parent and exit when it is gone (a SIGKILLed NodeGroup included), and
+every segment is named ``stemstream-<pid>-<process start>-<n>`` after the process that created it, so that
+a NodeGroup starting on the node unlinks the segments of processes that no longer exist
+(:func:`unlink_orphaned_segments`) when nothing else did (the resource tracker dies with a killed job too).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing as mp
+import os
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import shared_memory
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,13 +41,64 @@ _frame_shape: tuple[int, int] = (0, 0)
 _attached: dict[str, tuple[shared_memory.SharedMemory, np.ndarray]] = {}
 
 
+SEGMENT_PREFIX = "stemstream-"
+SHM_DIR = Path("/dev/shm")
+PARENT_POLL_S = 0.2
+_serial = itertools.count()
+
+
+def _process_started(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux); None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:
+        return int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22, after the parenthesised name
+    except (ValueError, IndexError):
+        return None
+
+
+def segment_name() -> str:
+    """A new segment's name: its creator's pid and start time (so a later process can tell it orphaned)."""
+    pid = os.getpid()
+    return f"{SEGMENT_PREFIX}{pid}-{_process_started(pid) or 0}-{next(_serial)}"
+
+
+def unlink_orphaned_segments(directory: Path = SHM_DIR) -> list[str]:
+    """Unlink the shared-memory segments of counting processes that are gone (killed before they could);
+    the names unlinked. Segments of live processes (a pid reused by another process counts as gone) stay."""
+    gone: list[str] = []
+    try:
+        names = [p.name for p in directory.glob(f"{SEGMENT_PREFIX}*")]
+    except OSError:
+        return gone
+    for name in names:
+        try:
+            pid, started, _ = name[len(SEGMENT_PREFIX) :].split("-", 2)
+            alive = _process_started(int(pid)) == int(started)
+        except ValueError:
+            continue
+        if alive:
+            continue
+        try:
+            (directory / name).unlink()
+        except OSError:
+            continue
+        gone.append(name)
+    if gone:
+        logger.warning("unlinked %d shared-memory segment(s) of counting processes that died: %s",
+                       len(gone), ", ".join(gone[:5]) + (" ..." if len(gone) > 5 else ""))  # fmt: skip
+    return gone
+
+
 class SharedBatch:
     """A ``(size, rows, cols)`` uint16 array in a shared-memory segment this process owns."""
 
     def __init__(self, size: int, frame_shape: tuple[int, int]) -> None:
         nbytes = size * frame_shape[0] * frame_shape[1] * 2
         try:
-            self.shm = shared_memory.SharedMemory(create=True, size=nbytes)
+            self.shm = shared_memory.SharedMemory(name=segment_name(), create=True, size=nbytes)
         except OSError as exc:
             raise CountingError(
                 f"cannot allocate {nbytes / 1e6:.0f} MB of shared memory for counting: {exc}; "
@@ -63,15 +124,23 @@ def _init(
     cpus: list[int] | None,
 ) -> None:
     global _engine, _dark, _gain, _frame_shape
-    import os
-
     from stemstream.counting import get_engine
 
     if cpus:
         os.sched_setaffinity(0, cpus)
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), name="watch-parent", daemon=True).start()
 
     _engine = get_engine(engine_name)
     _dark, _gain, _frame_shape = dark, gain, frame_shape
+
+
+def _watch_parent(parent: int) -> None:
+    """A counting worker exits when the NodeGroup process that started it is gone, however it went (a
+    SIGKILL leaves no one to shut the pool down): it is reparented, and its parent pid changes."""
+    while True:
+        time.sleep(PARENT_POLL_S)
+        if os.getppid() != parent:
+            os._exit(0)
 
 
 def _view(name: str, size: int) -> np.ndarray:

@@ -77,7 +77,7 @@ class Aggregator(Receiver):
         self.expect_grace_s = expect_grace_s or min(10.0, self.scan_timeout_s)
         self.resolve_timeout = resolve_timeout
         self._routers = [Router(self, m) for m in range(n_sectors)]
-        self._done: dict[int, set[int]] = {}
+        self._done: dict[tuple[int, str], set[int]] = {}  # (scan, acquisition) -> sectors done
         self._done_cond = threading.Condition()
         self._unwatch: Any = None
         self._nodegroup_status: dict[str, str] = {}  # last status seen per NodeGroup record (watch thread)
@@ -128,9 +128,9 @@ class Aggregator(Receiver):
         out.update(more, nodegroups_lost=self._nodegroups_lost)
         return out
 
-    def _sector_done(self, scan_number: int, sector: int) -> None:
+    def _sector_done(self, scan_number: int, start: str, sector: int) -> None:
         with self._done_cond:
-            done = self._done.setdefault(scan_number, set())
+            done = self._done.setdefault((scan_number, start), set())
             done.add(sector)
             while len(self._done) > FINISHED_KEPT:
                 del self._done[next(iter(self._done))]
@@ -139,11 +139,19 @@ class Aggregator(Receiver):
         if complete:
             self._publisher.put("", None)  # refresh the registry counts now
 
-    def wait_scan(self, scan_number: int, timeout: float) -> None:
-        """Block until every sector thread has closed ``scan_number`` (raises TimeoutError)."""
+    def wait_scan(self, scan_number: int, timeout: float, start: str | None = None) -> None:
+        """Block until every sector thread has closed ``scan_number`` (an acquisition of it; ``start``: that
+        one) (raises TimeoutError)."""
         deadline = time.monotonic() + timeout
+
+        def closed() -> bool:
+            return any(
+                n == scan_number and (start is None or s == start) and len(sectors) >= self.n_sectors
+                for (n, s), sectors in self._done.items()
+            )
+
         with self._done_cond:
-            while len(self._done.get(scan_number, ())) < self.n_sectors:
+            while not closed():
                 self.maybe_raise()
                 left = deadline - time.monotonic()
                 if left <= 0:

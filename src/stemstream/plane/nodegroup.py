@@ -117,10 +117,14 @@ class NodeGroup(Receiver):
         self.expect_timeout = expect_timeout or self.scan_timeout_s
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        # The acquisition of each scan number under way (scan numbers are reused: a new acquisition of a number
+        # closes the one before, as a timeout), the finished ones by (scan, start), and the newest acquisition
+        # of each number, which a message without a ``start`` belongs to (docs/protocol.md).
         self._scans: dict[int, NodeGroupScan] = {}
-        self._finished: OrderedDict[int, ScanSummary] = OrderedDict()
+        self._finished: OrderedDict[tuple[int, str], ScanSummary] = OrderedDict()
+        self._newest: OrderedDict[int, str] = OrderedDict()
         self._rejected: dict[str, int] = {}
-        self._unknown: OrderedDict[int, float] = OrderedDict()  # scan no expect named -> its first data
+        self._unknown: OrderedDict[tuple[int, str], float] = OrderedDict()  # unnamed scan -> its first data
         self._totals = {
             "received": 0,
             "frames_complete": 0,
@@ -144,16 +148,24 @@ class NodeGroup(Receiver):
         extra = getattr(self.consumer, "registry_fields", None) or {}
         return {"ack": getattr(self.consumer, "acknowledges", "received"), **self._job, **extra}
 
-    def wait_scan(self, scan_number: int, timeout: float) -> ScanSummary:
-        """Block until ``scan_number`` is handed over completely; its summary (raises TimeoutError)."""
+    def wait_scan(self, scan_number: int, timeout: float, start: str | None = None) -> ScanSummary:
+        """Block until ``scan_number`` (its newest acquisition, or ``start``) is handed over completely; its
+        summary (raises TimeoutError)."""
         deadline = time.monotonic() + timeout
+
+        def finished() -> ScanSummary | None:
+            for (n, s), summary in reversed(self._finished.items()):
+                if n == scan_number and (start is None or s == start):
+                    return summary
+            return None
+
         while True:
             with self._cond:
-                summary = self._finished.get(scan_number)
+                summary = finished()
                 left = deadline - time.monotonic()
                 if summary is None and left > 0:
                     self._cond.wait(min(left, 0.2))
-                    summary = self._finished.get(scan_number)
+                    summary = finished()
             if summary is not None:
                 return summary
             self.maybe_raise()
@@ -245,7 +257,7 @@ class NodeGroup(Receiver):
                 self.n_sectors,
             )
             return None
-        scan = self._scan_for(header.scan_number)
+        scan = self._scan_for(header.scan_number, header.start)
         if scan is None:
             return None
         f = header.frame_number
@@ -297,6 +309,7 @@ class NodeGroup(Receiver):
                 problem = "duplicate"
             else:
                 scan.mask[f] = bits | bit
+                scan.busy += 1  # in the consumer for this scan: closing it waits for us (_finalize)
                 asm = scan.assembling.get(f)
                 creator = asm is None
                 if asm is None:
@@ -305,6 +318,8 @@ class NodeGroup(Receiver):
                 else:
                     while asm.buffer is None:  # its first sector's thread is still getting the buffer
                         if asm.failed or self._stop.is_set():
+                            scan.busy -= 1
+                            self._cond.notify_all()
                             return
                         self._cond.wait(POLL_MS / 1000)
                     buf = asm.buffer
@@ -314,6 +329,26 @@ class NodeGroup(Receiver):
         if problem == "duplicate":
             self._reject(scan, "duplicate", "scan %d frame %d sector %d received twice", scan.number, f, m)
             return
+        try:
+            self._fill(m, scan, f, payload, asm, buf, creator)
+        finally:
+            with self._cond:
+                scan.busy -= 1
+                self._cond.notify_all()
+        self._maybe_finish(scan)
+
+    def _fill(
+        self,
+        m: int,
+        scan: NodeGroupScan,
+        f: int,
+        payload: memoryview,
+        asm: Assembly,
+        buf: np.ndarray | None,
+        creator: bool,
+    ) -> None:
+        """Copy sector ``m`` into frame ``f``'s buffer (getting it from the consumer if it is the frame's first
+        sector); hand the frame over when it is whole."""
         if buf is None:
             try:
                 buf = self.consumer.frame_buffer(scan.number, f)
@@ -350,10 +385,10 @@ class NodeGroup(Receiver):
             finally:
                 with self._lock:
                     scan.in_flight -= 1
-        self._maybe_finish(scan)
 
-    def _scan_for(self, scan_number: int) -> NodeGroupScan | None:
+    def _scan_for(self, scan_number: int, start: str = "") -> NodeGroupScan | None:
         """The scan of a data message once its consumer scan has begun; waits for the expect (bounded).
+        ``start``: the acquisition the message names ("": the newest of its scan number).
 
         For a scan that no expect has named, the wait is counted from the first data of that scan number
         (shared by its messages and sectors): a sender that sends an unknown scan number holds a socket for
@@ -363,16 +398,17 @@ class NodeGroup(Receiver):
         with self._cond:
             while True:
                 scan = self._scans.get(scan_number)
-                if scan is not None and scan.begun:
+                this = scan is not None and (not start or scan.start == start)
+                if scan is not None and this and scan.begun:
                     return scan
-                if scan_number in self._finished:
+                if (scan_number, start or self._newest.get(scan_number, "")) in self._finished:
                     late = True
                     break
                 if self._stop.is_set():
                     return None
                 now = time.monotonic()
-                if scan is None:
-                    first = self._unknown.setdefault(scan_number, now)
+                if not this:
+                    first = self._unknown.setdefault((scan_number, start), now)
                     while len(self._unknown) > _FINISHED_KEPT:
                         self._unknown.popitem(last=False)
                     deadline = first + self.expect_timeout
@@ -383,16 +419,11 @@ class NodeGroup(Receiver):
                     late = False
                     break
                 self._cond.wait(min(deadline - now, POLL_MS / 1000))
+        name = f"{scan_number} ({start})" if start else str(scan_number)
         if late:
-            self._reject(None, "late", "data for scan %d, which is closed", scan_number)
+            self._reject(None, "late", "data for scan %s, which is closed", name)
         else:
-            self._reject(
-                None,
-                "no_expect",
-                "data for scan %d, no expect in %.0f s",
-                scan_number,
-                self.expect_timeout,
-            )
+            self._reject(None, "no_expect", "data for scan %s, no expect in %.0f s", name, self.expect_timeout)
         return None
 
     # ---- info
@@ -412,20 +443,32 @@ class NodeGroup(Receiver):
 
     def _on_expect(self, msg: ExpectMessage) -> None:
         n, m = msg.scan_number, msg.sector
+        self._supersede(msg)
         begin: NodeGroupScan | None = None
         problem: tuple[str, str] | None = None
         with self._cond:
+            start = msg.start or self._newest.get(n, "")
             scan = self._scans.get(n)
-            if n in self._finished:
+            if (n, start) in self._finished:
                 problem = ("info_late", f"expect for scan {n}, which is closed")
             elif self._uid not in msg.members:
                 problem = (
                     "info_not_member",
                     f"expect for scan {n}, whose members do not include this NodeGroup",
                 )
+            elif scan is not None and scan.start != start:
+                problem = ("info_late", f"expect for scan {n} ({start}) while acquisition {scan.start} closes")
+                scan = None
             elif scan is None:
-                scan = begin = self._scans[n] = NodeGroupScan(msg, self._uid, self.n_sectors, self.frame_shape)
-                self._unknown.pop(n, None)
+                scan = begin = self._scans[n] = NodeGroupScan(
+                    msg, self._uid, self.n_sectors, self.frame_shape, start=start
+                )
+                self._newest[n] = start
+                self._newest.move_to_end(n)
+                while len(self._newest) > _FINISHED_KEPT:
+                    self._newest.popitem(last=False)
+                self._unknown.pop((n, msg.start), None)
+                self._unknown.pop((n, ""), None)
                 self._last_scan = n
             elif (scan.members, scan.scan_shape) != (msg.members, msg.scan_shape):
                 problem = (
@@ -448,8 +491,9 @@ class NodeGroup(Receiver):
                 begin.begun = True
                 self._cond.notify_all()
             logger.info(
-                "scan %d: %dx%d, NodeGroup %d of %d",
+                "scan %d%s: %dx%d, NodeGroup %d of %d",
                 n,
+                f" (acquisition {start})" if start else "",
                 *begin.scan_shape,
                 begin.my_index + 1,
                 begin.n_members,
@@ -457,15 +501,37 @@ class NodeGroup(Receiver):
         assert scan is not None
         self._maybe_finish(scan)
 
+    def _supersede(self, msg: ExpectMessage) -> None:
+        """An expect of a new acquisition of a scan number this NodeGroup still has open (the DAQ restarted
+        and reused the number): the open one is over; it is closed as a timeout (what came is handed over,
+        the rest replayed by its producers) before the new one begins, so that the consumer never sees the
+        two at once."""
+        n = msg.scan_number
+        with self._cond:
+            start = msg.start or self._newest.get(n, "")
+            old = self._scans.get(n)
+            if old is None or old.start == start or (n, start) in self._finished or self._uid not in msg.members:
+                return
+            mine = not old.closing
+            old.closing = True
+        if mine:
+            logger.error("scan %d: a new acquisition (%s) began while acquisition %s was open; closing that one",
+                         n, start or "-", old.start or "-")  # fmt: skip
+            self._finalize(old, "timeout")
+        deadline = time.monotonic() + self.scan_timeout_s
+        with self._cond:  # closed by another thread (its last message, or the watchdog): wait until it is out
+            while self._scans.get(n) is old and time.monotonic() < deadline and not self._stop.is_set():
+                self._cond.wait(POLL_MS / 1000)
+
     def _on_end(self, msg: EndMessage) -> None:
         n, m = msg.scan_number, msg.sector
         with self._lock:
+            start = msg.start or self._newest.get(n, "")
             scan = self._scans.get(n)
-            if scan is None:
-                problem = (
-                    "info_late",
-                    f"end for scan {n}, which is {'closed' if n in self._finished else 'unknown'}",
-                )
+            if scan is None or scan.start != start:
+                closed = (n, start) in self._finished
+                problem = ("info_late", f"end for scan {n}, which is {'closed' if closed else 'unknown'}")
+                scan = None
             elif scan.sent[m] is not None:
                 problem = ("info_duplicate", f"scan {n}: a second end for sector {m}")
             else:
@@ -499,7 +565,12 @@ class NodeGroup(Receiver):
         """Hand over the incomplete frames and the summary; called once per scan (``closing`` set)."""
         n, rows = scan.number, self.sector_shape[0]
         all_sectors = tuple(range(self.n_sectors))
-        with self._lock:
+        deadline = time.monotonic() + self.scan_timeout_s
+        with self._cond:
+            # Receiving threads that claimed a sector of this scan before it was closed finish with the
+            # consumer first: after end_scan the consumer may begin a new acquisition of the same number.
+            while (scan.busy or scan.in_flight) and time.monotonic() < deadline and not self._stop.is_set():
+                self._cond.wait(POLL_MS / 1000)
             leftovers = sorted(scan.assembling.items())
             scan.assembling = {}
         incomplete: list[tuple[int, tuple[int, ...]]] = []
@@ -549,6 +620,7 @@ class NodeGroup(Receiver):
             first_ts=summary.first_ts,
             last_ts=summary.last_ts,
             closed_at=time.time(),
+            start=scan.start,
         )
         self._publisher.put(keys.nodegroup(n, self._uid), record.to_record())
         self._publisher.put("", None)
@@ -558,8 +630,9 @@ class NodeGroup(Receiver):
             self._totals["frames_incomplete"] += summary.frames_incomplete
             self._totals["lost_upstream"] += summary.lost_upstream
             self._totals["scans"] += 1
-            del self._scans[n]
-            self._finished[n] = summary
+            if self._scans.get(n) is scan:
+                del self._scans[n]
+            self._finished[(n, scan.start)] = summary
             while len(self._finished) > _FINISHED_KEPT:
                 self._finished.popitem(last=False)
             self._cond.notify_all()

@@ -50,8 +50,11 @@ class Assembly:
 class NodeGroupScan:
     """One scan on one NodeGroup. Mutable fields are guarded by the NodeGroup's lock."""
 
-    def __init__(self, msg: ExpectMessage, uid: str, n_sectors: int, frame_shape: tuple[int, int]) -> None:
+    def __init__(
+        self, msg: ExpectMessage, uid: str, n_sectors: int, frame_shape: tuple[int, int], start: str = ""
+    ) -> None:
         self.number = msg.scan_number
+        self.start = start  # the acquisition (the expect's, or the newest of the number when it named none)
         self.scan_shape = msg.scan_shape
         self.scan_shape_list = list(msg.scan_shape)  # as a header carries it
         self.members = msg.members
@@ -65,6 +68,7 @@ class NodeGroupScan:
             n_sectors,
             self.members,
             self.my_index,
+            start,
         )
         self.expected: list[int | None] = [None] * n_sectors  # this NodeGroup's share, per sector
         self.sent: list[int | None] = [None] * n_sectors  # from the aggregator's end
@@ -80,6 +84,7 @@ class NodeGroupScan:
         self.lag_stuck = [-1.0] * n_sectors
         self.n_complete = 0
         self.in_flight = 0  # frame_ready calls under way
+        self.busy = 0  # receiving threads in the consumer for a sector of this scan (claimed, not done)
         self.begun = False  # consumer.begin_scan has returned
         self.closing = False
         self.first_ts: float | None = None
@@ -131,6 +136,9 @@ def fast_check(
         return None
     scan = scans.get(scan_number)
     if scan is None or not scan.begun or sector != m or not 0 <= ts < 2**63:
+        return None
+    start = obj.get("start")  # absent: the newest acquisition of the number, the one under way
+    if start is not None and start != scan.start:
         return None
     if not 0 <= f < scan.n_frames or f % scan.n_members != scan.my_index:
         return None

@@ -32,6 +32,7 @@ import os
 import socket as _socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,7 +45,7 @@ from stemstream.log import RateLimitedLog
 from stemstream.plane.retention import ScanKeeper, SectorSource
 from stemstream.plane.session import ProducerScanResult, ScanSession
 from stemstream.scans import keys
-from stemstream.scans.plan import close_scan_record, decide_plan, wait_plan
+from stemstream.scans.plan import ScanPlanError, close_scan_record, decide_plan, new_acquisition, wait_plan
 from stemstream.scans.records import ROUTE_STREAM
 from stemstream.transport.actor import SendMeter, Worker
 from stemstream.transport.sockets import make_socket
@@ -148,6 +149,8 @@ class Producer:
         self.hold_bytes = hold_bytes if hold_bytes is not None else self.settings.hold_bytes
         self.ack_timeout_s = ack_timeout_s if ack_timeout_s is not None else self.settings.ack_timeout_s
         self._on_release = on_release
+        self._taken: OrderedDict[int, set[str]] = OrderedDict()  # acquisitions of a scan number taken part in
+        self._planned: dict[int, tuple[float, str]] = {}  # scan number -> (when, start) of the last plan taken
         self.keeper: ScanKeeper | None = None
         self._counts = {
             "sent": 0,
@@ -201,18 +204,27 @@ class Producer:
         *,
         fallback_dir: str | Path | None = None,
         source: SectorSource | None = None,
+        start: str | None = None,
     ) -> ScanSession:
         """Plan the scan (the leader decides, the others read its decision) and open a session.
+
+        Scan numbers may be reused (a DAQ restart resets its counter): every acquisition is a new scan,
+        named by ``(scan_number, start)``. The leader mints ``start`` unless the DAQ passes one (the same
+        to the four producers); without it, the other producers take the newest plan of the number that is
+        not closed and that they have not acquired already.
 
         The producer holds every streamed sector until the scan is acknowledged (``plane.retention``):
         by reference to the buffer passed to ``send``, which must then stay unchanged until the scan is
         released (``on_release(scan_number)``), or, with ``source`` (frame number -> the sector's buffer in
-        the DAQ's RAM), by frame number only.
+        the DAQ's RAM ring), by frame number only. A ring can wrap before a replay reads it: give the source
+        a ``generation(frame) -> int`` method (how often the slot of that frame was written) and a changed
+        slot is detected from it; without one, the keeper keeps a CRC-32 of each sector as it was sent.
         """
         if self._registry is None:
             raise RuntimeError("Producer.start() first")
         scan_shape = (int(scan_shape[0]), int(scan_shape[1]))
         if self.leader:
+            start, raw_dir = new_acquisition(self.store, scan_number, start)
             plan = decide_plan(
                 self._registry,
                 scan_number,
@@ -220,22 +232,51 @@ class Producer:
                 decided_by=self._uid,
                 fallback_dir=str(fallback_dir) if fallback_dir else None,
                 n_sectors=self.n_sectors,
+                start=start,
+                raw_dir=raw_dir,
             )
             self.store.set(keys.scan(scan_number), plan.to_record())
         else:
-            plan = wait_plan(self.store, scan_number, self.plan_timeout)
+            plan = self._wait_plan(scan_number, start)
+        taken = self._taken.setdefault(scan_number, set())
+        taken.add(plan.start)
+        self._planned[scan_number] = (time.time(), plan.start)
+        self._taken.move_to_end(scan_number)
+        while len(self._taken) > 4096:
+            number, _ = self._taken.popitem(last=False)
+            self._planned.pop(number, None)
         if plan.scan_shape != scan_shape:
             have = f"this producer has {scan_shape}"
             raise ProtocolError(f"scan {scan_number}: planned as {plan.scan_shape}, {have}")
         logger.info(
-            "scan %d (%dx%d): route=%s %s",
+            "scan %d (%dx%d, acquisition %s): route=%s %s",
             scan_number,
             *scan_shape,
+            plan.start or "-",
             plan.route,
             f"members={list(plan.members)}" if plan.route == ROUTE_STREAM else f"({plan.reason})",
         )
         self._update(status="streaming" if plan.route == ROUTE_STREAM else "writing", scan_number=scan_number)
         return ScanSession(self, plan, source)
+
+    def planned_start(self, request: Any) -> str:
+        """The acquisition id of the plan this producer last took for ``request``'s scan number, if it took
+        one after the request was made ("" otherwise): what a record of a failed scan names."""
+        started, number = float(getattr(request, "requested_at", 0.0)), int(request.scan_number)
+        last = self._planned.get(number)
+        return last[1] if last is not None and last[0] >= started else ""
+
+    def _wait_plan(self, scan_number: int, start: str | None) -> Any:
+        """A follower waits for the leader's plan, in short steps so that a stop is heard within a second."""
+        deadline = time.monotonic() + self.plan_timeout
+        taken = set(self._taken.get(scan_number, ()))
+        while True:
+            step = min(1.0, max(0.0, deadline - time.monotonic()))
+            try:
+                return wait_plan(self.store, scan_number, step, start=start, taken=taken)
+            except ScanPlanError:
+                if self._stop.is_set() or time.monotonic() >= deadline:
+                    raise
 
     def _scan_finished(self, session: ScanSession, result: ProducerScanResult) -> None:
         self._counts["sent"] += sum(n for k, n in result.sent.items() if k != "disk")
@@ -306,8 +347,11 @@ class Producer:
 
     def close(self, drain_timeout: float | None = None) -> None:
         """Wait for the last streamed scan to be routed and the held scans to be acknowledged (what is not
-        is written to disk), close the sockets, deregister."""
+        is written to disk), close the sockets, deregister. With ``drain_timeout=0`` (a stop) it waits for
+        nothing but the disk: what it holds is written, and it says so as it goes."""
+        started = time.monotonic()
         timeout = drain_timeout if drain_timeout is not None else self.settings.scan_timeout_s
+        logger.info("producer %s closing (waiting up to %.0f s for the last scans)", self._uid, timeout)
         self.drain(timeout)
         self.wait_closed(timeout)
         if self.keeper is not None:
@@ -320,6 +364,7 @@ class Producer:
         if self._registration is not None:
             self._registration.close()
             self._registration = None
+        logger.info("producer %s closed in %.1f s", self._uid, time.monotonic() - started)
 
     def abort(self) -> None:
         """Make blocked sends give up (they raise SendAborted)."""

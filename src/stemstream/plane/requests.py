@@ -32,19 +32,26 @@ def request_scan(
     return req
 
 
+def _identity(request: ScanRequest) -> tuple[int, float]:
+    return request.scan_number, float(request.requested_at)
+
+
 class Watchable(Protocol):
     def get(self, key: str, default: Any = None) -> Any: ...
     def watch(self, callback: Any, prefix: str = "/") -> Any: ...
 
 
 class ScanRequests:
-    """New scan requests from ``/control/scan``, in order; a request present before :meth:`start` is old."""
+    """New scan requests from ``/control/scan``, in order; a request present before :meth:`start` is old.
+
+    A request is new when its (scan number, time of request) is: a scan number may be asked for again (a
+    DAQ restart resets its counter), and that is a new scan."""
 
     def __init__(self, store: Watchable, key: str = keys.CONTROL_SCAN) -> None:
         self._store = store
         self._key = key
         self._queue: queue.Queue[ScanRequest] = queue.Queue()
-        self._seen: set[int] = set()
+        self._seen: set[tuple[int, float]] = set()
         self._lock = threading.Lock()
         self._unsubscribe: Any = None
 
@@ -52,7 +59,7 @@ class ScanRequests:
         current = self._store.get(self._key)
         if current is not None:
             with contextlib.suppress(ProtocolError):
-                self._seen.add(ScanRequest.from_record(current).scan_number)
+                self._seen.add(_identity(ScanRequest.from_record(current)))
         self._unsubscribe = self._store.watch(self._on_change, prefix=self._key)
         return self
 
@@ -65,9 +72,9 @@ class ScanRequests:
             logger.warning("ignoring %s: %s", key, exc)
             return
         with self._lock:
-            if req.scan_number in self._seen:
+            if _identity(req) in self._seen:
                 return
-            self._seen.add(req.scan_number)
+            self._seen.add(_identity(req))
         self._queue.put(req)
 
     def get(self, timeout: float) -> ScanRequest | None:

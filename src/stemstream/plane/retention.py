@@ -19,20 +19,28 @@ the scan changed in the store for ``ack_timeout_s``. Each producer writes ``/sca
 the leader then marks ``/scans/<n>`` ``on_disk`` with ``replayed: true`` and the paths, which is what the
 session flow counts with ``count_fallback_scan``.
 
-Memory is bounded (``hold_bytes``): when a new sector would exceed it, the oldest held scan is *spilled*
-(written to disk now; its files are deleted again if the scan is acknowledged). When the disk cannot take
-it (full, read-only) the error says what to free, the data stays in RAM up to the bound, writes are retried
-every ``retry_s``, and sectors streamed beyond the bound go unprotected (counted as ``unprotected``).
+Memory is bounded (``hold_bytes``), and no sector goes unprotected while the disk works: when a new sector
+would exceed the bound, the oldest held scans are *spilled* (their sectors written to disk now) until it
+fits; a spilled scan, the current one included, is *written through* from then on: each of its sectors goes
+to disk as it is sent. A spilled scan's files are deleted again if it is acknowledged; if it is replayed,
+the replay completes from there. When the disk cannot take a sector (full, read-only) the error says what
+to free, the sector stays in RAM while the bound allows, and writes are retried every ``retry_s``; only a
+sector that neither RAM nor disk can take is *unprotected* (counted, and logged as an error).
 Disk-route scans use the same machinery: a sector the disk refuses stays in RAM and is written on retry.
+
+With a ``source`` (frame number -> the sector in the DAQ's RAM ring) the keeper holds frame numbers and a
+check of each sector as it was sent: the ring's ``generation(frame)`` when the source has one, else a CRC-32
+of the pixels. A sector whose ring slot changed before it was written (the ring wrapped) is reported
+(``wrapped``) and never written: wrong pixels under the right frame number would be worse than a gap.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -70,9 +78,11 @@ class HeldScan:
     def __init__(self, plan: ScanPlan, directory: Path, source: SectorSource | None) -> None:
         self.plan = plan
         self.number = plan.scan_number
+        self.start = plan.start
         self.directory = directory
         self.source = source
-        self.ram: dict[int, Any] = {}  # frame -> buffer (None: ask the source)
+        self.generation: Callable[[int], int] | None = getattr(source, "generation", None)
+        self.ram: dict[int, Any] = {}  # frame -> buffer, or (with a source) its generation or CRC-32 when sent
         self.nbytes = 0
         self.on_disk = 0
         self.writer: SectorDiskWriter | None = None
@@ -86,6 +96,7 @@ class HeldScan:
         self.failed_at = 0.0  # last disk failure (monotonic)
         self.record: ProducerScanRecord | None = None  # this producer's /scans/<n>/producers/<uid> record
         self.unprotected = 0
+        self.wrapped = 0  # sectors whose ring slot changed before they could be written
         self.progress = b""
         self.progress_at = time.monotonic()
         self.gone_since: float | None = None
@@ -136,11 +147,14 @@ class ScanKeeper:
         self._stop = threading.Event()
         self._disk_failed_at = 0.0
         self._last_disk_error: str | None = None
+        self._spilling = threading.Lock()  # one sender thread makes room at a time
         self.counts = {
             "acked": 0,
             "replayed": 0,
             "spilled": 0,
+            "written_through": 0,
             "unprotected": 0,
+            "wrapped": 0,
             "disk_errors": 0,
             "sectors_on_disk": 0,
         }
@@ -153,25 +167,40 @@ class ScanKeeper:
         return self
 
     def close(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for held scans to be acknowledged, then write what is left to disk."""
+        """Wait up to ``timeout`` for held scans to be acknowledged, then write what is left to disk, saying
+        what it writes and how far it got (about once a second)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.pending():
             self._worker.maybe_raise()
             time.sleep(self.poll_s)
         with self._lock:
             left = [h for h in self._scans.values() if h.state in ("sending", "waiting")]
+            held_sectors = sum(len(h.ram) for h in self._scans.values())
+            held_mb = self._bytes / 1e6
+            scans = sorted({h.number for h in self._scans.values() if not h.settled.is_set()})
+        if scans:
+            logger.warning("sector %d: shutting down with %d held sectors (%.0f MB) of scan(s) %s not "
+                           "acknowledged: writing them to disk", self.sector, held_sectors, held_mb, scans)  # fmt: skip
         for held in left:
             self._replay(held, "the producer is shutting down before the scan was acknowledged")
         # Writing what is left: wait while the disk takes it (a failing disk gets two more tries).
-        written, since = -1, time.monotonic()
+        started = time.monotonic()
+        written, since, said = -1, started, started
         while self._work_left():
             with self._lock:
                 now_written = self.counts["sectors_on_disk"]
+                remaining = sum(len(h.ram) for h in self._scans.values())
+            now = time.monotonic()
             if now_written != written:
-                written, since = now_written, time.monotonic()
-            elif time.monotonic() - since > 2 * self.retry_s + 1:
+                written, since = now_written, now
+            elif now - since > 2 * self.retry_s + 1:
                 break
+            if now - said >= 1.0:
+                said = now
+                logger.warning("sector %d: shutting down: %d sectors left to write", self.sector, remaining)
             time.sleep(self.poll_s)
+        if scans:
+            logger.warning("sector %d: held scans written in %.1f s", self.sector, time.monotonic() - started)
         self._stop.set()
         if self._worker.is_alive():
             self._worker.join(10.0)
@@ -237,33 +266,37 @@ class ScanKeeper:
         return held
 
     def keep(self, held: HeldScan, frame: int, buffer: Any) -> None:
-        """A sector that was streamed: hold it until the scan is acknowledged (or written, if it must be)."""
+        """A sector that was streamed: hold it until the scan is acknowledged. Past the RAM bound the oldest
+        held scans are spilled to disk, and a spilled scan's sectors are written through as they are sent;
+        only a sector that neither RAM nor disk can take is unprotected (and said so, loudly)."""
         if held.must_write:
             self.write(held, frame, buffer)
             return
-        with self._lock:
-            fits = self._bytes + self.sector_nbytes <= self.hold_bytes
-            if fits:
-                self._hold(held, frame, buffer)
-        if fits:
-            return
-        if self._make_room():
+        check = self._check(held, frame, buffer)
+        if not held.spilled:
             with self._lock:
-                if held.must_write or held.spilled:
-                    pass  # spilled meanwhile: this sector goes to disk as well (below)
-                else:
-                    self._hold(held, frame, buffer)
+                if self._fits():
+                    self._hold(held, frame, buffer, check)
                     return
-            self.write(held, frame, buffer)
+            self._make_room(held)
+            with self._lock:
+                if not held.spilled and self._fits():
+                    self._hold(held, frame, buffer, check)
+                    return
+        if self._write_through(held, frame, buffer):
             return
-        with self._lock:
+        with self._lock:  # the disk refused it: RAM while the bound allows, retried from there
+            if self._fits():
+                self._hold(held, frame, buffer, check)
+                return
             held.unprotected += 1
             self.counts["unprotected"] += 1
         _rlog.error(
             "unprotected",
-            "sector %d: the RAM hold is full (%d MB) and %s cannot take more (%s): streamed sectors are now "
-            "unprotected until space is freed there",
-            self.sector, self.hold_bytes >> 20, held.directory, self._last_disk_error or "a spill is under way",
+            "sector %d: UNPROTECTED: the RAM hold is full (%d MB) and %s refuses writes (%s): scan %d frame %d "
+            "is streamed but neither held nor on disk, as is every sector streamed until space is freed there",
+            self.sector, self.hold_bytes >> 20, held.directory, self._last_disk_error or "disk error",
+            held.number, frame,
         )  # fmt: skip
 
     def write(self, held: HeldScan, frame: int, buffer: Any) -> None:
@@ -278,9 +311,10 @@ class ScanKeeper:
             return
         except FallbackError as exc:
             self._disk_failed(held, exc)
+        check = self._check(held, frame, buffer)
         with self._lock:
-            if self._bytes + self.sector_nbytes <= self.hold_bytes:
-                self._hold(held, frame, buffer)
+            if self._fits():
+                self._hold(held, frame, buffer, check)
                 return
         raise FallbackError(f"{held.error}; the RAM hold ({self.hold_bytes >> 20} MB) is full too")
 
@@ -324,10 +358,53 @@ class ScanKeeper:
 
     # ---- internals
 
-    def _hold(self, held: HeldScan, frame: int, buffer: Any) -> None:
-        held.ram[frame] = None if held.source is not None else buffer
+    def _fits(self) -> bool:
+        """Caller holds the lock."""
+        return self._bytes + self.sector_nbytes <= self.hold_bytes
+
+    def _check(self, held: HeldScan, frame: int, buffer: Any) -> int | None:
+        """With a source: what tells, when the sector is read from the DAQ's ring again, whether its slot
+        still holds it (the ring's generation of the frame, else a CRC-32 of the pixels as sent)."""
+        if held.source is None:
+            return None
+        if held.generation is not None:
+            return int(held.generation(frame))
+        return zlib.crc32(memoryview(buffer).cast("B"))
+
+    def _hold(self, held: HeldScan, frame: int, buffer: Any, check: int | None = None) -> None:
+        """Caller holds the lock."""
+        held.ram[frame] = buffer if held.source is None else check
         held.nbytes += self.sector_nbytes
         self._bytes += self.sector_nbytes
+
+    def _from_ram(self, held: HeldScan, frame: int) -> Any:
+        """A held sector's pixels to write: the buffer itself, or a copy from the DAQ's ring that is checked
+        against what was sent; None (and reported) when the ring slot holds something else by now."""
+        with self._lock:
+            entry = held.ram.get(frame)
+        if held.source is None:
+            return entry
+        before = int(held.generation(frame)) if held.generation is not None else None
+        data = bytes(memoryview(held.source(frame)).cast("B"))  # a copy: the slot may change under us
+        if held.generation is not None:
+            ok = before == entry == int(held.generation(frame))
+        else:
+            ok = zlib.crc32(data) == entry
+        if ok:
+            return data
+        with self._lock:
+            if frame in held.ram:
+                del held.ram[frame]
+                held.nbytes -= self.sector_nbytes
+                self._bytes -= self.sector_nbytes
+            held.wrapped += 1
+            self.counts["wrapped"] += 1
+        logger.error(
+            "scan %d sector %d frame %d: the DAQ's ring slot no longer holds this sector (the ring wrapped before "
+            "it was written): not written; %d such sector(s) in this scan",
+            held.number, self.sector, frame, held.wrapped,
+        )  # fmt: skip
+        return None
 
     def _writer(self, held: HeldScan) -> SectorDiskWriter:
         if held.writer is None:
@@ -338,6 +415,7 @@ class ScanKeeper:
                 self.sector,
                 n_sectors=self.n_sectors,
                 sector_shape=self.sector_shape,
+                start=held.start,
             )
         return held.writer
 
@@ -349,39 +427,59 @@ class ScanKeeper:
         _rlog.error("disk", "sector %d: %s; the data stays in RAM (%d MB held) and is retried every %.0f s",
                     self.sector, exc, self.held_bytes() >> 20, self.retry_s)  # fmt: skip
 
-    def _make_room(self) -> bool:
-        """Spill the oldest held scan to disk; False when the disk failed recently or refused it."""
-        if time.monotonic() - self._disk_failed_at < self.retry_s:
+    def _make_room(self, current: HeldScan) -> None:
+        """Spill held scans, oldest first, until a sector of ``current`` fits in RAM; when none is left to
+        spill, ``current`` itself is spilled (its sectors are written through from then on). Nothing is
+        spilled while the disk failed within ``retry_s`` (the sector goes to disk or RAM in ``keep``)."""
+        with self._spilling:
+            while True:
+                with self._lock:
+                    if self._fits() or current.spilled:
+                        return
+                    if time.monotonic() - self._disk_failed_at < self.retry_s:
+                        return
+                    victims = [h for h in self._scans.values() if h.ram and not h.must_write and not h.spilled]
+                    victim = victims[0] if victims else current
+                    victim.spilled = True
+                    self.counts["spilled"] += 1
+                then = "; its sectors are written through from now on" if victim is current else ""
+                logger.warning("sector %d: RAM hold full (%d MB); spilling scan %d to %s%s",
+                               self.sector, self.hold_bytes >> 20, victim.number, victim.directory, then)  # fmt: skip
+                if not self._flush(victim):
+                    return
+
+    def _write_through(self, held: HeldScan, frame: int, buffer: Any) -> bool:
+        """A sector of a spilled scan, straight to disk; False when the disk refused it."""
+        try:
+            with held.io:
+                self._writer(held).write(frame, buffer)
+        except FallbackError as exc:
+            self._disk_failed(held, exc)
             return False
         with self._lock:
-            victims = [h for h in self._scans.values() if h.ram and not h.must_write and not h.spilled]
-            victim = victims[0] if victims else None
-            if victim is not None:
-                victim.spilled = True
-                self.counts["spilled"] += 1
-        if victim is None:
-            return False
-        logger.warning("sector %d: RAM hold full (%d MB); spilling scan %d to %s",
-                       self.sector, self.hold_bytes >> 20, victim.number, victim.directory)  # fmt: skip
-        return self._flush(victim)
+            held.on_disk += 1
+            self.counts["sectors_on_disk"] += 1
+            self.counts["written_through"] += 1
+        return True
 
     def _flush(self, held: HeldScan) -> bool:
-        """Write ``held``'s RAM sectors to disk; True when all went. Frames stay in RAM on failure."""
+        """Write ``held``'s RAM sectors to disk; True when all went. Frames stay in RAM on failure; a frame
+        whose ring slot was overwritten meanwhile is dropped, and reported, instead of written."""
         with held.io:
             with self._lock:
                 frames = sorted(held.ram)
             for frame in frames:
-                with self._lock:
-                    buffer = held.ram.get(frame)
-                if buffer is None and held.source is not None:
-                    buffer = held.source(frame)
+                buffer = self._from_ram(held, frame)
+                if buffer is None:
+                    continue
                 try:
                     self._writer(held).write(frame, buffer)
                 except FallbackError as exc:
                     self._disk_failed(held, exc)
                     return False
                 with self._lock:
-                    if held.ram.pop(frame, 0) != 0:
+                    if frame in held.ram:
+                        del held.ram[frame]
                         held.nbytes -= self.sector_nbytes
                         self._bytes -= self.sector_nbytes
                     held.on_disk += 1
@@ -397,6 +495,7 @@ class ScanKeeper:
             held_bytes=held.nbytes,
             on_disk=held.on_disk,
             unprotected=held.unprotected,
+            wrapped=held.wrapped,
             disk_error=held.error,
             paths=tuple(str(p) for p in held.paths),
         )
@@ -416,12 +515,8 @@ class ScanKeeper:
         with held.io:
             paths: list[Path] = []
             if held.writer is not None:
-                with contextlib.suppress(FallbackError):
-                    paths = held.writer.close()
+                paths = held.writer.discard()
                 held.writer = None
-            for path in paths:
-                with contextlib.suppress(OSError):
-                    path.unlink()
         with self._lock:
             self._bytes -= held.nbytes
             held.nbytes = 0
@@ -448,7 +543,14 @@ class ScanKeeper:
         paths = [str(p) for p in held.paths]
         if plan.route == ROUTE_STREAM:
             replay = ReplayRecord(
-                self.sector, self.producer_uid, held.reason or "", held.on_disk, tuple(paths), time.time()
+                self.sector,
+                self.producer_uid,
+                held.reason or "",
+                held.on_disk,
+                tuple(paths),
+                time.time(),
+                start=held.start,
+                wrapped=held.wrapped,
             )
             self._set(keys.replay(held.number, self.sector), replay.to_record())
             if self.leader:
@@ -530,9 +632,11 @@ class ScanKeeper:
                         if live is None:
                             live = {r.uid: float(r.started) for r in self.registry.members("nodegroup")}
                         self._judge(held, live, now)
-                    due = held.state == "writing" and now - held.failed_at >= self.retry_s
-                    if due and self._flush(held):
+                    due = now - held.failed_at >= self.retry_s
+                    if held.state == "writing" and due and self._flush(held):
                         self._finish_disk(held)
+                    elif held.spilled and held.ram and due and held.state in ("sending", "waiting"):
+                        self._flush(held)  # a spilled scan's sectors the disk refused: written once it can
                 except StemstreamError as exc:  # the store is away: try again next round
                     _rlog.warning("keeper", "scan %d sector %d: %s", held.number, self.sector, exc)
             if self._to_mark:

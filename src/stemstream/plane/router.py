@@ -37,10 +37,17 @@ from stemstream.wire.protocol import (
 if TYPE_CHECKING:
     from stemstream.plane.aggregator import Aggregator
 
+
+def _name(key: ScanKey) -> str:
+    """A scan in log lines: its number, and its acquisition when it has one."""
+    return f"{key[0]} ({key[1]})" if key[1] else str(key[0])
+
+
 logger = logging.getLogger(__name__)
 
 FINISHED_KEPT = 1024
-_Held = tuple[float, int, SectorHeader, list[zmq.Frame]]  # (arrival, scan number, header, parts)
+ScanKey = tuple[int, str]  # (scan number, acquisition id): scan numbers are reused, acquisitions are not
+_Held = tuple[float, ScanKey, SectorHeader, list[zmq.Frame]]  # (arrival, (scan, start as sent), header, parts)
 
 
 @dataclass
@@ -63,10 +70,11 @@ class _Peer:
 
 
 class _Scan:
-    """One scan as seen by one router thread."""
+    """One scan (one acquisition of a scan number) as seen by one router thread."""
 
-    def __init__(self, number: int) -> None:
+    def __init__(self, number: int, start: str) -> None:
         self.number = number
+        self.start = start
         self.expects: dict[str, ExpectMessage] = {}
         self.ends: dict[str, EndMessage] = {}
         self.threads = 0
@@ -103,10 +111,13 @@ class Router:
     def __init__(self, agg: Aggregator, sector: int) -> None:
         self.agg = agg
         self.m = sector
-        self.scans: dict[int, _Scan] = {}
-        self.finished: OrderedDict[int, None] = OrderedDict()
+        self.scans: dict[ScanKey, _Scan] = {}
+        self.finished: OrderedDict[ScanKey, None] = OrderedDict()
+        # The newest acquisition of each scan number (by its first expect): what a message without a
+        # ``start`` belongs to (docs/protocol.md).
+        self.newest: OrderedDict[int, str] = OrderedDict()
         self.pending: deque[_Held] = deque()
-        self.unknown: OrderedDict[int, float] = OrderedDict()  # scan no expect named -> its first data
+        self.unknown: OrderedDict[ScanKey, float] = OrderedDict()  # scan no expect named -> its first data
         self.peers: dict[str, _Peer] = {}
         self.received = 0
         self.routed: dict[str, int] = {}  # per NodeGroup, scans closed (counts() adds the open ones)
@@ -198,22 +209,27 @@ class Router:
                 self.agg.sector_nbytes,
             )
             return
-        scan_number = header.scan_number
-        scan = self.scans.get(scan_number)
+        sent_as = (header.scan_number, header.start)
+        key = self._key(*sent_as)
+        scan = self.scans.get(key)
         if scan is not None and scan.active:
             self._route(scan, header, parts)
-        elif scan_number in self.finished:
-            self._reject(None, "late", "data for scan %d, which is closed", scan_number)
-        elif scan is None and self._unknown_for(scan_number) > self.agg.expect_grace_s:
-            what = "data for scan %d, which no expect named in %.1f s"
-            self._reject(None, "no_expect", what, scan_number, self.agg.expect_grace_s)
+        elif key in self.finished:
+            self._reject(None, "late", "data for scan %s, which is closed", _name(key))
+        elif scan is None and self._unknown_for(sent_as) > self.agg.expect_grace_s:
+            what = "data for scan %s, which no expect named in %.1f s"
+            self._reject(None, "no_expect", what, _name(sent_as), self.agg.expect_grace_s)
         else:
-            self.pending.append((time.monotonic(), scan_number, header, parts))
+            self.pending.append((time.monotonic(), sent_as, header, parts))
 
-    def _unknown_for(self, scan_number: int) -> float:
-        """Seconds since the first data of ``scan_number``, a scan that no expect has named yet."""
+    def _key(self, number: int, start: str) -> ScanKey:
+        """The acquisition a message means: its ``start``, or without one the newest of its scan number."""
+        return (number, start or self.newest.get(number, ""))
+
+    def _unknown_for(self, sent_as: ScanKey) -> float:
+        """Seconds since the first data of a scan that no expect has named yet."""
         now = time.monotonic()
-        first = self.unknown.setdefault(scan_number, now)
+        first = self.unknown.setdefault(sent_as, now)
         while len(self.unknown) > FINISHED_KEPT:
             self.unknown.popitem(last=False)
         return now - first
@@ -268,13 +284,21 @@ class Router:
 
     def _on_expect(self, msg: ExpectMessage) -> None:
         n = msg.scan_number
-        if n in self.finished:
-            self._reject(None, "info_late", "expect for scan %d, which is closed", n)
+        key = self._key(n, msg.start)
+        if key in self.finished:
+            self._reject(None, "info_late", "expect for scan %s, which is closed", _name(key))
             return
-        scan = self.scans.get(n)
+        scan = self.scans.get(key)
         if scan is None:
-            scan = self.scans[n] = _Scan(n)
-            self.unknown.pop(n, None)
+            for other in [s for s in self.scans.values() if s.number == n]:
+                self._supersede(other, key[1])
+            scan = self.scans[key] = _Scan(*key)
+            self.newest[n] = key[1]
+            self.newest.move_to_end(n)
+            while len(self.newest) > FINISHED_KEPT:
+                self.newest.popitem(last=False)
+            self.unknown.pop((n, msg.start), None)
+            self.unknown.pop((n, ""), None)
         if scan.active or msg.producer in scan.expects:
             self._reject(scan, "info_duplicate", "scan %d: a second expect from %s", n, msg.producer)
             return
@@ -318,6 +342,7 @@ class Router:
             scan_shape=scan.scan_shape,
             members=scan.members,
             expected=scan.expected,
+            start=scan.start,
         ).encode()
         for peer in scan.peers:
             if peer is not None:
@@ -335,21 +360,22 @@ class Router:
         if self.pending:
             keep: deque[_Held] = deque()
             for entry in self.pending:
-                if entry[1] != scan.number:
+                if self._key(*entry[1]) != (scan.number, scan.start):
                     keep.append(entry)
-                elif scan.number in self.scans:
+                elif (scan.number, scan.start) in self.scans:
                     self._route(scan, entry[2], entry[3])
                 else:
-                    self._reject(None, "late", "data for scan %d, which is closed", scan.number)
+                    self._reject(None, "late", "data for scan %s, which is closed", _name(entry[1]))
             self.pending = keep
         self._check_ends(scan)
 
     def _on_end(self, msg: EndMessage) -> None:
         n = msg.scan_number
-        if n in self.finished:
-            self._reject(None, "info_late", "end for scan %d, which is closed", n)
+        key = self._key(n, msg.start)
+        if key in self.finished:
+            self._reject(None, "info_late", "end for scan %s, which is closed", _name(key))
             return
-        scan = self.scans.get(n)
+        scan = self.scans.get(key)
         if scan is None or msg.producer not in scan.expects:
             # A producer thread sends its expect before its end on the same socket: this one never did.
             self._reject(scan, "info_no_expect", "scan %d: an end from %s, which sent no expect", n, msg.producer)
@@ -375,18 +401,33 @@ class Router:
             self._finish(scan)
 
     def _finish(self, scan: _Scan, status: str = "done") -> None:
-        end = EndMessage(self.agg.uid, scan.number, self.m, dict(scan.sent), scan.lost).encode()
+        end = EndMessage(self.agg.uid, scan.number, self.m, dict(scan.sent), scan.lost, start=scan.start).encode()
         for peer in scan.peers:
             if peer is not None:
                 self._send_info(peer, end, scan.number)
         self._publish(scan, status)
-        del self.scans[scan.number]
+        del self.scans[(scan.number, scan.start)]
         for i, uid in enumerate(scan.members):
             self.routed[uid] = self.routed.get(uid, 0) + scan.routed[i]
-        self.finished[scan.number] = None
+        self._finished(scan)
+        self.agg._sector_done(scan.number, scan.start, self.m)
+
+    def _finished(self, scan: _Scan) -> None:
+        self.finished[(scan.number, scan.start)] = None
         while len(self.finished) > FINISHED_KEPT:
             self.finished.popitem(last=False)
-        self.agg._sector_done(scan.number, self.m)
+
+    def _supersede(self, old: _Scan, start: str) -> None:
+        """A new acquisition of ``old``'s scan number began (a DAQ restart reset the counter): ``old`` is
+        over. Closed with what was routed, as a scan that timed out."""
+        logger.error("sector %d scan %s: a new acquisition of the number (%s) began; closing this one with %d of "
+                     "%s routed", self.m, _name((old.number, old.start)), start or "-", old.routed_total,
+                     old.sent_total if old.sent_total is not None else "?")  # fmt: skip
+        if old.active:
+            self._close_timed_out(old)
+        else:
+            del self.scans[(old.number, old.start)]
+            self._finished(old)
 
     def _send_info(self, peer: _Peer, message: bytes, scan_number: int) -> None:
         if peer.dead:
@@ -465,15 +506,16 @@ class Router:
     def _housekeeping(self, now: float) -> None:
         timeout = self.agg.scan_timeout_s
         while self.pending and now - self.pending[0][0] > timeout:
-            _, n, _, _ = self.pending.popleft()
-            self._reject(None, "no_expect", "data for scan %d never got its expect messages", n)
-        if any(entry[1] not in self.scans for entry in self.pending):
+            _, sent_as, _, _ = self.pending.popleft()
+            self._reject(None, "no_expect", "data for scan %s never got its expect messages", _name(sent_as))
+        if any(self._key(*entry[1]) not in self.scans for entry in self.pending):
             keep: deque[_Held] = deque()
             for entry in self.pending:  # data of scans no expect has named, held past the grace period
-                n = entry[1]
-                if n not in self.scans and now - self.unknown.get(n, entry[0]) > self.agg.expect_grace_s:
-                    what = "data for scan %d, which no expect named in %.1f s"
-                    self._reject(None, "no_expect", what, n, self.agg.expect_grace_s)
+                sent_as = entry[1]
+                unnamed = self._key(*sent_as) not in self.scans
+                if unnamed and now - self.unknown.get(sent_as, entry[0]) > self.agg.expect_grace_s:
+                    what = "data for scan %s, which no expect named in %.1f s"
+                    self._reject(None, "no_expect", what, _name(sent_as), self.agg.expect_grace_s)
                 else:
                     keep.append(entry)
             self.pending = keep
@@ -482,17 +524,14 @@ class Router:
                 continue
             if scan.active:
                 logger.error(
-                    "sector %d scan %d: nothing for %.0f s; closing with %d of %s routed",
+                    "sector %d scan %s: nothing for %.0f s; closing with %d of %s routed",
                     self.m,
-                    scan.number,
+                    _name((scan.number, scan.start)),
                     timeout,
                     scan.routed_total,
                     scan.sent_total if scan.sent_total is not None else "?",
                 )
-                if scan.sent_total is None:
-                    scan.sent = {uid: scan.routed[i] for i, uid in enumerate(scan.members)}
-                    scan.lost = scan.n_frames - scan.routed_total
-                self._finish(scan, status="timeout")
+                self._close_timed_out(scan)
             else:
                 logger.error(
                     "sector %d scan %d: %d of %s expect messages after %.0f s; dropping the scan",
@@ -502,8 +541,15 @@ class Router:
                     scan.threads or "?",
                     timeout,
                 )
-                del self.scans[scan.number]
-                self.finished[scan.number] = None
+                del self.scans[(scan.number, scan.start)]
+                self._finished(scan)
+
+    def _close_timed_out(self, scan: _Scan) -> None:
+        """Close an active scan that will get no more (its producers went quiet, or it was superseded)."""
+        if scan.sent_total is None:
+            scan.sent = {uid: scan.routed[i] for i, uid in enumerate(scan.members)}
+            scan.lost = scan.n_frames - scan.routed_total
+        self._finish(scan, status="timeout")
 
     def _reject(self, scan: _Scan | None, kind: str, msg: str, *args: object) -> None:
         self.rejected[kind] = self.rejected.get(kind, 0) + 1
@@ -528,5 +574,6 @@ class Router:
             rejected=scan.rejected,
             started=scan.started,
             updated=time.time(),
+            start=scan.start,
         )
         self.agg._publisher.put(keys.aggregator(scan.number, self.m), record.to_record())

@@ -67,7 +67,7 @@ class ScanSession:
         self._at: dict[int, int] = {}  # slot -> frame it is sending, while it is sending
         self._result: ProducerScanResult | None = None
         self.degraded: str | None = None  # why the rest of this scan goes to disk
-        directory = Path(plan.fallback_dir) if plan.fallback_dir else producer.fallback_dir
+        directory = plan.raw_directory(producer.fallback_dir)
         self.keeper = producer.keeper
         self.held = producer.keeper.open(plan, directory, source)
 
@@ -172,6 +172,7 @@ class ScanSession:
             finished=time.time(),
             degraded=self.degraded is not None,
             error=self.degraded,
+            start=self.plan.start,
         )
         record = self.keeper.sending_done(self.held, record)
         paths = [Path(x) for x in record.paths]
@@ -213,6 +214,7 @@ class SectorSender:
         self._written = 0  # sectors written to disk instead (disk route, or the scan degraded)
         self._unsent = set(frames.tolist())  # announced, not sent yet
         self._header_base = (plan.scan_number, p.sector, plan.scan_shape, p.sector_shape, p.n_sectors)
+        self._start = plan.start
         self._open = False
 
     @property
@@ -226,10 +228,9 @@ class SectorSender:
                 try:
                     self._open_stream()
                 except SendAborted as exc:
-                    if self._producer._stop.is_set():
-                        raise
-                    # The planned aggregator is not there (died, or a stale record): this scan goes to disk.
-                    self._abandon_stream(f"could not stream to the aggregator: {exc}")
+                    # The planned aggregator is not there (died, or a stale record), or the producer is
+                    # stopping: this scan goes to disk.
+                    self._abandon_stream(self._why(exc))
         except BaseException:
             self._slot.lock.release()
             raise
@@ -249,6 +250,7 @@ class SectorSender:
             scan_shape=plan.scan_shape,
             members=plan.members,
             expected=self.expected,
+            start=plan.start,
         )
         assert self._slot.info is not None
         send_parts(self._slot.info, [expect.encode()], stop=p._stop, timeout=p.send_timeout, what="expect")
@@ -265,7 +267,14 @@ class SectorSender:
         session, keeper = self._session, self._session.keeper
         if self._n and session.degraded is None and self._slot.data is not None:
             header = SectorHeader(
-                scan, frame_number, sector, scan_shape, sector_shape, n_sectors, timestamp_ns=time.time_ns()
+                scan,
+                frame_number,
+                sector,
+                scan_shape,
+                sector_shape,
+                n_sectors,
+                timestamp_ns=time.time_ns(),
+                start=self._start,
             ).encode()
             try:
                 send_parts(
@@ -277,10 +286,11 @@ class SectorSender:
                     meter=self._slot.meter,
                 )
             except SendAborted as exc:
-                if self._producer._stop.is_set():
-                    raise
-                self._abandon_stream(f"could not stream to the aggregator: {exc}")
+                # Not sent: this sector, and the rest of the scan, go to disk (a stop included: what the
+                # producer was given entered, and it writes it before it exits).
+                self._abandon_stream(self._why(exc))
                 keeper.write(session.held, frame_number, buffer)
+                self._written += 1
             else:
                 keeper.keep(session.held, frame_number, buffer)
                 self._sent[i] += 1
@@ -290,6 +300,11 @@ class SectorSender:
             keeper.write(session.held, frame_number, buffer)
             self._written += 1
         self._unsent.discard(frame_number)
+
+    def _why(self, exc: Exception) -> str:
+        if self._producer._stop.is_set():
+            return "the producer stopped before the scan was sent"
+        return f"could not stream to the aggregator: {exc}"
 
     def _abandon_stream(self, reason: str) -> None:
         """This slot stops streaming the scan: its sockets (with what is queued in them) are closed, and the
@@ -310,6 +325,7 @@ class SectorSender:
                     self._producer.sector,
                     sent,
                     lost + self._written,  # what went to disk instead never reaches a NodeGroup
+                    start=self._start,
                 )
                 if self._slot.info is not None:
                     try:
@@ -321,9 +337,7 @@ class SectorSender:
                             what="end",
                         )
                     except SendAborted as exc:
-                        if self._producer._stop.is_set():
-                            raise
-                        self._abandon_stream(f"could not stream to the aggregator: {exc}")
+                        self._abandon_stream(self._why(exc))
                 if self._written:
                     sent = {**sent, "disk": self._written}
             else:

@@ -22,7 +22,9 @@ def ack_verdict(
     ``live_nodegroups``: the registered NodeGroups (UID -> when they registered).
     """
     n = plan.scan_number
-    producers, _sectors, groups = sub_records(n, items)
+    # Only this acquisition's records: an earlier acquisition of a reused scan number left its own under
+    # the same keys, and they must never acknowledge this one.
+    producers, _sectors, groups = sub_records(n, items, plan.start)
     for p in producers.values():
         if p.status == "failed" or p.degraded:
             return REPLAY, f"producer {p.producer} could not stream its sector ({p.error})"
@@ -30,10 +32,10 @@ def ack_verdict(
     all_sent = len(producers) >= plan.n_sectors
     if plan.ack == ACK_COUNTED:
         value = items.get(keys.counted(n))
-        if value is not None:
-            counted = CountedRecord.parse(value)
-            if counted is None:
-                return REPLAY, "the counted record is not readable"
+        counted = CountedRecord.parse(value) if value is not None else None
+        if value is not None and counted is None:
+            return REPLAY, "the counted record is not readable"
+        if counted is not None and counted.start == plan.start:
             if counted.status != "counted":
                 why = counted.error or f"rank(s) {list(counted.ranks_missing)} missing"
                 return REPLAY, f"the counted file is {counted.status} ({why})"

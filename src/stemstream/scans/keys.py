@@ -13,6 +13,11 @@ registry (:func:`stemstream.store.registry.record_key`).
     /scans/<n>/preview/<rank>       the live preview of one rank (that rank)
     /scans/<n>/analyses             the live analyses: parameters, settings changes (rank 0 of the job)
     /scans/<n>/replay/<sector>      a sector written to disk after all (that sector's producer)
+    /scans/<n>/acquisitions/<start> an earlier acquisition of the number: its last /scans/<n> (the leader)
+
+Scan numbers are reused (a DAQ restart resets its counter): ``/scans/<n>`` is the newest acquisition of
+``n``; every record carries the acquisition's ``start``, and a record whose ``start`` is not the plan's
+belongs to another acquisition (scans/records.py).
     /sessions/<uid>                 a streaming session (the session)
     /control/scan                   a request for a scan (an operator)
     /control/session/<uid>/stop     a request to end a session (an operator)
@@ -70,6 +75,12 @@ def preview_prefix(number: int) -> str:
 
 def replay(number: int, sector: int) -> str:
     return f"{scan_prefix(number)}replay/{int(sector)}"
+
+
+def acquisition(number: int, start: str) -> str:
+    """An earlier acquisition of scan number ``number``: its ``/scans/<n>`` record, kept when a new
+    acquisition of the number took ``/scans/<n>`` over."""
+    return f"{scan_prefix(number)}acquisitions/{start}"
 
 
 def session(uid: str) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -38,7 +38,8 @@ from stemstream.scans.records import (
     ScanTotals,
     closed_scan_record,
 )
-from stemstream.wire.protocol import N_SECTORS
+from stemstream.wire.protocol import N_SECTORS, START_RE, check_start, new_start_id
+from stemstream.wire.rawfile import acquisition_dir
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +69,12 @@ def decide_plan(
     decided_by: str,
     fallback_dir: str | None = None,
     n_sectors: int = N_SECTORS,
+    start: str = "",
+    raw_dir: str = "",
 ) -> ScanPlan:
     """The leader's decision: stream to the ready NodeGroups (sorted by UID) through the first ready
     aggregator that has an endpoint pair for every sector, or go to disk when either is missing.
+    ``start`` and ``raw_dir`` name the acquisition and where its raw files go (:func:`new_acquisition`).
 
     Counting NodeGroups gather a scan's events within their MPI job, so a scan goes to one job's NodeGroups
     only (registry field ``job``): the newest job that has all its NodeGroups ready (``job_size``), else the
@@ -89,6 +93,8 @@ def decide_plan(
         "n_sectors": n_sectors,
         "decided_by": decided_by,
         "decided_at": time.time(),
+        "start": start,
+        "raw_dir": raw_dir,
     }
     if nodegroups and aggregators:
         agg = aggregators[0]
@@ -126,33 +132,66 @@ def _one_job(nodegroups: list[Any]) -> tuple[list[Any], str | None]:
     return chosen, job
 
 
+def new_acquisition(store: KeyValue, scan_number: int, start: str | None = None) -> tuple[str, str]:
+    """The leader, before it plans ``scan_number``: (the acquisition's id, its raw files' directory).
+
+    The id is ``start`` when the DAQ gives one, else a fresh one. A scan number the store has seen before
+    (a DAQ restart reset its counter) is a new scan: its raw files go to a directory of their own, and the
+    earlier acquisition's ``/scans/<n>`` record is kept under ``/scans/<n>/acquisitions/<its start>``.
+    """
+    start = check_start(start or "") or new_start_id()
+    previous = store.get(keys.scan(scan_number))
+    if previous is None:
+        return start, ""
+    before = str(previous.get("start") or "") if isinstance(previous, Mapping) else ""
+    if before == start:
+        raise ScanPlanError(f"scan {scan_number}: acquisition {start} was planned already")
+    if isinstance(previous, Mapping):
+        name = before if START_RE.fullmatch(before) else "earlier"
+        store.set(keys.acquisition(scan_number, name), dict(previous))
+    logger.warning("scan %d was acquired before (acquisition %s): this is a new scan, acquisition %s",
+                   scan_number, before or "without an id", start)  # fmt: skip
+    return start, acquisition_dir(scan_number, start)
+
+
 class ScanPlanError(StemstreamError):
     """No plan for a scan came from the leader producer in time."""
 
 
-def wait_plan(store: KeyValue, scan_number: int, timeout: float) -> ScanPlan:
-    """Wait for the leader's plan of ``scan_number`` (raises :class:`ScanPlanError`)."""
+def wait_plan(
+    store: KeyValue, scan_number: int, timeout: float, *, start: str | None = None, taken: Collection[str] = ()
+) -> ScanPlan:
+    """Wait for the leader's plan of ``scan_number`` (raises :class:`ScanPlanError`).
+
+    A scan number may have been acquired before: the plan wanted is that of ``start`` when the DAQ names
+    the acquisition, else the newest plan that is not closed yet and not one of ``taken`` (acquisitions
+    of this number the producer took part in already)."""
     key = keys.scan(scan_number)
 
     def planned(items: dict[str, Any]) -> bool:
         rec = items.get(key)
-        return isinstance(rec, Mapping) and "route" in rec
+        if not isinstance(rec, Mapping) or "route" not in rec:
+            return False
+        if start:
+            return rec.get("start") == start
+        return "closed_at" not in rec and (rec.get("start") or "") not in taken
 
     try:
         items = store.wait_for(planned, prefix=key, timeout=timeout)
     except TimeoutError:
         raise ScanPlanError(
-            f"scan {scan_number}: no plan in {key} after {timeout:.0f} s; is the leader producer (sector 0) "
-            "running and registered with this store?"
+            f"scan {scan_number}: no {'plan of acquisition ' + start if start else 'new plan'} in {key} after "
+            f"{timeout:.0f} s; is the leader producer (sector 0) running and registered with this store?"
         ) from None
     return ScanPlan.from_record(items[key])
 
 
 def sub_records(
-    scan_number: int, items: Mapping[str, Any]
+    scan_number: int, items: Mapping[str, Any], start: str | None = None
 ) -> tuple[dict[str, ProducerScanRecord], dict[int, AggregatorScanRecord], dict[str, NodeGroupScanRecord]]:
     """The valid sub-records of a scan among ``items``: (producers by UID, aggregator threads by sector,
-    NodeGroups by UID). Records that do not parse are left out (and logged by whoever wrote them)."""
+    NodeGroups by UID). Records that do not parse are left out (and logged by whoever wrote them); with
+    ``start``, so are records of another acquisition of the scan number."""
     producers: dict[str, ProducerScanRecord] = {}
     sectors: dict[int, AggregatorScanRecord] = {}
     groups: dict[str, NodeGroupScanRecord] = {}
@@ -161,19 +200,28 @@ def sub_records(
         if where is None or where[0] != scan_number:
             continue
         _, kind, name = where
-        if kind == "producers" and (p := ProducerScanRecord.parse(value)) is not None:
-            producers[name] = p
-        elif kind == "aggregator" and name.isdigit() and (a := AggregatorScanRecord.parse(value)) is not None:
-            sectors[int(name)] = a
-        elif kind == "nodegroups" and (g := NodeGroupScanRecord.parse(value)) is not None:
-            groups[name] = g
+        record: ProducerScanRecord | AggregatorScanRecord | NodeGroupScanRecord | None = None
+        if kind == "producers":
+            record = ProducerScanRecord.parse(value)
+        elif kind == "aggregator" and name.isdigit():
+            record = AggregatorScanRecord.parse(value)
+        elif kind == "nodegroups":
+            record = NodeGroupScanRecord.parse(value)
+        if record is None or (start is not None and record.start != start):
+            continue
+        if isinstance(record, ProducerScanRecord):
+            producers[name] = record
+        elif isinstance(record, AggregatorScanRecord):
+            sectors[int(name)] = record
+        else:
+            groups[name] = record
     return producers, sectors, groups
 
 
 def summarize_scan(plan: ScanPlan, items: Mapping[str, Any]) -> dict[str, Any]:
     """Totals of a scan from its sub-records (``items`` under ``/scans/<n>/``), and its closing status
     (a :class:`ScanTotals` record)."""
-    producers, sectors, groups = sub_records(plan.scan_number, items)
+    producers, sectors, groups = sub_records(plan.scan_number, items, plan.start)
     done_producers = [p for p in producers.values() if p.status == "done"]
     sent = sum(p.sent_total for p in producers.values())
     common = {
@@ -204,7 +252,7 @@ def scan_closed_inputs(plan: ScanPlan) -> Callable[[dict[str, Any]], bool]:
     """Predicate over ``/scans/<n>/`` items: every record the leader waits for before closing the scan."""
 
     def ready(items: dict[str, Any]) -> bool:
-        producers, sectors, groups = sub_records(plan.scan_number, items)
+        producers, sectors, groups = sub_records(plan.scan_number, items, plan.start)
         finished = [p for p in producers.values() if p.status in PRODUCER_DONE]
         if len(finished) < plan.n_sectors:
             return False
@@ -238,6 +286,12 @@ def close_scan_record(store: KeyValue, plan: ScanPlan, timeout: float) -> dict[s
         )
     totals = ScanTotals.from_record(summarize_scan(plan, items))
     record = closed_scan_record(plan, totals, time.time())
+    current = store.get(keys.scan(plan.scan_number))
+    if isinstance(current, Mapping) and (current.get("start") or "") != plan.start:
+        # A newer acquisition of the number took /scans/<n> over: this one's record is kept apart.
+        logger.warning("scan %d: acquisition %s closed after a newer one began", plan.scan_number, plan.start)
+        store.set(keys.acquisition(plan.scan_number, plan.start or "earlier"), record)
+        return record
     store.set(keys.scan(plan.scan_number), record)
     logger.info(
         "scan %d closed: route=%s status=%s sent=%d lost_upstream=%d",

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from functools import cache
+from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
@@ -22,7 +23,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from stemstream.errors import ProtocolError
 from stemstream.scans import keys
-from stemstream.wire.protocol import N_SECTORS
+from stemstream.wire.protocol import N_SECTORS, START_RE, check_start
 
 ROUTE_STREAM = "stream"
 ROUTE_DISK = "disk"
@@ -104,10 +105,22 @@ class ScanPlan(Record):
     # When each member registered: a NodeGroup restarted under the same UID is another process, which
     # does not have this scan (plane.retention treats the member as gone).
     member_started: dict[str, float] = field(default_factory=dict)
+    # The acquisition: scan numbers are reused (a DAQ restart resets the counter), (scan_number, start) is
+    # unique. Minted by the leader (wire.protocol.new_start_id) unless the DAQ gave one; every record of
+    # the acquisition carries it, and records of another acquisition of the number are never read as its.
+    start: str = ""
+    # Where the acquisition's raw files go, relative to the fallback directory: "" (the directory itself)
+    # for a scan number seen for the first time, its own directory (rawfile.acquisition_dir) when reused.
+    raw_dir: str = ""
 
     @property
     def n_frames(self) -> int:
         return self.scan_shape[0] * self.scan_shape[1]
+
+    def raw_directory(self, default: Path) -> Path:
+        """The directory this acquisition's raw files go to, given the producer's own fallback directory."""
+        base = Path(self.fallback_dir) if self.fallback_dir else Path(default)
+        return base / self.raw_dir if self.raw_dir else base
 
     def to_record(self) -> dict[str, Any]:
         record = super().to_record()
@@ -125,6 +138,9 @@ class ScanPlan(Record):
             raise ProtocolError(f"scan record: route {plan.route!r} is neither 'stream' nor 'disk'")
         if plan.route == ROUTE_STREAM and not plan.members:
             raise ProtocolError("scan record: route 'stream' without members")
+        check_start(plan.start)
+        if plan.raw_dir and (plan.raw_dir.startswith(".") or not START_RE.fullmatch(plan.raw_dir)):
+            raise ProtocolError(f"scan record: raw_dir {plan.raw_dir!r} is not a directory name")
         return plan
 
 
@@ -167,6 +183,7 @@ class ScanRecord(Record):
     replayed: bool = False
     replay_reason: str | None = None
     replayed_at: float | None = None
+    start: str = ""  # the acquisition (see ScanPlan.start)
 
     @property
     def closed(self) -> bool:
@@ -224,8 +241,10 @@ class ProducerScanRecord(Record):
     # What the producer holds (plane.retention): filled in by its keeper.
     held_bytes: int = 0
     on_disk: int = 0
-    unprotected: int = 0
+    unprotected: int = 0  # streamed sectors neither RAM nor disk could take (both failed)
+    wrapped: int = 0  # held sectors whose slot in the DAQ's ring was overwritten before they were written
     disk_error: str | None = None
+    start: str = ""  # the acquisition (see ScanPlan.start): records of another one are not this scan's
 
 
 @dataclass(frozen=True)
@@ -247,6 +266,7 @@ class AggregatorScanRecord(Record):
     rejected: int = 0
     started: float = 0.0
     updated: float = 0.0
+    start: str = ""  # the acquisition (see ScanPlan.start): records of another one are not this scan's
 
 
 @dataclass(frozen=True)
@@ -268,6 +288,7 @@ class NodeGroupScanRecord(Record):
     first_ts: float | None = None
     last_ts: float | None = None
     closed_at: float = 0.0
+    start: str = ""  # the acquisition (see ScanPlan.start): records of another one are not this scan's
 
 
 @dataclass(frozen=True)
@@ -297,6 +318,7 @@ class CountedRecord(Record):
     written_at: float | None = None
     seconds_after_last_frame: float | None = None
     host: str = ""
+    start: str = ""  # the acquisition (see ScanPlan.start): records of another one are not this scan's
 
     @property
     def ok(self) -> bool:
@@ -314,6 +336,7 @@ class PreviewRecord(Record):
     bf: bytes  # uint32 bright-field events per (binned) probe position so far
     final: bool = False
     at: float = 0.0
+    start: str = ""  # the acquisition (see ScanPlan.start): records of another one are not this scan's
 
     def image(self) -> np.ndarray | None:
         part = np.frombuffer(self.bf, np.uint32)
@@ -345,15 +368,22 @@ class ReplayRecord(Record):
     sectors: int
     paths: tuple[str, ...] = ()
     at: float = 0.0
+    start: str = ""  # the acquisition (see ScanPlan.start): records of another one are not this scan's
+    wrapped: int = 0  # sectors not written: the DAQ's ring slot no longer held them
 
 
-def preview_image(items: Mapping[str, Any], scan_number: int) -> tuple[np.ndarray | None, int, int]:
-    """From store items under ``/scans/<n>/preview/``: (bright-field image so far, frames counted, frames)."""
+def preview_image(
+    items: Mapping[str, Any], scan_number: int, start: str | None = None
+) -> tuple[np.ndarray | None, int, int]:
+    """From store items under ``/scans/<n>/preview/``: (bright-field image so far, frames counted, frames);
+    with ``start``, only the previews of that acquisition."""
     prefix = keys.preview_prefix(scan_number)
     image = None
     counted = share = 0
     for key, value in items.items():
         record = PreviewRecord.parse(value) if key.startswith(prefix) else None
+        if record is not None and start is not None and record.start != start:
+            continue
         part = record.image() if record is not None else None
         if record is None or part is None:
             continue

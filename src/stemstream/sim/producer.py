@@ -139,6 +139,14 @@ def serve(
     if metrics is not None:
         metrics.watch(producer)  # before start: its record has the endpoint from the first
     producer.start()
+
+    def abort_on_stop() -> None:
+        """A stop makes blocked sends and plan waits give up at once: the scan under way goes to disk."""
+        stop.wait()
+        logger.info("producer %s stopping: sends give up; what it holds is written to disk", producer.uid)
+        producer.abort()
+
+    Worker("abort-on-stop", abort_on_stop).start()
     acquire = partial(run_scan, producer, seed=seed, loss_rate=loss_rate, pregen=pregen, stop=stop)
     try:
         if requests is None:
@@ -161,7 +169,9 @@ def serve(
                     logger.error("scan %d: %s", req.scan_number, exc)
                     store.set(
                         keys.producer(req.scan_number, producer.uid),
-                        ProducerScanRecord(producer.uid, sector, "failed", error=str(exc)).to_record(),
+                        ProducerScanRecord(
+                            producer.uid, sector, "failed", error=str(exc), start=producer.planned_start(req)
+                        ).to_record(),
                     )
     finally:
         if requests is not None:

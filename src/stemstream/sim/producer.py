@@ -37,12 +37,14 @@ def run_scan(
     """Acquire one simulated scan: plan it, send (or write) this producer's sector, finish it.
 
     ``pregen > 0`` sends ``pregen`` pre-generated sector buffers in turn instead of each frame's own
-    pixels, so that generating data is not what limits a benchmark.
+    pixels, so that generating data is not what limits a benchmark. A request's ``dwell_s`` paces the scan
+    like a microscope's dwell time (each sender thread waits that long per frame it sends).
     """
     from stemstream.sim import FourDCameraSim
 
     seed = int(request.extra.get("seed", seed))
     loss_rate = float(request.extra.get("loss_rate", loss_rate))
+    dwell_s = float(request.extra.get("dwell_s", 0.0))  # a microscope's time per probe position (0: none)
     m = producer.sector
     electrons = float(request.extra.get("electrons_per_frame", 20.0))  # a few: frames without events
     sim = FourDCameraSim(
@@ -73,7 +75,7 @@ def run_scan(
         frames = [f for f in session.share(t) if f not in lost]
         with session.sender(t, frames) as tx:
             for f in frames:
-                if stop.is_set():
+                if stop.is_set() or (dwell_s > 0 and stop.wait(dwell_s)):
                     return
                 if pool:
                     buf = pool[f % len(pool)]

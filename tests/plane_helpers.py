@@ -98,6 +98,9 @@ class ProcessTree:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.stop(name, grace=0)
+        for proc in self.procs.values():  # whatever a process left behind in its group (e.g. a killed parent's)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
     def wait_exit(self, name: str, timeout: float) -> int:
         return self.procs[name].wait(timeout)

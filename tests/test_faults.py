@@ -189,10 +189,10 @@ def test_a_nodegroup_killed_mid_scan_four_times_larger_than_the_hold_is_replayed
             assert record["replayed"] and "left before the scan was acknowledged" in record["replay_reason"]
             raw = _raw_files(fallback, 1)
             assert sorted(record["fallback_paths"]) == [str(p) for p in raw]
-            counts = [p.counts for p in Registry(client).members("producer")]
-            assert all(c["unprotected"] == 0 and c["written_through"] > 0 for c in counts), counts
             audit = _audit(1, shape, None, raw, start=record["start"])
             assert audit.on_disk == audit.entered  # the whole scan: the hold, then the disk
+            counts = [p.counts for p in Registry(client).members("producer")]
+            assert all(c["unprotected"] == 0 and c["written_through"] > 0 for c in counts), counts
 
             # What the session does next with it: count it from its files (count_fallback_scan's path).
             counted = count_raw_files(raw, out / "scan_1_counted.h5", scan_number=1)
@@ -208,6 +208,85 @@ def test_a_nodegroup_killed_mid_scan_four_times_larger_than_the_hold_is_replayed
             _wait_released(client, 2)
             audit = _audit(2, shape, _counted_file(client, 2, out, record["start"]), [], start=record["start"])
             assert audit.counted == audit.entered and not _raw_files(fallback, 2)
+
+
+def test_a_killed_counting_job_leaves_no_shared_memory_once_one_starts_again(tmp_path: Path):
+    """The whole counting job SIGKILLed (its workers and resource tracker with it: nobody left to unlink its
+    shared memory): the next counting process on the node unlinks the orphaned segments when it starts."""
+    with ProcessTree(tmp_path / "logs", env=ENV) as tree:
+        address = start_store(tree)
+        _start_counting(tree, "ng", address, tmp_path / "counted", count=1)
+        with store_client(address) as client:
+            _wait_members(client, nodegroups=1, aggregators=0, producers=0)
+            pid = tree.procs["ng"].pid
+            orphans = _segments(pid)
+            assert orphans
+            _kill(tree, "ng")
+            assert _segments(pid) == orphans  # killed with everything it started: the segments are left
+            _start_counting(tree, "ng-next", address, tmp_path / "counted", count=1)
+            wait_until(lambda: not _segments(pid), 60, "the orphaned segments unlinked")
+            client.wait_for(lambda it: "/nodegroups/ng-next" in it, prefix="/nodegroups/", timeout=60)
+            assert "unlinked" in tree.log("ng-next") and _segments(tree.procs["ng-next"].pid)  # its own stay
+
+
+def test_producers_stopped_mid_scan_write_what_they_hold_and_exit_within_seconds(tmp_path: Path):
+    """SIGTERM to the producers while their sends are blocked (the aggregator frozen mid-scan) and they hold
+    what they sent: each gives up its sends at once, says what it does, writes everything it was given
+    and exits within 5 s plus that write, not after its 30 s send timeout."""
+    import time
+
+    from stemstream.plane.requests import request_scan
+    from stemstream.scans.records import ProducerScanRecord
+    from stemstream.store import Registry
+    from stemstream.wire.rawfile import find_acquisitions, read_sectors
+
+    shape, fallback = (24, 24), tmp_path / "fallback"
+    env = {**ENV, "STEMSTREAM_SNDHWM": "8", "STEMSTREAM_RCVHWM": "8"}
+    with ProcessTree(tmp_path / "logs", env=env) as tree:
+        address = start_store(tree)
+        tree.start("aggregator", "aggregator", "--store", address)
+        tree.start("ng", "nodegroup", "--store", address, "--uid", "ng", "--consumer", "null", "--delay", "0.01")
+        _start_producers(tree, address, fallback, env={"STEMSTREAM_SCAN_TIMEOUT_S": "30"})
+        with store_client(address) as client:
+            registry = Registry(client)
+            _wait_members(client, nodegroups=1)
+            request_scan(client, 1, shape, seed=SEED, loss_rate=LOSS)
+            _wait_received(client, 60)
+            os.killpg(tree.procs["aggregator"].pid, signal.SIGSTOP)  # frozen: the producers' sends block
+            try:
+                seen: list[int] = []
+
+                def data_stopped() -> bool:  # nothing reaches the NodeGroup any more: the sends are blocked
+                    seen.append(sum(r.counts.get("received", 0) for r in registry.members("nodegroup")))
+                    return len(seen) > 3 and seen[-1] == seen[-4]
+
+                wait_until(data_stopped, 30, "the data flow to stop")
+                assert not client.items("/scans/1/producers/")  # the producers are still sending
+                start = _acquisition(client, 1)
+                for m in range(4):  # all at once, as a host shutting down would
+                    os.killpg(tree.procs[f"producer-{m}"].pid, signal.SIGTERM)
+                began = time.monotonic()
+                for m in range(4):
+                    assert tree.wait_exit(f"producer-{m}", 60) == 0
+                took = time.monotonic() - began
+            finally:
+                os.killpg(tree.procs["aggregator"].pid, signal.SIGCONT)
+            records = [ProducerScanRecord.from_record(v) for v in client.items("/scans/1/producers/").values()]
+    print(f"the producers exited {took:.1f} s after SIGTERM")
+    assert took < 6, f"the producers took {took:.1f} s to exit"  # 5 s, and < 100 MB to write: under 1 s
+    for m in range(4):
+        log = tree.log(f"producer-{m}")
+        assert "shutting down with" in log and "writing them to disk" in log and "held scans written" in log, log
+    # Everything a producer was given is on disk, byte for byte (what the DAQ never handed over did not enter).
+    assert len(records) == 4 and all(r.start == start for r in records), records
+    (acquisition,) = find_acquisitions(fallback, 1)
+    sim = _sim(1, shape)
+    on_disk = {m: 0 for m in range(4)}
+    for r in read_sectors(acquisition.paths):
+        assert np.array_equal(r.data, sim.sector(r.frame_number, r.sector))
+        on_disk[r.sector] += 1
+    assert on_disk == {r.sector: r.sent_total + r.written for r in records}, (on_disk, records)
+    assert acquisition.complete
 
 
 def test_a_reused_scan_number_is_counted_as_a_second_scan(tmp_path: Path):

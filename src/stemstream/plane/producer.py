@@ -91,10 +91,10 @@ class _Slot:
         self.info.connect(info_ep)
         self.endpoints = (data_ep, info_ep)
 
-    def close(self) -> None:
+    def close(self, linger_ms: int | None = None) -> None:
         for sock in (self.data, self.info):
             if sock is not None:
-                sock.close()
+                sock.close(linger=linger_ms)
         self.data = self.info = None
         self.endpoints = None
 
@@ -359,7 +359,9 @@ class Producer:
         self._stop.set()
         for slot in self._slots:
             with slot.lock:
-                slot.close()
+                # What may still be queued belongs to scans written to disk just now (acknowledged scans
+                # arrived whole): nothing to wait for, however long LINGER is.
+                slot.close(linger_ms=0)
         self._ctx.term()
         if self._registration is not None:
             self._registration.close()

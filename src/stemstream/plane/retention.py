@@ -36,6 +36,7 @@ of the pixels. A sector whose ring slot changed before it was written (the ring 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -186,7 +187,7 @@ class ScanKeeper:
         # Writing what is left: wait while the disk takes it (a failing disk gets two more tries).
         started = time.monotonic()
         written, since, said = -1, started, started
-        while self._work_left():
+        while self._writing_left():
             with self._lock:
                 now_written = self.counts["sectors_on_disk"]
                 remaining = sum(len(h.ram) for h in self._scans.values())
@@ -201,6 +202,15 @@ class ScanKeeper:
             time.sleep(self.poll_s)
         if scans:
             logger.warning("sector %d: held scans written in %.1f s", self.sector, time.monotonic() - started)
+        # Leader: mark the replayed scans on_disk once every sector's replay record is in (seconds at most:
+        # the other producers write theirs as they finish). The scan's closing record is not waited for: the
+        # NodeGroups may never report, and the closer thread ends with this process.
+        marking = time.monotonic()
+        while self._to_mark and time.monotonic() - marking < 3.0:
+            with contextlib.suppress(StemstreamError):
+                self._mark_replayed(shutting_down=True)
+            if self._to_mark:
+                time.sleep(self.poll_s)
         self._stop.set()
         if self._worker.is_alive():
             self._worker.join(10.0)
@@ -220,9 +230,9 @@ class ScanKeeper:
         with self._lock:
             return [n for n, h in self._scans.items() if not h.settled.is_set()]
 
-    def _work_left(self) -> bool:
+    def _writing_left(self) -> bool:
         with self._lock:
-            return any(not h.settled.is_set() for h in self._scans.values()) or bool(self._to_mark)
+            return any(not h.settled.is_set() for h in self._scans.values())
 
     def wait_settled(self, scan_number: int, timeout: float) -> str:
         """Block until ``scan_number`` is acknowledged or on disk: "acked" or "on_disk" (TimeoutError)."""
@@ -567,22 +577,29 @@ class ScanKeeper:
         if self.on_release is not None:
             self.on_release(held.number)
 
-    def _mark_replayed(self) -> None:
+    def _mark_replayed(self, shutting_down: bool = False) -> None:
         """Leader: once every sector's replay record and the scan's closing record are in, mark the scan
-        ``on_disk`` (replayed) so that the session counts it from its files."""
+        ``on_disk`` (replayed) so that the session counts it from its files. ``shutting_down``: without the
+        closing record (the closer thread goes with the process)."""
         with self._lock:
             todo = dict(self._to_mark)
         for n, (plan, reason, since) in todo.items():
             items = self._scan_items(n)
             replays = [ReplayRecord.parse(items.get(keys.replay(n, m))) for m in range(self.n_sectors)]
-            record = items.get(keys.scan(n))
-            closed = isinstance(record, Mapping) and "closed_at" in record
+            replays = [r if r is not None and r.start == plan.start else None for r in replays]
+            key = keys.scan(n)
+            record = items.get(key)
+            if not isinstance(record, Mapping) or (record.get("start") or "") != plan.start:
+                # A newer acquisition of the number took /scans/<n> over: this one's record is kept apart.
+                key = keys.acquisition(n, plan.start or "earlier")
+                record = self.store.get(key)
+            closed = shutting_down or (isinstance(record, Mapping) and "closed_at" in record)
             late = time.monotonic() - since > self.ack_timeout_s
             if not (all(r is not None for r in replays) and closed) and not late:
                 continue
             paths = sorted(p for r in replays if r is not None for p in r.paths)
             current = record if isinstance(record, Mapping) else plan.to_record()
-            if self._set(keys.scan(n), replayed_scan_record(current, reason, paths, time.time())):
+            if self._set(key, replayed_scan_record(current, reason, paths, time.time())):
                 with self._lock:
                     self._to_mark.pop(n, None)
                 logger.warning("scan %d replayed to disk (%s): %d files", n, reason, len(paths))

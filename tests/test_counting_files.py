@@ -126,3 +126,41 @@ def test_count_command_errors_are_one_line(tmp_path: Path, capsys):
     assert main(["count", str(tmp_path / "nowhere"), "--scan", "1"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("stemstream: error:") and "\n" not in err
+
+
+def test_count_command_takes_the_newest_acquisition_of_a_reused_scan_number(tmp_path: Path, monkeypatch, capsys):
+    """Scan 5 acquired twice (a DAQ restart reset the counter): the second's files are in their own
+    directory; ``stemstream count DIR --scan 5`` counts the newest, ``--start`` the one named, and the counted
+    file of each records its acquisition (the newest's gets a suffix next to the first's file)."""
+    from stemstream.cli import main
+    from stemstream.counting.output import counted_start
+    from stemstream.wire.protocol import new_start_id
+
+    shape = (2, 3)
+    first, second = new_start_id(1.7e9), new_start_id(1.7e9 + 60)
+    sims = {start: FourDCameraSim(shape, scan_number=5, seed=k, pool_size=2) for k, start in enumerate((first, second))}
+    (tmp_path / "raw").mkdir()
+    for start, sim in sims.items():
+        with RawScanWriter(tmp_path / "raw", 5, shape, start=start) as writer:
+            for i in range(sim.n_frames):
+                for m in range(4):
+                    writer.write(i, m, sim.sector(i, m))
+    assert (tmp_path / "raw" / f"scan_5_{second}").is_dir()
+    monkeypatch.setenv("STEMSTREAM_OUTPUT_DIR", str(tmp_path / "out"))
+    from stemstream.config import get_settings
+
+    get_settings.cache_clear()
+    try:
+        args = ["count", str(tmp_path / "raw"), "--scan", "5", "--engine", "cpu", "--no-progress"]
+        assert main([*args, "--start", first]) == 0
+        assert main(args) == 0
+        assert main([*args, "--start", "nope"]) == 1
+    finally:
+        get_settings.cache_clear()
+    out = capsys.readouterr().out.split()
+    assert out == [str(tmp_path / "out" / "scan_5_counted.h5"), str(tmp_path / "out" / f"scan_5_{second}_counted.h5")]
+    for path, start in zip(out, (first, second), strict=True):
+        assert counted_start(path) == start
+        sparse, meta = read_counted(path)
+        events = get_engine("cpu").count(np.stack([sims[start].frame(i) for i in range(6)]), meta["thresholds"])
+        assert all(np.array_equal(a, b) for a, b in zip(np.asarray(sparse.data).ravel(), events, strict=True))

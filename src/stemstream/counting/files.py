@@ -29,6 +29,7 @@ from stemstream.counting.output import write_counted
 from stemstream.counting.params import CountingParams
 from stemstream.counting.thresholds import Thresholds, compute_thresholds
 from stemstream.errors import CountingError
+from stemstream.wire.rawfile import partial_sectors, read_sidecar, sector_of_path, sidecar_name
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +260,7 @@ def count_raw_files(
     counter: CountingEngine | None = None,
     threads: int | None = None,
     progress: bool = False,
+    start: str | None = None,
 ) -> Path:
     """Count the raw files of one scan (a list of files, or their directory) into ``output``; return it.
 
@@ -267,11 +269,24 @@ def count_raw_files(
     that many complete frames); otherwise that many complete frames spread over the scan, each used once by
     :func:`compute_thresholds`. ``counter``: an engine already made, to reuse (its name replaces
     ``params.engine``). ``threads``: stempy reader threads (default: all cores) and cpu engine threads.
+
+    ``start``: the acquisition the files hold (recorded in the file; default: what their sidecars say). Files
+    whose sidecar says they were never finished (a writer that died, a disk that never took the rest) are
+    counted as they are, with a warning and their sectors listed as ``partial_sectors``.
     """
     params = params or CountingParams()
     started = time.time()
     raw_paths = _as_paths(paths)
     index = index_raw_files(raw_paths)
+    partial = partial_sectors(raw_paths)
+    if partial:
+        logger.warning(
+            "scan %d: the raw files of sector(s) %s were never finished (partial scan)", scan_number, partial
+        )
+    if start is None:
+        sides = [read_sidecar(p.parent / sidecar_name(index.scan_number, sector_of_path(p))) for p in raw_paths]
+        starts = {str(x.get("start") or "") for x in sides if x is not None}
+        start = starts.pop() if len(starts) == 1 else ""
     if index.scan_number != scan_number:
         logger.warning("raw files say scan %d, counting it as scan %d", index.scan_number, scan_number)
     dark, gain = params.load_dark(), params.load_gain()
@@ -302,7 +317,9 @@ def count_raw_files(
         "engine": engine_name,
         "source": "raw_files",
         "scan_number": int(scan_number),
+        "start": start,
         "raw_scan_number": index.scan_number,
+        "partial_sectors": partial,
         "raw_files": [p.name for p in raw_paths],
         "thresholds": thresholds,
         "frames_incomplete": int((~index.complete).sum()),

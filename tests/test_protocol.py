@@ -95,6 +95,30 @@ def test_the_docs_hex_example_decodes() -> None:
     )
     assert SectorHeader.decode(example) == HEADER
     assert HEADER.encode() == example
+    # The same header with an acquisition id, as docs/protocol.md shows it.
+    with_start = bytes.fromhex(
+        "8aa17601a47363616e07a56672616d65cd04d2a6736563746f7202a46e736563"
+        "04aa7363616e5f7368617065924020a5736861706592cc90cd0240a56474797065"
+        "a33c7532a27473ce075bcd15a57374617274b8323032363036313254313031"
+        "3533303132335a2d61336639"
+    )
+    header = SectorHeader.decode(with_start)
+    assert header.start == "20260612T101530123Z-a3f9" and len(with_start) == 108
+    assert header.encode() == with_start
+
+
+def test_every_hex_example_in_the_docs_is_a_valid_header() -> None:
+    # Any byte dump in docs/protocol.md's code blocks: an external producer may copy it.
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    dumps = re.findall(r"```\n((?:[0-9a-f]{2}[ \n])+)```", text)
+    headers = [SectorHeader.decode(bytes.fromhex(d.replace("\n", " "))) for d in dumps]
+    assert headers == [
+        HEADER,
+        SectorHeader(7, 1234, 2, (64, 32), timestamp_ns=123456789, start="20260612T101530123Z-a3f9"),
+    ]
 
 
 def test_data_message_round_trip_with_bytes_and_zmq_frames() -> None:

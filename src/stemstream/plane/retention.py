@@ -282,8 +282,8 @@ class ScanKeeper:
         if held.must_write:
             self.write(held, frame, buffer)
             return
-        check = self._check(held, frame, buffer)
         if not held.spilled:
+            check = self._check(held, frame, buffer)
             with self._lock:
                 if self._fits():
                     self._hold(held, frame, buffer, check)
@@ -295,6 +295,7 @@ class ScanKeeper:
                     return
         if self._write_through(held, frame, buffer):
             return
+        check = self._check(held, frame, buffer)
         with self._lock:  # the disk refused it: RAM while the bound allows, retried from there
             if self._fits():
                 self._hold(held, frame, buffer, check)

@@ -45,6 +45,7 @@ import psutil
 from stemstream.audit import ScanAudit, audit_scan
 from stemstream.counting.files import count_raw_files
 from stemstream.plane.requests import request_scan
+from stemstream.scans import keys
 from stemstream.sessions.supervise import ProcessSpec, Supervisor
 from stemstream.sim import FourDCameraSim
 from stemstream.sim.site import LocalSite
@@ -123,10 +124,10 @@ class Soak:
 
     def settled(self, client: Any, acq: Acquisition) -> bool:
         """The acquisition is counted (its own counted record) or on disk (replayed or a disk scan)."""
-        record = client.get(f"/scans/{acq.number}") or {}
+        record = client.get(keys.scan(acq.number)) or {}
         if record.get("start") != acq.start:
-            record = client.get(f"/scans/{acq.number}/acquisitions/{acq.start}") or {}
-        counted = client.get(f"/scans/{acq.number}/counted") or {}
+            record = client.get(keys.acquisition(acq.number, acq.start)) or {}
+        counted = client.get(keys.counted(acq.number)) or {}
         if record.get("status") == "on_disk":
             acq.on_disk = True
             return True
@@ -138,7 +139,7 @@ class Soak:
     @staticmethod
     def planned_start(client: Any, number: int) -> str:
         """The acquisition id of the newest plan of a scan number ("" when none)."""
-        return str((client.get(f"/scans/{number}") or {}).get("start") or "")
+        return str((client.get(keys.scan(number)) or {}).get("start") or "")
 
     def next_acquisition(self, n: int) -> Acquisition:
         a = self.args
@@ -190,9 +191,9 @@ class Soak:
                     print(f"scan {acq.number}: not settled within 180 s", flush=True)
                     continue
                 acq.settled = True
-                counted = client.get(f"/scans/{acq.number}/counted") or {}
+                counted = client.get(keys.counted(acq.number)) or {}
                 if acq.on_disk:
-                    record = client.get(f"/scans/{acq.number}") or {}
+                    record = client.get(keys.scan(acq.number)) or {}
                     print(f"scan {acq.number}: on disk ({record.get('replay_reason') or record.get('reason')})",
                           flush=True)  # fmt: skip
                 elif counted.get("seconds_after_last_frame") is not None:
@@ -242,9 +243,9 @@ class Soak:
                 if raw:
                     count_raw_files(raw[0], self.out / f"scan_{acq.number}_{acq.start}_from_disk.h5",
                                     scan_number=acq.number, start=acq.start)  # fmt: skip
-        keys = ("entered", "counted", "on_disk", "lost_upstream", "unaccounted", "frames_checked", "n_frames_differ",
+        fields = ("entered", "counted", "on_disk", "lost_upstream", "unaccounted", "frames_checked", "n_frames_differ",
                 "records_checked", "corrupt", "duplicates")  # fmt: skip
-        total = {k: sum(getattr(x, k) for x in audits) for k in keys}
+        total = {k: sum(getattr(x, k) for x in audits) for k in fields}
         frames = sum(x.n_frames for x in audits)
         big = sum(1 for x in self.acquisitions if list(x.shape) == list(a.big_shape))
         numbers = [x.number for x in self.acquisitions]

@@ -227,6 +227,38 @@ def test_past_the_hold_the_oldest_scans_are_spilled_and_the_current_one_written_
         keeper.close(0)
 
 
+def test_two_acquisitions_of_a_scan_number_held_at_once_are_settled_each_on_its_own(
+    client: StoreClient, tmp_path: Path
+):
+    """The DAQ begins scan 2 again while its earlier acquisition still waits for its acknowledgement (found
+    by the soak): the earlier one is acknowledged by its own records, the newer one, whose NodeGroup left,
+    is replayed to disk; neither is lost track of."""
+    keeper = ScanKeeper(
+        client, Registry(client), 0, producer_uid="p0", sector_nbytes=SECTOR_BYTES, n_sectors=1,
+        sector_shape=SECTOR_SHAPE, leader=False, hold_bytes=64 * SECTOR_BYTES, ack_timeout_s=60, retry_s=0.2,
+        gone_grace_s=0.2, poll_s=0.05,
+    ).start()  # fmt: skip
+    try:
+        plans = {start: ScanPlan(2, (1, 4), ROUTE_STREAM, members=("ng",), n_sectors=1, start=start)
+                 for start in ("early", "late")}  # fmt: skip
+        held = {start: keeper.open(plan, tmp_path) for start, plan in plans.items()}
+        for start, h in held.items():
+            for f in range(4):
+                keeper.keep(h, f, _sector(f))
+            record = ProducerScanRecord(producer="p0", sector=0, status="done", sent_total=4, start=start)
+            keeper.sending_done(h, record)
+        # Only the early acquisition's NodeGroup reports (the late one's is gone): its records, its start.
+        client.set("/scans/2/producers/p0", {"producer": "p0", "status": "done", "sent_total": 4, "start": "early"})
+        client.set("/scans/2/nodegroups/ng", {"status": "received", "received": 4, "start": "early"})
+        assert keeper.wait_settled(2, 10, start="early") == "acked"
+        assert keeper.wait_settled(2, 10, start="late") == "on_disk"
+        assert keeper.held_bytes() == 0 and keeper.pending() == []
+        records = list(read_sectors(_files(tmp_path)))
+        assert sorted(r.frame_number for r in records) == [0, 1, 2, 3]  # the late one's, replayed
+    finally:
+        keeper.close(0)
+
+
 def test_a_sector_is_unprotected_only_when_ram_and_disk_both_fail(client: StoreClient, tmp_path: Path):
     broken = tmp_path / "not-a-directory"
     broken.write_bytes(b"")

@@ -80,6 +80,7 @@ class HeldScan:
         self.plan = plan
         self.number = plan.scan_number
         self.start = plan.start
+        self.key = (plan.scan_number, plan.start)  # a scan number may be held twice: acquisitions differ
         self.directory = directory
         self.source = source
         self.generation: Callable[[int], int] | None = getattr(source, "generation", None)
@@ -141,9 +142,11 @@ class ScanKeeper:
         self.poll_s = poll_s
         self.on_release = on_release
         self._lock = threading.Lock()
-        self._scans: OrderedDict[int, HeldScan] = OrderedDict()
-        self._settled: OrderedDict[int, str] = OrderedDict()  # recently settled scans: final state
-        self._to_mark: dict[int, tuple[ScanPlan, str, float]] = {}  # leader: replayed scans to mark
+        # Held scans by (scan number, acquisition): a reused scan number may be held twice at once (its earlier
+        # acquisition not yet acknowledged when the DAQ begins it again).
+        self._scans: OrderedDict[tuple[int, str], HeldScan] = OrderedDict()
+        self._settled: OrderedDict[tuple[int, str], str] = OrderedDict()  # recently settled scans: final state
+        self._to_mark: dict[tuple[int, str], tuple[ScanPlan, str, float]] = {}  # leader: replayed scans to mark
         self._bytes = 0
         self._stop = threading.Event()
         self._disk_failed_at = 0.0
@@ -228,17 +231,24 @@ class ScanKeeper:
     def pending(self) -> list[int]:
         """Scans held and not settled yet (acknowledged, or entirely on disk)."""
         with self._lock:
-            return [n for n, h in self._scans.items() if not h.settled.is_set()]
+            return [h.number for h in self._scans.values() if not h.settled.is_set()]
 
     def _writing_left(self) -> bool:
         with self._lock:
             return any(not h.settled.is_set() for h in self._scans.values())
 
-    def wait_settled(self, scan_number: int, timeout: float) -> str:
-        """Block until ``scan_number`` is acknowledged or on disk: "acked" or "on_disk" (TimeoutError)."""
+    def wait_settled(self, scan_number: int, timeout: float, start: str | None = None) -> str:
+        """Block until ``scan_number`` (its newest acquisition held here, or ``start``) is acknowledged or on
+        disk: "acked" or "on_disk" (TimeoutError)."""
         with self._lock:
-            held = self._scans.get(scan_number)
-            final = self._settled.get(scan_number)
+            held = final = None
+            for key, h in self._scans.items():
+                if key[0] == scan_number and (start is None or key[1] == start):
+                    held = h
+            if held is None:
+                for key, state in self._settled.items():
+                    if key[0] == scan_number and (start is None or key[1] == start):
+                        final = state
         if final is not None:
             return final
         if held is None:
@@ -250,8 +260,9 @@ class ScanKeeper:
     def _settle(self, held: HeldScan, state: str) -> None:
         """Caller holds the lock."""
         held.state = state
-        self._scans.pop(held.number, None)
-        self._settled[held.number] = state
+        if self._scans.get(held.key) is held:
+            del self._scans[held.key]
+        self._settled[held.key] = state
         while len(self._settled) > 1024:
             self._settled.popitem(last=False)
         held.settled.set()
@@ -272,7 +283,7 @@ class ScanKeeper:
     def open(self, plan: ScanPlan, directory: Path, source: SectorSource | None = None) -> HeldScan:
         held = HeldScan(plan, directory, source)
         with self._lock:
-            self._scans[plan.scan_number] = held
+            self._scans[held.key] = held
         return held
 
     def keep(self, held: HeldScan, frame: int, buffer: Any) -> None:
@@ -566,7 +577,7 @@ class ScanKeeper:
             self._set(keys.replay(held.number, self.sector), replay.to_record())
             if self.leader:
                 with self._lock:
-                    self._to_mark[held.number] = (plan, held.reason, time.monotonic())
+                    self._to_mark[held.key] = (plan, held.reason, time.monotonic())
         if held.record is not None and (held.record.status == "held" or plan.route == ROUTE_STREAM):
             record = self._with_holding(held, held.record)
             if record.status == "held":
@@ -584,7 +595,8 @@ class ScanKeeper:
         closing record (the closer thread goes with the process)."""
         with self._lock:
             todo = dict(self._to_mark)
-        for n, (plan, reason, since) in todo.items():
+        for mark, (plan, reason, since) in todo.items():
+            n = plan.scan_number
             items = self._scan_items(n)
             replays = [ReplayRecord.parse(items.get(keys.replay(n, m))) for m in range(self.n_sectors)]
             replays = [r if r is not None and r.start == plan.start else None for r in replays]
@@ -602,7 +614,7 @@ class ScanKeeper:
             current = record if isinstance(record, Mapping) else plan.to_record()
             if self._set(key, replayed_scan_record(current, reason, paths, time.time())):
                 with self._lock:
-                    self._to_mark.pop(n, None)
+                    self._to_mark.pop(mark, None)
                 logger.warning("scan %d replayed to disk (%s): %d files", n, reason, len(paths))
 
     def _set(self, key: str, value: Any) -> bool:

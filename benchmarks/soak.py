@@ -244,7 +244,7 @@ class Soak:
                     count_raw_files(raw[0], self.out / f"scan_{acq.number}_{acq.start}_from_disk.h5",
                                     scan_number=acq.number, start=acq.start)  # fmt: skip
         fields = ("entered", "counted", "on_disk", "lost_upstream", "unaccounted", "frames_checked", "n_frames_differ",
-                "records_checked", "corrupt", "duplicates")  # fmt: skip
+                  "n_frames_wrong", "records_checked", "corrupt", "duplicates")  # fmt: skip
         total = {k: sum(getattr(x, k) for x in audits) for k in fields}
         frames = sum(x.n_frames for x in audits)
         big = sum(1 for x in self.acquisitions if list(x.shape) == list(a.big_shape))
@@ -264,7 +264,8 @@ class Soak:
         print(f"sectors entered {total['entered']} = counted {total['counted']} + on disk {total['on_disk']} + "
               f"unaccounted {total['unaccounted']}; lost upstream {total['lost_upstream']}")  # fmt: skip
         print(f"counted events checked: {total['frames_checked']} frames against stempy's electron_count_frame, "
-              f"{total['n_frames_differ']} differ; raw records checked byte for byte: {total['records_checked']}, "
+              f"{total['n_frames_differ']} differ ({total['n_frames_wrong']} of them claimed whole: wrong; the rest "
+              f"incomplete frames of replayed scans); raw records checked byte for byte: {total['records_checked']}, "
               f"{total['corrupt']} corrupt, {total['duplicates']} twice (audit {audit_s:.0f} s)")  # fmt: skip
         print(f"producers' hold: {hold['spilled']} scans spilled, {hold['written_through']} sectors written through, "
               f"{hold['unprotected']} unprotected, {hold['wrapped']} wrapped; {hold['acked']} acknowledged, "

@@ -68,7 +68,8 @@ class ScanAudit:
     examples: list[tuple[int, int]] = field(default_factory=list)  # a few unaccounted (frame, sector)
     frames_checked: int = 0  # frames of the counted file compared with stempy
     frames_differ: list[int] = field(default_factory=list)  # frames whose events are not stempy's (first 20)
-    n_frames_differ: int = 0
+    n_frames_differ: int = 0  # of which the file lists some sector missing (an incomplete frame): expected
+    n_frames_wrong: int = 0  # ... and of which it lists none: a frame the file claims whole, counted wrong
     records_checked: int = 0  # raw-file records compared with what entered
     corrupt: int = 0  # records whose bytes or header are not what entered
     duplicates: int = 0  # records of a sector seen before
@@ -77,7 +78,8 @@ class ScanAudit:
 
     def line(self) -> str:
         checks = (
-            f"{self.frames_checked} counted frames against stempy ({self.n_frames_differ} differ), "
+            f"{self.frames_checked} counted frames against stempy ({self.n_frames_differ} differ, "
+            f"{self.n_frames_wrong} of them claimed whole), "
             f"{self.records_checked} raw records byte for byte ({self.corrupt} corrupt, {self.duplicates} twice)"
         )
         return (
@@ -88,8 +90,8 @@ class ScanAudit:
 
     @property
     def clean(self) -> bool:
-        """Nothing unaccounted, nothing corrupt or doubled on disk."""
-        return self.unaccounted == 0 and self.corrupt == 0 and self.duplicates == 0
+        """Nothing unaccounted, nothing corrupt or doubled on disk, no frame claimed whole and counted wrong."""
+        return self.unaccounted == 0 and self.corrupt == 0 and self.duplicates == 0 and self.n_frames_wrong == 0
 
 
 def entered_mask(truth: GroundTruth) -> np.ndarray:
@@ -169,8 +171,9 @@ def counted_check(
     *,
     dark: np.ndarray | None = None,
     gain: np.ndarray | None = None,
-) -> tuple[np.ndarray, list[int], int, str]:
-    """(counted mask, frames whose events differ from stempy's, frames checked, the file's acquisition)."""
+) -> tuple[np.ndarray, list[int], int, str, int]:
+    """(counted mask, frames whose events differ from stempy's, frames checked, the file's acquisition, frames
+    that differ although the file lists none of their sectors missing)."""
     from stemstream.counting.output import read_counted
 
     sparse, meta = read_counted(path)
@@ -186,7 +189,7 @@ def counted_check(
     shape = tuple(int(x) for x in sparse.scan_shape)
     if thresholds is None or shape != tuple(truth.scan_shape) or data.size != n_frames:
         logger.error("%s: no thresholds, or not a %s scan of one frame per position", path, truth.scan_shape)
-        return counted, list(range(min(20, n_frames))), 0, str(meta.get("start") or "")
+        return counted, list(range(n_frames)), 0, str(meta.get("start") or ""), 0
     events = data.reshape(-1)
     differ: list[int] = []
     checked = 0
@@ -205,7 +208,9 @@ def counted_check(
     missing = np.asarray(meta.get("missing_sectors", np.zeros((0, 2))), np.int64).reshape(-1, 2)
     inside = (missing[:, 0] >= 0) & (missing[:, 0] < n_frames) & (missing[:, 1] >= 0) & (missing[:, 1] < n_sectors)
     counted[missing[inside, 0], missing[inside, 1]] = False
-    return counted, differ, checked, str(meta.get("start") or "")
+    listed = set(missing[inside, 0].tolist())
+    wrong = sum(1 for f in differ if f not in listed)
+    return counted, differ, checked, str(meta.get("start") or ""), wrong
 
 
 def audit_scan(
@@ -228,10 +233,12 @@ def audit_scan(
     disk, records, corrupt, duplicates = disk_check(list(raw_files), truth, scan_number, entered)
     counted = np.zeros_like(entered)
     differ: list[int] = []
-    checked = 0
+    checked = wrong = 0
     file_start = None
     if counted_file is not None and Path(counted_file).exists():
-        counted, differ, checked, file_start = counted_check(Path(counted_file), truth, entered, dark=dark, gain=gain)
+        counted, differ, checked, file_start, wrong = counted_check(
+            Path(counted_file), truth, entered, dark=dark, gain=gain
+        )
         if start is not None and file_start != start:
             logger.error("%s holds acquisition %r, not %r: nothing of this scan is counted there",
                          counted_file, file_start, start)  # fmt: skip
@@ -253,6 +260,7 @@ def audit_scan(
         frames_checked=checked,
         frames_differ=differ[:20],
         n_frames_differ=len(differ),
+        n_frames_wrong=wrong,
         records_checked=records,
         corrupt=corrupt,
         duplicates=duplicates,

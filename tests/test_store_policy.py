@@ -104,6 +104,7 @@ CASES: list[tuple[str, Any, set[tuple[str, str]]]] = [
     (keys.replay(7, 0), replay(0, "producer-1"), set()),  # producer-1 is sector 1's
     (keys.scan(7), None, {("daq0", LEADER)}),  # the leader that planned it (its owner)
     (keys.scan(9), None, {(name, LEADER) for name in NAMES}),
+    (keys.acquisition(7, "20260612T101530123Z-a3f9"), None, {(name, LEADER) for name in NAMES}),  # a new one
     (record_key(AGGREGATOR, "agg-0"), None, {("agg", AGGREGATOR)}),
     (keys.aggregator(7, 3), None, {("agg", AGGREGATOR)}),
     (keys.session("s1"), None, {(name, SESSION) for name in NAMES}),
@@ -165,6 +166,7 @@ _KEYS = st.one_of(
     st.builds(keys.counted, st.integers(0, 10)),
     st.builds(keys.analyses, st.integers(0, 10)),
     st.builds(keys.scan, st.integers(0, 10)),
+    st.builds(keys.acquisition, st.integers(0, 10), _PARTS),
     st.builds(lambda r, u: f"/{r}s/{u}", st.sampled_from([NODEGROUP, PRODUCER, AGGREGATOR, "flow", SESSION]), _PARTS),
     st.text(max_size=40),
 )

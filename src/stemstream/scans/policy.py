@@ -7,7 +7,8 @@ the server (:class:`~stemstream.store.policy.RulePolicy`). Each role writes only
   it and the writer owns its registry record); rank 0 of a counting job the counted record, previews and the
   analyses record of scans one of the writer's NodeGroups is a member of;
 * a producer its registry record, its share records and the replay records of its own sector; the leader
-  producer (role ``leader``) also the scan record (plan, totals, replayed) of scans it planned;
+  producer (role ``leader``) also the scan record (plan, totals, replayed) of scans it planned, and the
+  records of earlier acquisitions of a reused scan number it keeps (``/scans/<n>/acquisitions/<start>``);
 * an aggregator its registry record and the per-sector records of scans whose plan names it;
 * a session its session record and its flow's registry record;
 * an operator the control requests (``/control/...``);
@@ -122,6 +123,7 @@ RULES: tuple[Rule, ...] = (
     rule(_PRODUCERS, _SCAN + "/producers/{uid}", producer_record, max_bytes=SCAN_BYTES),
     rule(_PRODUCERS, _SCAN + "/replay/{sector_n}", own_sector, max_bytes=SCAN_BYTES),
     rule(LEADER, _SCAN, owner, max_bytes=SCAN_BYTES),
+    rule(LEADER, _SCAN + "/acquisitions/{start}", owner, max_bytes=SCAN_BYTES),
     rule(AGGREGATOR, role_prefix(AGGREGATOR) + "{uid}", owner, max_bytes=RECORD_BYTES),
     rule(AGGREGATOR, _SCAN + "/aggregator/{sector_n}", plans_aggregator, max_bytes=RECORD_BYTES),
     rule(SESSION, keys.SESSIONS + "{uid}", owner, max_bytes=RECORD_BYTES),

@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 
 # What each process reads in the store (it writes its own records wherever they live).
 SUBTREES = {
-    "producer": ("/scans/", "/nodegroups/", "/aggregators/", "/control/"),  # plans, acks, requests
+    # plans, acks, requests; the registry's producers too (the leader reports them in its metrics)
+    "producer": ("/scans/", "/nodegroups/", "/aggregators/", "/producers/", "/control/"),
     "aggregator": ("/nodegroups/",),  # the members it routes to
     "nodegroup": ("/nodegroups/",),  # reads nothing; its own record
 }

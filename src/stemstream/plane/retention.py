@@ -354,6 +354,13 @@ class ScanKeeper:
         held.nbytes += self.sector_nbytes
         self._bytes += self.sector_nbytes
 
+    def _drop(self, held: HeldScan, frame: int) -> None:
+        """Let go of ``frame``'s RAM (written, or lost to the ring). Caller holds the lock."""
+        if frame in held.ram:
+            del held.ram[frame]
+            held.nbytes -= self.sector_nbytes
+            self._bytes -= self.sector_nbytes
+
     def _from_ram(self, held: HeldScan, frame: int) -> Any:
         """A held sector's pixels to write (see :meth:`HeldScan.read_back`); None, and reported, when the
         DAQ's ring slot holds something else by now."""
@@ -363,10 +370,7 @@ class ScanKeeper:
         if data is not None or held.source is None:
             return data
         with self._lock:
-            if frame in held.ram:
-                del held.ram[frame]
-                held.nbytes -= self.sector_nbytes
-                self._bytes -= self.sector_nbytes
+            self._drop(held, frame)
             held.wrapped += 1
             self.counts["wrapped"] += 1
         logger.error(
@@ -448,10 +452,7 @@ class ScanKeeper:
                     self._disk_failed(held, exc)
                     return False
                 with self._lock:
-                    if frame in held.ram:
-                        del held.ram[frame]
-                        held.nbytes -= self.sector_nbytes
-                        self._bytes -= self.sector_nbytes
+                    self._drop(held, frame)
                     held.on_disk += 1
                     self.counts["sectors_on_disk"] += 1
         with self._lock:

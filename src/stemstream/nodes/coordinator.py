@@ -1,9 +1,9 @@
 """Rank 0 of a counting job: one threshold decision per scan, then the gathered events written to one file.
 
 Every rank sends rank 0 (``nodes.ranks`` messages): ``hello`` (its NodeGroups), and per scan ``begin``,
-``sample`` (its complete frames among the first ``2 x threshold_frames``), ``progress``, ``ended`` (with
+``sample`` (its complete frames among the first ``2 x threshold_samples``), ``progress``, ``ended`` (with
 its incomplete sample frames) and ``events``. The :class:`Coordinator` picks the sample (the first
-``threshold_frames`` complete frames in frame-number order, waiting ``sample_grace_s`` for a frame that
+``threshold_samples`` complete frames in frame-number order, waiting ``sample_grace_s`` for a frame that
 later frames overtook), computes the thresholds as stempy does and sends them to the scan's ranks; once
 every rank's events are in (or the scan made no progress for ``scan_timeout_s``) it writes
 ``<output_dir>/scan_<n>_counted.h5`` and publishes ``/scans/<n>/counted``.
@@ -32,7 +32,7 @@ from stemstream.scans.plan import KeyValue
 from stemstream.scans.records import CountedRecord
 
 if TYPE_CHECKING:
-    from stemstream.nodes.service import CountingConfig
+    from stemstream.nodes.config import CountingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class Coordinator:
                 start=key[1],
                 members=tuple(message["members"]),
                 scan_shape=shape,
-                window=min(shape[0] * shape[1], 2 * self.config.threshold_frames),
+                window=min(shape[0] * shape[1], 2 * self.config.threshold_samples),
             )
         cs.touched = time.monotonic()
         if kind == "sample":
@@ -199,7 +199,7 @@ class Coordinator:
             return
         if self._ranks_of(cs) is None:
             return
-        want = self.config.threshold_frames
+        want = self.config.threshold_samples
         highest = max(cs.samples, default=-1)
         chosen: list[int] = []
         for f in range(cs.window):

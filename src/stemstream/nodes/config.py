@@ -70,3 +70,7 @@ class CountingConfig:
     @property
     def threshold_samples(self) -> int:
         return self.params.threshold_samples
+
+    @property
+    def threshold_window(self) -> int:
+        return self.params.threshold_window

@@ -26,10 +26,11 @@ class LocalScan:
     members: tuple[str, ...]
     scan_shape: tuple[int, int]
     local_uids: set[str]
-    window: int
+    candidates: frozenset[int]  # the frames that may be in the threshold sample (counting.sample_candidates)
     ended: set[str] = field(default_factory=set)
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
     thresholds: Thresholds | None = None
+    halves: list[list[float]] | None = None  # the stability figure (counting.half_thresholds)
     failed: str | None = None
     events: dict[int, np.ndarray] = field(default_factory=dict)
     incomplete: dict[int, tuple[int, ...]] = field(default_factory=dict)

@@ -46,6 +46,7 @@ import numpy as np
 from stemstream.analyses.board import Board
 from stemstream.analyses.rank import RankAnalyses
 from stemstream.counting import CountingEngine, Thresholds, get_engine
+from stemstream.counting.thresholds import sample_candidates
 from stemstream.errors import CountingError, StemstreamError
 from stemstream.log import RateLimitedLog
 from stemstream.nodes.batches import COUNTING, DONE, READY, Batch, BatchPool
@@ -221,7 +222,7 @@ class CountingService:
                     members=tuple(info.members),
                     scan_shape=tuple(info.scan_shape),  # type: ignore[arg-type]
                     local_uids=local,
-                    window=min(info.n_frames, 2 * self.config.threshold_samples),
+                    candidates=frozenset(self._candidates(info.n_frames).tolist()),
                     share=sum(len(range(info.members.index(u), info.n_frames, len(info.members))) for u in local),
                     bf=np.zeros(info.n_frames, np.uint16),
                 )
@@ -231,6 +232,10 @@ class CountingService:
             self.analyses.begin(info.scan_number, tuple(info.scan_shape), self.config.frame_shape)  # type: ignore[arg-type]
             self.transport.send(0, announce)
         return key
+
+    def _candidates(self, n_frames: int) -> np.ndarray:
+        c = self.config
+        return sample_candidates(n_frames, c.threshold_samples, c.threshold_window)
 
     def _frame_buffer(self, key: ScanKey, frame: int) -> np.ndarray:
         with self._cond:
@@ -258,7 +263,7 @@ class CountingService:
                     b.queued = True
                     b.ready_since = time.monotonic()
                     ls.queue.append(b)
-                if not missing and ls.thresholds is None and ls.failed is None and frame < ls.window:
+                if not missing and ls.thresholds is None and ls.failed is None and frame in ls.candidates:
                     sample = b.data[k].tobytes()  # under the lock: the slot cannot be reused meanwhile
             self._cond.notify_all()
         if sample is not None:
@@ -272,7 +277,9 @@ class CountingService:
             ls.summaries[uid] = summary.to_dict()
             if ls.all_ended and ls.all_ended_at is None:
                 ls.all_ended_at = time.monotonic()
-                ended = ls.message("ended", self.rank, incomplete=sorted(f for f in ls.incomplete if f < ls.window))
+                ended = ls.message(
+                    "ended", self.rank, incomplete=sorted(f for f in ls.incomplete if f in ls.candidates)
+                )
             self._cond.notify_all()
         if ended is not None:
             self.transport.send(0, ended)
@@ -462,8 +469,10 @@ class CountingService:
         with self._cond:
             ls.preview_dirty = False
             gone = sum(1 for m in ls.incomplete.values() if len(m) >= self.config.n_sectors)
-            record = replace(preview_record(self.rank, ls.bf, ls.scan_shape, ls.counted + gone, ls.share, final),
-                             start=ls.start)  # fmt: skip
+            record = preview_record(
+                self.rank, ls.bf, ls.scan_shape, ls.counted + gone, ls.share, final, ls.thresholds, ls.halves
+            )
+            record = replace(record, start=ls.start)
         try:
             self.store.set(keys.preview(ls.number, self.rank), record.to_record())
         except StemstreamError as exc:
@@ -542,6 +551,7 @@ class CountingService:
                 ls.failed = str(message["error"])
             else:
                 ls.thresholds = Thresholds.from_dict(message["thresholds"])
+                ls.halves = message.get("halves")
             self._cond.notify_all()
         self._maybe_report(key)
 

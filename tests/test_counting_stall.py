@@ -137,7 +137,7 @@ def _noise(rng: np.random.Generator) -> np.ndarray:
 def _service(tmp_path: Path, store: StoreClient, **overrides: Any) -> CountingService:
     settings: dict[str, Any] = {
         "output_dir": tmp_path,
-        "params": CountingParams(engine="stempy", threshold_samples=4),
+        "params": CountingParams(engine="stempy", threshold_samples=4, threshold_window=4),
         "workers": 0,  # in this process: no worker start-up
         "batch": 4,
         "max_buffered_frames": 16,  # 4 batches

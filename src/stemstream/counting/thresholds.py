@@ -279,7 +279,8 @@ def sample_candidates(n_frames: int, samples: int, window: int) -> np.ndarray:
     if n_frames < 0 or samples < 1 or window < 1:
         raise CountingError(f"threshold sample: bad sizes (frames {n_frames}, samples {samples}, window {window})")
     pool = min(n_frames, max(window, samples))
-    drawn = np.random.default_rng(SAMPLE_SEED).permutation(pool)
+    # O(2 x samples), not O(pool): a window may span a whole scan of millions of frames.
+    drawn = np.random.default_rng(SAMPLE_SEED).choice(pool, size=min(pool, 2 * samples), replace=False, shuffle=True)
     rest = np.arange(pool, min(n_frames, pool + 2 * samples))
     return np.concatenate([drawn, rest]).astype(np.int64)[: min(n_frames, 2 * samples)]
 

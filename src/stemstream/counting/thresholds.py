@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -285,7 +285,7 @@ def sample_candidates(n_frames: int, samples: int, window: int) -> np.ndarray:
     return np.concatenate([drawn, rest]).astype(np.int64)[: min(n_frames, 2 * samples)]
 
 
-def choose_sample(candidates: np.ndarray, complete: Any, samples: int) -> list[int]:
+def choose_sample(candidates: np.ndarray, complete: Callable[[int], bool], samples: int) -> list[int]:
     """The first ``samples`` frames of ``candidates`` that ``complete(frame)`` accepts, in candidate order."""
     chosen: list[int] = []
     for f in candidates.tolist():

@@ -29,6 +29,9 @@ BackgroundNSigma = Annotated[
 ]
 XrayNSigma = Annotated[float, Field(ge=1, le=100, description="x-ray threshold, sigmas above the mean")]
 ThresholdSamples = Annotated[int, Field(ge=1, le=10_000, description="frames sampled for the thresholds")]
+ThresholdWindow = Annotated[
+    int, Field(ge=1, le=1 << 30, description="the threshold sample is spread over the first this many frames")
+]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
@@ -98,6 +101,7 @@ class Settings(BaseSettings):
     background_n_sigma: BackgroundNSigma = 4.0
     xray_n_sigma: XrayNSigma = 10.0
     threshold_samples: ThresholdSamples = 40
+    threshold_window: ThresholdWindow = 40  # = threshold_samples: the first complete frames (docs/counting.md)
     engine: EngineName = "stempy"
     dark: Path | None = Field(None, description="dark reference, a .npy of one 576x576 frame")
     gain: Path | None = Field(None, description="gain reference, a .npy of one 576x576 frame")

@@ -110,6 +110,9 @@ class Settings(BaseSettings):
         default_factory=dict, description='JSON by analysis, e.g. {"virtual": {"detectors": {"bf": [0, 40]}}}'
     )
     view: bool = Field(True, description="rank 0 of a counting job serves the live view on bind_host, port_range")
+    # A live preview (/scans/<n>/preview/<rank>, ~256 KiB) is ephemeral: without a TTL every scan's previews
+    # stayed in the store and filled a counting job's store quota after a few hundred scans (docs/store.md).
+    preview_ttl_s: float = Field(900.0, ge=10, le=86_400, description="lifetime of a preview record in the store")
 
     # Sessions, archive, catalog.
     catalog_url: str = "sqlite:///./data/catalog.sqlite"

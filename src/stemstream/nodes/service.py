@@ -85,6 +85,7 @@ class CountingConfig:
     sample_grace_s: float = 2.0
     scan_timeout_s: float = 60.0  # rank 0 writes what it has when a scan makes no progress this long
     preview_interval_s: float = 1.0
+    preview_ttl_s: float = 900.0  # a preview record expires this long after its last update (Settings)
     analyses: dict[str, dict[str, Any]] | None = None  # name -> parameters (analyses.runner.specs_for); None: none
     view: Any = None  # rank 0 serves the live view with this (analyses.page.ViewConfig); None: no view
     frame_shape: tuple[int, int] = FRAME_SHAPE
@@ -571,7 +572,7 @@ class CountingService:
             record = replace(preview_record(self.rank, ls.bf, ls.scan_shape, ls.counted + gone, ls.share, final),
                              start=ls.start)  # fmt: skip
         try:
-            self.store.set(keys.preview(ls.number, self.rank), record.to_record())
+            self.store.set(keys.preview(ls.number, self.rank), record.to_record(), ttl=self.config.preview_ttl_s)
         except StemstreamError as exc:
             _rlog.warning("preview", "scan %d: preview not published: %s", ls.number, exc)
 

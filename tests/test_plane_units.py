@@ -413,7 +413,9 @@ def test_a_failed_scan_is_recorded_and_the_producer_serves_the_next(client: Stor
     stop = threading.Event()
     results: list[Any] = []
     worker = threading.Thread(
-        target=lambda: results.extend(serve(client, 0, threads=1, uid="p-serve", stop=stop, loss_rate=0.0))
+        target=lambda: results.extend(
+            serve(client, 0, threads=1, uid="p-serve", stop=stop, loss_rate=0.0, fallback_dir=tmp_path)
+        )
     )
     worker.start()
     try:

@@ -86,7 +86,14 @@ class Settings(BaseSettings):
 
     # Data plane.
     fallback_dir: Path = Path("./data/fallback")
+    # Paths in the store are never trusted (docs/security.md): a scan request's fallback directory must lie under
+    # this root (unset: under fallback_dir itself); a session archives only counted files under its output_dir
+    # and raw files under these fallback directories.
+    fallback_root: Path | None = Field(None, description="where scan requests may put raw files; unset: fallback_dir")
     output_dir: Path = Path("./data/counted")
+    # The largest scan (frames) a NodeGroup or an aggregator takes: an expect declaring more is rejected. The
+    # protocol allows 65535 x 65535; 4096 x 4096 is 4x the largest 4D Camera scan.
+    max_scan_frames: int = Field(4096 * 4096, ge=1, le=65535 * 65535, description="frames in the largest scan taken")
     producer_threads: int = Field(2, ge=1, le=64)
     scan_timeout_s: float = Field(60.0, gt=0)
     # Scan-level acknowledgement (plane.retention): RAM a producer holds streamed sectors in until the

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     # The largest scan (frames) a NodeGroup or an aggregator takes: an expect declaring more is rejected. The
     # protocol allows 65535 x 65535; 4096 x 4096 is 4x the largest 4D Camera scan.
     max_scan_frames: int = Field(4096 * 4096, ge=1, le=65535 * 65535, description="frames in the largest scan taken")
+    # What an aggregator's sector thread holds at once (plane.admission): open scans, and their expects' bytes.
+    max_open_scans: int = Field(64, ge=1, le=100_000, description="scans open at once per aggregator sector")
+    max_expect_bytes: int = Field(4 << 20, ge=1 << 16, description="bytes of expects held per aggregator sector")
     producer_threads: int = Field(2, ge=1, le=64)
     scan_timeout_s: float = Field(60.0, gt=0)
     # Scan-level acknowledgement (plane.retention): RAM a producer holds streamed sectors in until the

@@ -88,3 +88,81 @@ def test_eight_info_messages_declaring_a_megaframe_scan_cost_a_nodegroup_nothing
     summary = handed["summary"]
     assert summary["frames_incomplete"] == n_frames and summary["received"] == 0
     assert summary["absent"] == n_frames - len(handed["order"])
+
+
+SECTOR_BYTES = 144 * 576 * 2
+HONEST = (2, 2)
+
+
+def _honest_scan(info: list[zmq.Socket], data: list[zmq.Socket], n: int) -> None:
+    """Scan ``n`` of 2x2 frames for ng-0, as four single-thread producers would send it."""
+    from stemstream.wire.protocol import EndMessage, ExpectMessage, SectorHeader
+
+    frames = HONEST[0] * HONEST[1]
+    for m in range(4):
+        info[m].send(ExpectMessage(f"p/{m}", n, m, 1, HONEST, ("ng-0",), {"ng-0": frames}).encode())
+    for m in range(4):
+        for f in range(frames):
+            data[m].send_multipart([SectorHeader(n, f, m, HONEST).encode(), bytes(SECTOR_BYTES)])
+        info[m].send(EndMessage(f"p/{m}", n, m, {"ng-0": frames}, 0).encode())
+
+
+@pytest.mark.slow
+def test_an_aggregator_sector_is_not_stalled_by_unknown_members_unknown_scans_or_many_expects(tmp_path: Path):
+    """An expect naming an unregistered NodeGroup, 1,000 data messages of unknown scan numbers and 30 expects of
+    ~900 KB on sector 0: honest scans on the same sector still arrive within seconds (the registry wait used
+    to hold the sector's router thread 10 s, the unknown scans minutes), the extra scans are rejected and
+    counted, and the aggregator's memory stays bounded."""
+    from stemstream.store import Registry
+    from stemstream.wire.protocol import ExpectMessage, SectorHeader
+
+    results = tmp_path / "results"
+    ctx = zmq.Context()
+    try:
+        with ProcessTree(tmp_path / "logs") as tree:
+            address = start_store(tree)
+            agg_proc = tree.start("aggregator", "aggregator", "--store", address,
+                                  env={"STEMSTREAM_MAX_OPEN_SCANS": "8"})  # fmt: skip
+            tree.start("ng-0", "nodegroup", "--store", address, "--uid", "ng-0", "--results", results)
+            with store_client(address) as client:
+                registry = Registry(client)
+                agg = registry.wait_for_members("aggregator", 1, status="ready", timeout=60)[0]
+                registry.wait_for_members("nodegroup", 1, status="ready", timeout=60)
+                info = [_push(ctx, agg.endpoints[f"info_{m}"]) for m in range(4)]
+                data = [_push(ctx, agg.endpoints[f"data_{m}"]) for m in range(4)]
+
+                def arrives(n: int, within: float) -> float:
+                    t0 = time.monotonic()
+                    _honest_scan(info, data, n)
+                    done = results / f"ng-0_scan{n}.json"
+                    wait_until(done.exists, within, f"honest scan {n} at ng-0", tree)
+                    handed = read_results(results, "ng-0", n)
+                    assert sorted(handed["order"]) == list(range(4)) and not handed["missing"]
+                    return time.monotonic() - t0
+
+                def agg_counts() -> dict[str, int]:
+                    return registry.members("aggregator")[0].counts
+
+                arrives(1, 30)  # warm: connections to ng-0 made
+                # 1. A member nobody registered: the scan waits (resolve_timeout, 10 s) off the router thread.
+                info[0].send(ExpectMessage("p/0", 90, 0, 1, HONEST, ("zz-ghost",), {"zz-ghost": 4}).encode())
+                ghost = arrives(2, 8)
+                # 2. 1,000 data messages of 1,000 scan numbers no expect names, ahead of the honest scan's.
+                for k in range(1000):
+                    data[0].send_multipart([SectorHeader(1000 + k, 0, 0, HONEST).encode(), bytes(SECTOR_BYTES)])
+                flood = arrives(3, 8)
+                wait_until(lambda: agg_counts().get("rejected.pending_full", 0) >= 900, 30, "flood rejected", tree)
+                # 3. Expects of ~900 KB for scans that never start (2 threads announced, 1 expect sent).
+                rss0 = _rss(agg_proc.pid)
+                members = tuple(f"ng-{i:05d}-" + "x" * 80 for i in range(9000))
+                for k in range(30):
+                    big = ExpectMessage("p/0", 200 + k, 0, 2, HONEST, members, {members[0]: 1})
+                    info[0].send(big.encode())
+                wait_until(lambda: agg_counts().get("rejected.too_many_scans", 0) >= 25, 30, "big expects", tree)
+                grown = (_rss(agg_proc.pid) - rss0) / MB
+                tree.check_alive()
+    finally:
+        ctx.destroy(linger=0)
+    print(f"honest scan after a ghost member: {ghost:.2f} s; after 1,000 unknown scans: {flood:.2f} s; "
+          f"30 expects of ~900 KB: aggregator RSS +{grown:.1f} MB")  # fmt: skip
+    assert grown < 50

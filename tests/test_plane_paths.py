@@ -4,10 +4,13 @@ a session archives no counted file outside its output directory and no raw file 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from plane_helpers import ProcessTree, start_store, store_client, wait_scan_status, wait_until
 from stemstream.errors import CatalogError
@@ -28,6 +31,28 @@ def test_under_roots_resolves_and_refuses(tmp_path: Path):
             under_roots(bad, [root], "x")
     with pytest.raises(UnsafePath, match="no root"):
         under_roots("a", [None], "x")
+
+
+_SEGMENT = st.sampled_from(["..", ".", "a", "b", "link", "", "~", "root", "rootx", "é", "a..", "..a"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_SEGMENT, max_size=8), st.booleans())
+def test_no_path_outside_the_root_is_ever_accepted(tmp_path: Path, segments: list[str], absolute: bool):
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True, exist_ok=True)
+    if not (root / "link").is_symlink():
+        (root / "link").symlink_to(tmp_path)
+    text = "/".join(segments)
+    path = str(root) + "/" + text if absolute else text
+    try:
+        got = under_roots(path, [root], "x")
+    except UnsafePath as exc:
+        assert "\n" not in str(exc)
+        return
+    real_root = root.resolve()
+    assert got == real_root or got.is_relative_to(real_root)
+    assert Path(os.path.realpath(got)).is_relative_to(real_root)
 
 
 @pytest.mark.slow

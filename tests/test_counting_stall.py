@@ -239,3 +239,24 @@ def test_rank_0_does_not_write_off_a_scan_its_nodegroups_still_hold_open(tmp_pat
     assert record["status"] == "counted", record
     assert record["frames_incomplete"] == n - 6
     assert client.get("/scans/1/counted")["status"] == "counted"
+
+
+def test_previews_expire_from_the_store(tmp_path: Path, client: StoreClient):
+    # Previews (~256 KiB per rank per scan) had no TTL and filled a counting job's store quota after ~250 scans.
+    rng = np.random.default_rng(5)
+    service = _service(tmp_path, client, preview_ttl_s=1.0)
+    consumer = service.consumer("ng-a")
+    shape, n = (4, 4), 16
+    key = "/scans/1/preview/0"
+    try:
+        consumer.begin_scan(ScanInfo(1, shape, FRAME, 4, ("ng-a",), 0))
+        for f in range(n):
+            consumer.frame_buffer(1, f)[...] = _noise(rng)
+            consumer.frame_ready(1, f, ())
+        consumer.end_scan(1, _summary(n, [], "received"))
+        service.wait_written(1, timeout=20)
+        client.wait_for(lambda items: key in items, prefix="/scans/1/", timeout=10)
+    finally:
+        service.stop()
+    client.wait_for(lambda items: key not in items, prefix="/scans/1/", timeout=10)  # expired, nothing deleted it
+    assert client.get("/scans/1/counted")["status"] == "counted"  # the scan's other records stay

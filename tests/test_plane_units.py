@@ -186,6 +186,30 @@ def test_nodegroup_rejects_data_without_expect_and_late_data(client: StoreClient
         ng.stop()
 
 
+def test_a_nodegroup_caps_its_open_scans(client: StoreClient, ctx: zmq.Context):
+    # Each expect naming this NodeGroup begins a scan in its consumer, whose per-scan state follows the scan's
+    # declared size: at most STEMSTREAM_MAX_OPEN_SCANS at once; a closed one makes room again.
+    from stemstream.config import load_settings
+
+    ng = NodeGroup(NullConsumer(), client, uid="ng-c", settings=load_settings(max_open_scans=3)).start()
+    try:
+        info = _push(ctx, ng.endpoints["info"])
+        for n in range(5):  # sector 0's expect only: the scans stay open
+            info.send(ExpectMessage("agg", 20 + n, 0, 1, (1, 1), ("ng-c",), {"ng-c": 1}).encode())
+        _wait(lambda: ng.counts().get("rejected.info_too_many_scans") == 2, 5, "too many scans")
+        assert ng.counts()["scans_open"] == 3
+        for m in range(4):  # scan 20 closes (nothing was sent)
+            if m:
+                info.send(ExpectMessage("agg", 20, m, 1, (1, 1), ("ng-c",), {"ng-c": 0}).encode())
+            info.send(EndMessage("agg", 20, m, {"ng-c": 0}, 1).encode())
+        ng.wait_scan(20, timeout=10)
+        info.send(ExpectMessage("agg", 30, 0, 1, (1, 1), ("ng-c",), {"ng-c": 1}).encode())
+        _wait(lambda: ng.counts()["scans_open"] == 3, 5, "room for scan 30")
+        assert ng.counts()["rejected.info_too_many_scans"] == 2
+    finally:
+        ng.stop()
+
+
 # ------------------------------------------------------------------------------------------ aggregator
 
 

@@ -92,10 +92,11 @@ class Settings(BaseSettings):
     fallback_root: Path | None = Field(None, description="where scan requests may put raw files; unset: fallback_dir")
     output_dir: Path = Path("./data/counted")
     # The largest scan (frames) a NodeGroup or an aggregator takes: an expect declaring more is rejected. The
-    # protocol allows 65535 x 65535; 4096 x 4096 is 4x the largest 4D Camera scan.
-    max_scan_frames: int = Field(4096 * 4096, ge=1, le=65535 * 65535, description="frames in the largest scan taken")
-    # What an aggregator's sector thread holds at once (plane.admission): open scans, and their expects' bytes.
-    max_open_scans: int = Field(64, ge=1, le=100_000, description="scans open at once per aggregator sector")
+    # protocol allows 65535 x 65535; 2048 x 2048 is 4x a 1024 x 1024 scan.
+    max_scan_frames: int = Field(2048 * 2048, ge=1, le=65535 * 65535, description="frames in the largest scan taken")
+    # What an aggregator's sector thread (plane.admission) and a NodeGroup hold at once: open scans; and the
+    # bytes of the expects an aggregator sector thread holds.
+    max_open_scans: int = Field(64, ge=1, le=100_000, description="scans open at once per aggregator sector, NodeGroup")
     max_expect_bytes: int = Field(4 << 20, ge=1 << 16, description="bytes of expects held per aggregator sector")
     producer_threads: int = Field(2, ge=1, le=64)
     scan_timeout_s: float = Field(60.0, gt=0)

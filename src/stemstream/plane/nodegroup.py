@@ -110,6 +110,7 @@ class NodeGroup(ScanLife, Receiver):
         self._template = HeaderTemplate(n_sectors, list(self.sector_shape), self._sector_nbytes)
         self.scan_timeout_s = scan_timeout_s or self.settings.scan_timeout_s
         self.max_scan_frames = max_scan_frames or self.settings.max_scan_frames
+        self.max_open_scans = self.settings.max_open_scans
         self.expect_timeout = expect_timeout or self.scan_timeout_s
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)

@@ -3,13 +3,14 @@ closing a scan (all in, superseded by a new acquisition, or timed out): :class:`
 :class:`stemstream.plane.nodegroup.NodeGroup`.
 
 Work follows what arrived, not what was declared (docs/security.md): an expect whose scan has more frames than
-``Settings.max_scan_frames`` is rejected (``info_too_large``); a scan's claimed-sector mask grows with the frames
-that data arrived for (:class:`NodeGroupScan`); and at the close, frames of the share that no sector ever arrived
-for are handed to the consumer (zero-filled, every sector missing) only as many as frames that data did arrive for
-(plus ``max_lag``). The rest are *absent*: counted in the summary (``absent``, and in ``frames_incomplete``, as in
-the NodeGroup's scan record) but not handed over, so that a few info messages declaring a huge scan cost
-nothing. Without it, 8 info messages declaring 1024 x 1024 made a NodeGroup hand 1,048,576 empty frames to its
-consumer (15 s of CPU, +447 MB).
+``Settings.max_scan_frames`` is rejected (``info_too_large``), as is one that would open more than
+``Settings.max_open_scans`` scans at once (``info_too_many_scans``: each begins a scan in the consumer); a scan's
+claimed-sector mask grows with the frames that data arrived for (:class:`NodeGroupScan`); and at the close, frames
+of the share that no sector ever arrived for are handed to the consumer (zero-filled, every sector missing) only as
+many as frames that data did arrive for (plus ``max_lag``). The rest are *absent*: counted in the summary
+(``absent``, and in ``frames_incomplete``, as in the NodeGroup's scan record) but not handed over, so that a few
+info messages declaring a huge scan cost nothing. Without it, 8 info messages declaring 1024 x 1024 made a
+NodeGroup hand 1,048,576 empty frames to its consumer (15 s of CPU, +447 MB).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class ScanLife:
     # Set by NodeGroup.__init__.
     _scans: dict[int, NodeGroupScan]
     max_scan_frames: int
+    max_open_scans: int
     max_lag: int
     _uid: str
     n_sectors: int
@@ -84,6 +86,11 @@ class ScanLife:
             elif scan is not None and scan.start != start:
                 problem = ("info_late", f"expect for scan {n} ({start}) while acquisition {scan.start} closes")
                 scan = None
+            elif scan is None and len(self._scans) >= self.max_open_scans:
+                problem = (
+                    "info_too_many_scans",
+                    f"expect for scan {n}: {len(self._scans)} scans open, the most taken (STEMSTREAM_MAX_OPEN_SCANS)",
+                )
             elif scan is None:
                 scan = begin = self._scans[n] = NodeGroupScan(
                     msg, self._uid, self.n_sectors, self.frame_shape, start=start

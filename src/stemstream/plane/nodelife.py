@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Any
 
 import zmq
@@ -147,8 +148,8 @@ class ScanLife:
             mine = not old.closing
             old.closing = True
         if mine:
-            logger.error("scan %d: a new acquisition (%s) began while acquisition %s was open; closing that one",
-                         n, start or "-", old.start or "-")  # fmt: skip
+            self._rlog.error("superseded", "scan %d: a new acquisition (%s) began while acquisition %s was open; "
+                             "closing that one", n, start or "-", old.start or "-")  # fmt: skip
             self._finalize(old, "timeout")
         deadline = time.monotonic() + self.scan_timeout_s
         with self._cond:  # closed by another thread (its last message, or the watchdog): wait until it is out
@@ -277,7 +278,8 @@ class ScanLife:
             while len(self._finished) > _FINISHED_KEPT:
                 self._finished.popitem(last=False)
             self._cond.notify_all()
-        log = logger.info if status == "received" else logger.error
+        # Rate-limited unless received: scans closed by the watchdog may be many (anyone may open one).
+        log = logger.info if status == "received" else partial(self._rlog.error, "closed_" + status)
         log(
             "scan %d %s: %d frames complete, %d incomplete, %d of %d messages, %d rejected",
             n,
@@ -297,7 +299,8 @@ class ScanLife:
                     scan.closing = True
                     stale.append(scan)
         for scan in stale:
-            logger.error(
+            self._rlog.error(
+                "timeout",
                 "scan %d: nothing for %.0f s; closing it with what came",
                 scan.number,
                 self.scan_timeout_s,

@@ -146,6 +146,8 @@ def test_an_aggregator_sector_is_not_stalled_by_unknown_members_unknown_scans_or
                 arrives(1, 30)  # warm: connections to ng-0 made
                 # 1. A member nobody registered: the scan waits (resolve_timeout, 10 s) off the router thread.
                 info[0].send(ExpectMessage("p/0", 90, 0, 1, HONEST, ("zz-ghost",), {"zz-ghost": 4}).encode())
+                for k in range(200):  # and its data: it must not hold the sector's buffer (64) meanwhile
+                    data[0].send_multipart([SectorHeader(90, k % 4, 0, HONEST).encode(), bytes(SECTOR_BYTES)])
                 ghost = arrives(2, 8)
                 # 2. 1,000 data messages of 1,000 scan numbers no expect names, ahead of the honest scan's.
                 for k in range(1000):

@@ -48,7 +48,7 @@ class MemberResolver:
     def forget(self, key: Hashable) -> None:
         self._waiting.pop(key, None)
 
-    def ready(self, now: float | None = None) -> list[Hashable]:
+    def ready(self, now: float | None = None) -> list[Any]:
         """The waiting scans whose members are all known now, or whose wait is over; no longer waiting."""
         if not self._waiting:
             return []
@@ -105,17 +105,19 @@ def admit_expect(router: Router, msg: Any, key: Hashable, size: int, new: bool) 
 
 def make_room(router: Router) -> bool:
     """Whether ``router`` may read data: its buffer of data waiting for an expect is not full, or room was made
-    by dropping (rejecting, counting) the oldest data of a scan that no expect names, other than the scan of the
-    newest data (which waits, as before, at most ``expect_grace_s``: its expect may be just behind). Before, a
-    flood of data of unknown scan numbers filled the buffer and held the sector's honest data behind it for
-    minutes."""
+    by dropping (rejecting, counting) the oldest data of a scan that waits for its members' registry records, or
+    of a scan that no expect names other than the scan of the newest data (which waits, as before, at most
+    ``expect_grace_s``: its expect may be just behind). Before, a flood of data of unknown scan numbers filled
+    the buffer and held the sector's honest data behind it for minutes; data of a scan naming a NodeGroup that
+    never registers must not hold it either (an honest member's record is late by milliseconds, not a buffer)."""
     if len(router.pending) < router.agg.pending_limit:
         return True
     newest = router.pending[-1][1]  # the scan streaming into the buffer now: honest data ahead of its expect
     for i, entry in enumerate(router.pending):
-        if entry[1] != newest and router._key(*entry[1]) not in router.scans:
+        key = router._key(*entry[1])
+        if router.resolver.waiting(key) or (entry[1] != newest and key not in router.scans):
             del router.pending[i]
-            what = "data for scan %s, which no expect names, dropped: the buffer of data waiting for expects is full"
+            what = "data for scan %s dropped: the buffer of data waiting for expects or members is full"
             router._reject(None, "pending_full", what, f"{entry[1][0]}")
             return True
     return False

@@ -176,7 +176,7 @@ class Router:
     def _resolved(self) -> None:
         """Activate the scans whose members are registered now, or that waited ``resolve_timeout`` for them."""
         for key in self.resolver.ready():
-            scan = self.scans.get(key)  # type: ignore[call-overload]
+            scan = self.scans.get(key)
             if scan is not None and not scan.active:
                 self._activate(scan, resolved=True)
 

@@ -122,6 +122,7 @@ class NodeGroup(ScanLife, Receiver):
         self._newest: OrderedDict[int, str] = OrderedDict()
         self._rejected: dict[str, int] = {}
         self._unknown: OrderedDict[tuple[int, str], float] = OrderedDict()  # unnamed scan -> its first data
+        self._no_expect_until = 0.0  # until then, data of a scan number no expect named is rejected at once
         self._totals = {
             "received": 0,
             "frames_complete": 0,
@@ -389,7 +390,12 @@ class NodeGroup(ScanLife, Receiver):
 
         For a scan that no expect has named, the wait is counted from the first data of that scan number
         (shared by its messages and sectors): a sender that sends an unknown scan number holds a socket for
-        ``expect_timeout`` once, not once per message. Once the expect is in, the wait starts over."""
+        ``expect_timeout`` once, not once per message. Once the expect is in, the wait starts over.
+
+        A wait that ran out (no expect came) starts a penalty of ``expect_timeout``: meanwhile data of a scan
+        number seen for the first time is rejected at once, so that a thousand unknown scan numbers cannot hold
+        a socket a thousand times ``expect_timeout``. Honest data never waits that long: the aggregator sends
+        a scan's expect before its data."""
         deadline: float | None = None
         known = False
         with self._cond:
@@ -405,7 +411,9 @@ class NodeGroup(ScanLife, Receiver):
                     return None
                 now = time.monotonic()
                 if not this:
-                    first = self._unknown.setdefault((scan_number, start), now)
+                    # Under penalty (an unknown scan number ran out lately), a new one has no time to wait.
+                    new_at = now if now >= self._no_expect_until else now - self.expect_timeout
+                    first = self._unknown.setdefault((scan_number, start), new_at)
                     while len(self._unknown) > _FINISHED_KEPT:
                         self._unknown.popitem(last=False)
                     deadline = first + self.expect_timeout
@@ -414,6 +422,8 @@ class NodeGroup(ScanLife, Receiver):
                 assert deadline is not None
                 if now >= deadline:
                     late = False
+                    if not this:
+                        self._no_expect_until = now + self.expect_timeout
                     break
                 self._cond.wait(min(deadline - now, POLL_MS / 1000))
         name = f"{scan_number} ({start})" if start else str(scan_number)

@@ -22,7 +22,11 @@ the slowest sector moves (its data may never come). Frames with sectors lost ups
 until the scan's end (about ``loss rate x 4 x frames``). A data message whose scan has no ``expect`` yet is
 held by its receiving thread (which stops reading meanwhile, so the sender blocks) until the expect comes
 or ``expect_timeout`` passes; that wait is counted from the first message of the scan number, so the
-other messages of a scan that never gets an expect (an unknown scan number) are rejected at once.
+other messages of a scan that never gets an expect (an unknown scan number) are rejected at once, and once
+such a wait ran out, new unknown numbers are rejected at once for ``expect_timeout`` (many cost one wait).
+
+The info thread's half (expects, ends, closing a scan, and what a declared scan may cost) is
+:mod:`stemstream.plane.nodelife`.
 
 Bad input (malformed, wrong size or shape, wrong sector, not this NodeGroup's frame, duplicate, late) is
 rejected, counted per kind (registry counts ``rejected.<kind>``) and logged, rate-limited (one line per kind

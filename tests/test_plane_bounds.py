@@ -168,3 +168,27 @@ def test_an_aggregator_sector_is_not_stalled_by_unknown_members_unknown_scans_or
     print(f"honest scan after a ghost member: {ghost:.2f} s; after 1,000 unknown scans: {flood:.2f} s; "
           f"30 expects of ~900 KB: aggregator RSS +{grown:.1f} MB")  # fmt: skip
     assert grown < 50
+
+
+def test_member_resolver_and_open_scans_units():
+    from stemstream.plane.admission import MemberResolver, OpenScans
+
+    registered: set[str] = {"a"}
+    resolver = MemberResolver(lambda: registered, timeout_s=5.0)
+    assert resolver.known(("a",)) and not resolver.known(("a", "b"))
+    resolver.wait("s1", ("a", "b"))
+    resolver.wait("s2", ("zz",))
+    t = time.monotonic()
+    assert resolver.ready(t) == [] and resolver.waiting("s1")
+    registered.add("b")
+    assert resolver.ready(t + 0.01) == []  # checked at most every 50 ms
+    assert resolver.ready(t + 0.1) == ["s1"] and not resolver.waiting("s1")
+    assert resolver.ready(t + 6.0) == ["s2"] and len(resolver) == 0  # given up waiting: activated as it is
+
+    open_scans = OpenScans(max_scans=2, max_bytes=1000)
+    assert open_scans.admit("x", 400) is None and open_scans.admit("x", 400) is None
+    assert "MAX_EXPECT_BYTES" in (open_scans.admit("y", 300) or "")
+    assert open_scans.admit("y", 100) is None
+    assert "MAX_OPEN_SCANS" in (open_scans.admit("z", 1) or "")
+    open_scans.close("x")
+    assert open_scans.total == 100 and open_scans.admit("z", 1) is None

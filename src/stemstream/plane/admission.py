@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from stemstream.plane.router import Router
 
 
+_CHECK_EVERY_S = 0.05
+
+
 class MemberResolver:
     """Scans waiting for their members' registry records, checked against the local store replica only."""
 
@@ -32,6 +35,7 @@ class MemberResolver:
         self._registered = registered  # the NodeGroup uids in the local replica (never a round trip)
         self._timeout_s = timeout_s
         self._waiting: dict[Hashable, tuple[tuple[str, ...], float]] = {}
+        self._checked = -float("inf")
 
     def known(self, members: Iterable[str]) -> bool:
         """Whether every member has a registry record in the replica."""
@@ -53,6 +57,9 @@ class MemberResolver:
         if not self._waiting:
             return []
         now = time.monotonic() if now is None else now
+        if now - self._checked < _CHECK_EVERY_S:
+            return []  # the registry's records are read (decoded) at most every 50 ms
+        self._checked = now
         registered = self._registered()
         done = [k for k, (members, deadline) in self._waiting.items() if now >= deadline or set(members) <= registered]
         for k in done:

@@ -29,7 +29,8 @@ import re
 
 SCANS = "/scans/"
 SESSIONS = "/sessions/"
-CONTROL_SCAN = "/control/scan"
+CONTROL = "/control/"
+CONTROL_SCAN = f"{CONTROL}scan"
 
 _SCAN = re.compile(r"^/scans/(\d+)$")
 _SUB = re.compile(r"^/scans/(\d+)/([a-z]+)/([^/]+)$")
@@ -95,7 +96,7 @@ def session(uid: str) -> str:
 
 
 def session_stop(uid: str) -> str:
-    return f"/control/session/{uid}/stop"
+    return f"{CONTROL}session/{uid}/stop"
 
 
 def scan_number_of(key: str) -> int | None:

@@ -249,7 +249,9 @@ class StreamingPlane:
         nodegroup_cpus: str | None = None,
         keys_dir: Path | None = None,
         env: dict[str, str] | None = None,
+        aggregator_processes: int = 1,
     ) -> None:
+        self.aggregator_processes = aggregator_processes  # stemstream aggregator --processes
         self.cpus = cpus
         self.env = env or {}
         self.keys_dir = keys_dir  # CURVE on every socket with the keys there (None: this process's settings)
@@ -274,7 +276,8 @@ class StreamingPlane:
             self.client = StoreClient(self.server.address, timeout=10, settings=settings).start()
             address = self.server.address
             registry = Registry(self.client)
-            self.procs.start("aggregator", "aggregator", "--store", address)
+            shard = ("--processes", self.aggregator_processes) if self.aggregator_processes > 1 else ()
+            self.procs.start("aggregator", "aggregator", "--store", address, *shard)
             for g in range(self.groups):
                 self.procs.start(f"ng-{g}", "nodegroup", "--store", address, "--uid", f"ng-{g}",
                                  *self.consumer_args, cpus=self.nodegroup_cpus)  # fmt: skip

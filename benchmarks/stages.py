@@ -16,9 +16,9 @@ CPU-seconds are utime + stime from ``/proc/<pid>/stat`` (whole processes) and ``
 processes' start-up is not counted. The NodeGroup process is split by thread: ``ng-data-*`` / ``ng-info``
 and ZeroMQ's I/O threads (receive and assembly), ``counting-count-*`` plus counting worker processes
 (counting), ``counting-control-*`` (rank 0: thresholds, gather, the HDF5 write), the rest (publisher,
-store client, metrics). Figures are per GB of sector payload and per frame (4 sectors); the ratio is the stage over its bare counterpart
-(aggregator / bare forwarder, NodeGroup receive / bare receiver, producer / bare producer). Wall-clock rates
-mean little on a shared machine; CPU per GB side by side in one run does.
+store client, metrics). Figures are per GB of sector payload and per frame (4 sectors); the ratio is the
+stage over its bare counterpart (aggregator / bare forwarder, NodeGroup receive / bare receiver, producer /
+bare producer). Wall-clock rates mean little on a shared machine; CPU per GB side by side in one run does.
 """
 
 from __future__ import annotations

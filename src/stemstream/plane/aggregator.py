@@ -15,7 +15,9 @@ bounded buffer (``pending_limit``); when it is full the thread stops reading dat
 Data of a scan that no ``expect`` has named waits at most ``expect_grace_s`` (counted from the first such
 message of that scan number; later ones are rejected at once), so unknown scan numbers cannot hold a sector.
 Bad messages are rejected, counted per kind (registry counts ``rejected.<kind>``) and logged, rate-limited
-(one line per kind per 10 s). Every header is fully decoded; a frame is routed at most once per scan (the
+(one line per kind per 10 s). A header that is its scan's template byte for byte but the frame number and
+timestamp is routed on the fast path (wire/fastpath.py; the template comes from the scan's first header the
+full decoder passed); every other header is fully decoded. A frame is routed at most once per scan (the
 scan closes when as many messages are routed as the producers say they sent, so a duplicate routed would
 close it early).
 """

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -25,6 +25,7 @@ from stemstream.scans.records import AggregatorScanRecord
 from stemstream.store.registry import record_key, role_prefix
 from stemstream.transport.actor import POLL_MS, SendAborted, SendMeter, send_parts
 from stemstream.transport.sockets import make_socket
+from stemstream.wire.fastpath import HeaderTemplate, add_template, match
 from stemstream.wire.protocol import (
     DTYPE,
     MAX_HEADER_BYTES,
@@ -124,6 +125,8 @@ class Router:
         self.rejected: dict[str, int] = {}
         self.received_bytes = 0  # payload bytes of every data message read (metrics)
         self.meter = SendMeter()  # routed data: messages, payload bytes, time blocked on a NodeGroup
+        # The scans being routed, by their header template: the fast path (wire/fastpath.py) of _on_data.
+        self.fast: list[tuple[HeaderTemplate, Any]] = []
         self.worker = agg._add_worker(f"router-{sector}", self._run)
 
     # ---- loop
@@ -184,7 +187,12 @@ class Router:
     def _on_data(self, parts: list[zmq.Frame]) -> None:
         self.received += 1
         self.received_bytes += len(parts[-1])
-        if len(parts) != 2:
+        if len(parts) == 2 and len(parts[1]) == self.agg.sector_nbytes:
+            scan, frame = match(self.fast, parts[0].bytes)  # the common case: as its scan's template says
+            if scan is not None:
+                self._route_frame(scan, frame, parts)
+                return
+        if len(parts) != 2:  # the full path: every field decoded and validated by the protocol's decoder
             self._reject(None, "malformed", "data message of %d parts", len(parts))
             return
         try:
@@ -243,9 +251,15 @@ class Router:
             what = "scan %d is %s, header says %s"
             self._reject(scan, "wrong_shape", what, scan.number, scan.scan_shape, header.scan_shape)
             return
+        # The scan's first header that the full decoder passed gives the fast path its template.
+        if self._route_frame(scan, frame, parts) and self.scans.get((scan.number, scan.start)) is scan:
+            self.fast = add_template(self.fast, scan, header)
+
+    def _route_frame(self, scan: _Scan, frame: int, parts: list[zmq.Frame]) -> bool:
+        """Send frame ``frame`` of ``scan`` (header checked) to its NodeGroup; False: rejected."""
         if scan.routed_already(frame):
             self._reject(scan, "duplicate", "scan %d frame %d routed already", scan.number, frame)
-            return
+            return False
         i = frame % len(scan.members)
         peer = scan.peers[i]
         if peer is None or peer.dead:
@@ -256,7 +270,7 @@ class Router:
                 scan.number,
                 scan.members[i],
             )
-            return
+            return False
         try:
             send_parts(
                 peer.data, parts, stop=peer.abort, timeout=self.agg.scan_timeout_s, what=peer.uid, meter=self.meter
@@ -272,13 +286,14 @@ class Router:
             )
             peer.dead = True
             self._reject(scan, "no_route", "scan %d: NodeGroup %s is not taking data", scan.number, peer.uid)
-            return
+            return False
         scan.mark_routed(frame)
         scan.routed[i] += 1
         scan.routed_total += 1
         scan.touched = time.monotonic()
         if scan.sent_total is not None and scan.routed_total >= scan.sent_total:
             self._finish(scan)
+        return True
 
     # ---- info
 
@@ -407,6 +422,7 @@ class Router:
                 self._send_info(peer, end, scan.number)
         self._publish(scan, status)
         del self.scans[(scan.number, scan.start)]
+        self.fast = [(t, s) for t, s in self.fast if s is not scan]
         for i, uid in enumerate(scan.members):
             self.routed[uid] = self.routed.get(uid, 0) + scan.routed[i]
         self._finished(scan)

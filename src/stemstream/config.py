@@ -51,8 +51,8 @@ class Settings(BaseSettings):
     linger_ms: int = Field(2000, ge=0, le=600_000, description="never infinite")
     bind_host: str = "127.0.0.1"
     # Ports this process may bind that others must find: "LO-HI", tried in order until one is free: the metrics
-    # HTTP port (one per process), the live view's on rank 0 of a counting job (docs/analyses.md); the data
-    # plane's bound sockets will take theirs from here too.
+    # HTTP port (one per process), the live view's on rank 0 of a counting job (docs/analyses.md), the data
+    # plane's bound sockets (transport.sockets.bind_in_range; docs/operations.md, section 10).
     port_range: str = Field("40000-40999", pattern=r"^\s*\d{1,5}\s*-\s*\d{1,5}\s*$", description="LO-HI")
     # Prometheus metrics (docs/operations.md): every long-lived process serves /metrics on a port of port_range.
     metrics: bool = Field(True, description="serve /metrics (STEMSTREAM_METRICS=off: not at all)")

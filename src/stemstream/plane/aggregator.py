@@ -29,10 +29,11 @@ import os
 import socket as _socket
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from stemstream.config import Settings
-from stemstream.errors import WaitTimeout
+from stemstream.errors import ConfigError, WaitTimeout
 from stemstream.plane.receiver import Receiver
 from stemstream.plane.router import FINISHED_KEPT, Router
 from stemstream.store.registry import role_prefix
@@ -42,7 +43,9 @@ logger = logging.getLogger(__name__)
 
 
 class Aggregator(Receiver):
-    """The central router: ``n_sectors`` router threads, registered as ``/aggregators/<uid>``."""
+    """The central router: one router thread per sector it serves (``serve``; default all ``n_sectors``),
+    registered as ``/aggregators/<uid>`` with the endpoints of those sectors only. Several aggregators (one per
+    process, ``stemstream aggregator --processes N``) share a scan's sectors; the plan says which serves which."""
 
     role = "aggregator"
 
@@ -51,6 +54,7 @@ class Aggregator(Receiver):
         store: Any,
         *,
         n_sectors: int = N_SECTORS,
+        serve: Sequence[int] | None = None,
         uid: str | None = None,
         registry: Any = None,
         host: str | None = None,
@@ -78,7 +82,10 @@ class Aggregator(Receiver):
         # Data of a scan no expect has named waits this long (its expect may be a little behind on the wire).
         self.expect_grace_s = expect_grace_s or min(10.0, self.scan_timeout_s)
         self.resolve_timeout = resolve_timeout
-        self._routers = [Router(self, m) for m in range(n_sectors)]
+        self.served = tuple(sorted(set(range(n_sectors) if serve is None else serve)))
+        if not self.served or not all(0 <= m < n_sectors for m in self.served):
+            raise ConfigError(f"aggregator: serve sectors among 0..{n_sectors - 1}, got {list(serve or [])}")
+        self._routers = [Router(self, m) for m in self.served]
         self._done: dict[tuple[int, str], set[int]] = {}  # (scan, acquisition) -> sectors done
         self._done_cond = threading.Condition()
         self._unwatch: Any = None
@@ -126,7 +133,7 @@ class Aggregator(Receiver):
                 out["rejected"] += n
                 out[f"rejected.{kind}"] = out.get(f"rejected.{kind}", 0) + n
         with self._done_cond:
-            out["scans_done"] = sum(1 for s in self._done.values() if len(s) == self.n_sectors)
+            out["scans_done"] = sum(1 for s in self._done.values() if len(s) == len(self.served))
         out.update(more, nodegroups_lost=self._nodegroups_lost)
         return out
 
@@ -137,18 +144,18 @@ class Aggregator(Receiver):
             while len(self._done) > FINISHED_KEPT:
                 del self._done[next(iter(self._done))]
             self._done_cond.notify_all()
-            complete = len(done) == self.n_sectors
+            complete = len(done) == len(self.served)
         if complete:
             self._publisher.put("", None)  # refresh the registry counts now
 
     def wait_scan(self, scan_number: int, timeout: float, start: str | None = None) -> None:
-        """Block until every sector thread has closed ``scan_number`` (an acquisition of it; ``start``: that
-        one) (raises TimeoutError)."""
+        """Block until every router thread of this aggregator has closed ``scan_number`` (an acquisition of it;
+        ``start``: that one) (raises TimeoutError)."""
         deadline = time.monotonic() + timeout
 
         def closed() -> bool:
             return any(
-                n == scan_number and (start is None or s == start) and len(sectors) >= self.n_sectors
+                n == scan_number and (start is None or s == start) and len(sectors) >= len(self.served)
                 for (n, s), sectors in self._done.items()
             )
 

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "stemstream.commands.store",
     "stemstream.commands.plane",
     "stemstream.commands.count",
+    "stemstream.commands.replay",
     "stemstream.commands.analyse",
     "stemstream.commands.catalog",
     "stemstream.commands.keys",

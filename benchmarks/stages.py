@@ -205,6 +205,7 @@ def run_bare(n_frames: int, groups: int) -> dict[str, float]:
         pids = {"producer": [p.pid for p in producers], "forwarder": [forwarder.pid],
                 "receiver": [p.pid for p in receivers]}  # fmt: skip
         before = {k: sum(process_cpu(p) for p in v) for k, v in pids.items()}
+        threads_before = thread_cpu(forwarder.pid)
         go.set()
         want, got, t0 = n_frames * N_SECTORS, {}, time.time()
         while sum(got.values()) < want:
@@ -213,6 +214,7 @@ def run_bare(n_frames: int, groups: int) -> dict[str, float]:
                 got[msg[1]] = msg[2]
         seconds = time.time() - t0
         after = {k: sum(process_cpu(p) for p in v) for k, v in pids.items()}
+        after |= {f"forwarder thread {k}": v for k, v in _delta(thread_cpu(forwarder.pid), threads_before).items()}
     finally:
         stop.set()
         for p in procs:
@@ -230,7 +232,11 @@ def _plane_cpu(plane: StreamingPlane) -> dict[str, float]:
     by = plane.procs.by_name
     out = dict.fromkeys(("producer", "aggregator", "receive", "counting", "write", "ng_other"), 0.0)
     out["producer"] = sum(process_cpu(p.pid) for n, p in by.items() if n.startswith("producer-"))
-    out["aggregator"] = sum(process_cpu(p.pid) for n, p in by.items() if n.startswith("aggregator"))
+    for name, p in by.items():
+        if name.startswith("aggregator"):
+            out["aggregator"] += process_cpu(p.pid) + sum(process_cpu(c) for c in children(p.pid))  # --processes
+            for thread, cpu in thread_cpu(p.pid).items():
+                out[f"aggregator thread {thread}"] = out.get(f"aggregator thread {thread}", 0.0) + cpu
     for name, p in by.items():
         if not name.startswith("ng-"):
             continue
@@ -273,12 +279,18 @@ def table(plane: dict[str, float], bare: dict[str, float], nbytes: int, n_frames
     return "\n".join(lines)
 
 
+def _by_thread(cpu: dict[str, float], process: str) -> str:
+    threads = {k.split(" ", 2)[2]: v for k, v in cpu.items() if k.startswith(f"{process} thread ")}
+    return ", ".join(f"{k} {v:.2f}" for k, v in sorted(threads.items(), key=lambda kv: -kv[1]) if v >= 0.01)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=2048, help="frames per scan (4 sectors each)")
     parser.add_argument("--groups", type=int, default=2, help="NodeGroups / bare receivers")
     parser.add_argument("--repeat", type=int, default=1, help="repetitions (bare chain, then the plane)")
     parser.add_argument("--processes", type=int, default=1, help="stemstream aggregator --processes")
+    parser.add_argument("--consumer", choices=["count", "null"], default="count", help="the NodeGroups' consumer")
     args = parser.parse_args(argv)
 
     nbytes = args.frames * N_SECTORS * SECTOR_BYTES
@@ -286,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
           f"pass, {args.groups} NodeGroups / bare receivers, tcp loopback, {os.cpu_count()} CPUs")  # fmt: skip
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stages-bench-")))
-        consumer = ("--consumer", "count", "--engine", "cpu", "--output-dir", tmp / "counted")
+        consumer: tuple[Any, ...] = ("--consumer", "count", "--engine", "cpu", "--output-dir", tmp / "counted")
+        if args.consumer == "null":
+            consumer = ("--consumer", "null")
         env = {"STEMSTREAM_METRICS": "off"}
         plane = stack.enter_context(
             StreamingPlane(args.groups, 1, tmp, consumer_args=consumer, env=env, aggregator_processes=args.processes)
@@ -295,13 +309,15 @@ def main(argv: list[str] | None = None) -> int:
             bare = run_bare(args.frames, args.groups)
             before = _plane_cpu(plane)
             t0 = time.time()
-            record = plane.count(args.frames, seed=i + 1)
+            record = plane.count(args.frames, seed=i + 1) if args.consumer == "count" else plane.measure(args.frames)
             seconds = time.time() - t0
             time.sleep(1.0)  # the publisher threads' last round is not the scan's work, but let them settle
             used = _delta(_plane_cpu(plane), before)
             print(f"\nrun {i + 1}: bare chain {nbytes / bare['seconds'] / 1e9:.2f} GB/s wall; plane {seconds:.1f} s "
                   f"to the counted file ({record.get('frames', '?')} frames)")  # fmt: skip
             print(table(used, bare, nbytes, args.frames))
+            for what, cpu in (("aggregator", used), ("bare forwarder", bare)):
+                print(f"{what} process by thread, CPU-s: " + _by_thread(cpu, what.split()[-1]))
     return 0
 
 

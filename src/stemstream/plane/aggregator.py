@@ -75,6 +75,7 @@ class Aggregator(Receiver):
             n_sectors=n_sectors,
             curve_roles=("server", "client"),
             publish_interval=publish_interval,
+            n_receiving=len(set(range(n_sectors) if serve is None else serve)),
         )
         self.sector_nbytes = sector_nbytes or SECTOR_SHAPE[0] * SECTOR_SHAPE[1] * 2
         self.pending_limit = pending_limit

@@ -11,7 +11,9 @@ process with one thread per sector doing pull -> peek_frame_number -> push (``fr
 Both move the same messages (4 x frames sectors); the figure is bytes / (last message in - first sent).
 With ``--curve`` a second streaming path runs with ZeroMQ CURVE on every socket (keys made in a temporary
 directory, docs/security.md), so the cost of encryption is printed next to the plaintext figure.
-Usage: ``python benchmarks/plane.py [--frames 4096] [--groups 2] [--threads 1] [--repeat 3] [--curve]``.
+With ``--processes N`` another streaming path runs with ``stemstream aggregator --processes N`` (one aggregator
+process per share of the sectors), printed next to the one-process figure.
+Usage: ``python benchmarks/plane.py [--frames 4096] [--groups 2] [--threads 1] [--repeat 3] [--curve] [--processes N]``.
 Runs alternate (raw, streaming, [streaming with CURVE,] raw, ...) so that all see the same machine; the best
 of each counts.
 """
@@ -249,7 +251,9 @@ class StreamingPlane:
         nodegroup_cpus: str | None = None,
         keys_dir: Path | None = None,
         env: dict[str, str] | None = None,
+        aggregator_processes: int = 1,
     ) -> None:
+        self.aggregator_processes = aggregator_processes  # stemstream aggregator --processes
         self.cpus = cpus
         self.env = env or {}
         self.keys_dir = keys_dir  # CURVE on every socket with the keys there (None: this process's settings)
@@ -274,11 +278,12 @@ class StreamingPlane:
             self.client = StoreClient(self.server.address, timeout=10, settings=settings).start()
             address = self.server.address
             registry = Registry(self.client)
-            self.procs.start("aggregator", "aggregator", "--store", address)
+            shard = ("--processes", self.aggregator_processes) if self.aggregator_processes > 1 else ()
+            self.procs.start("aggregator", "aggregator", "--store", address, *shard)
             for g in range(self.groups):
                 self.procs.start(f"ng-{g}", "nodegroup", "--store", address, "--uid", f"ng-{g}",
                                  *self.consumer_args, cpus=self.nodegroup_cpus)  # fmt: skip
-            registry.wait_for_members("aggregator", 1, status="ready", timeout=60)
+            registry.wait_for_members("aggregator", self.aggregator_processes, status="ready", timeout=60)
             registry.wait_for_members("nodegroup", self.groups, status="ready", timeout=60)
             for m in range(N_SECTORS):
                 self.procs.start(f"producer-{m}", "producer", "--store", address, "--sector", m,
@@ -348,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="sender threads per streaming producer")
     parser.add_argument("--repeat", type=int, default=3, help="measured runs of each; the best counts")
     parser.add_argument("--curve", action="store_true", help="also run the streaming path with CURVE on")
+    parser.add_argument("--processes", type=int, default=1, help="also run it with N aggregator processes")
     args = parser.parse_args(argv)
 
     size = args.frames * N_SECTORS * SECTOR_BYTES / 1e9
@@ -356,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     raw: list[dict[str, float]] = []
     streaming: list[dict[str, float]] = []
     curved: list[dict[str, float]] = []
+    sharded: list[dict[str, float]] = []
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="plane-bench-")))
         (tmp / "plain").mkdir()
@@ -369,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
             curve_plane = stack.enter_context(
                 StreamingPlane(args.groups, args.threads, tmp / "curve", keys_dir=tmp / "keys")
             )
+        shard_plane = None
+        if args.processes > 1:
+            (tmp / "sharded").mkdir()
+            shard_plane = stack.enter_context(
+                StreamingPlane(args.groups, args.threads, tmp / "sharded", aggregator_processes=args.processes)
+            )
         for i in range(args.repeat):  # interleaved, so that all see the same machine
             r = run_raw(args.frames, args.groups)
             raw.append(r)
@@ -377,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
             streaming.append(r)
             print(f"  streaming path run {i + 1}: {r['gbps']:.2f} GB/s ({r['seconds']:.2f} s; "
                   f"{r['steady_gbps']:.2f} GB/s from the first message in)")  # fmt: skip
+            if shard_plane is not None:
+                r = shard_plane.measure(args.frames)
+                sharded.append(r)
+                print(f"  {args.processes} aggregators run {i + 1}: {r['gbps']:.2f} GB/s ({r['seconds']:.2f} s; "
+                      f"{r['steady_gbps']:.2f} GB/s from the first message in)")  # fmt: skip
             if curve_plane is not None:
                 r = curve_plane.measure(args.frames)
                 curved.append(r)
@@ -387,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     ratio = best_stream / best_raw
     print(f"best: streaming path {best_stream:.2f} GB/s, raw chain {best_raw:.2f} GB/s, ratio {ratio:.0%} "
           f"(target >= 70%)")  # fmt: skip
+    if sharded:
+        best_shard = max(r["gbps"] for r in sharded)
+        print(f"best: streaming path with {args.processes} aggregator processes {best_shard:.2f} GB/s, with one "
+              f"{best_stream:.2f} GB/s, ratio {best_shard / best_stream:.0%} (target >= 90%)")  # fmt: skip
     if curved:
         best_curve = max(r["gbps"] for r in curved)
         print(f"best: streaming path with CURVE {best_curve:.2f} GB/s, without {best_stream:.2f} GB/s, "

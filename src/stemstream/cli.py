@@ -12,7 +12,7 @@ import logging
 import sys
 
 from stemstream.errors import StemstreamError
-from stemstream.log import configure_logging
+from stemstream.log import configure_logging, name_native_threads
 
 # Modules that contribute sub-commands; each has register(subparsers) -> None.
 COMMAND_MODULES = [
@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "stemstream.commands.store",
     "stemstream.commands.plane",
     "stemstream.commands.count",
+    "stemstream.commands.replay",
     "stemstream.commands.analyse",
     "stemstream.commands.catalog",
     "stemstream.commands.keys",
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
+    name_native_threads()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

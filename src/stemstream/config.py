@@ -52,10 +52,13 @@ class Settings(BaseSettings):
     sndhwm: int = Field(1000, ge=1, le=1_000_000)
     rcvhwm: int = Field(1000, ge=1, le=1_000_000)
     linger_ms: int = Field(2000, ge=0, le=600_000, description="never infinite")
+    # ZeroMQ I/O threads of an aggregator's or a NodeGroup's context (ZeroMQ's rule: about one per GB/s).
+    # 0: sized by the process, one per two sectors it receives (an aggregator of 4 sectors: 2; of 1: 1).
+    io_threads: int = Field(0, ge=0, le=16, description="ZeroMQ I/O threads per receiver (0: by its sectors)")
     bind_host: str = "127.0.0.1"
     # Ports this process may bind that others must find: "LO-HI", tried in order until one is free: the metrics
-    # HTTP port (one per process), the live view's on rank 0 of a counting job (docs/analyses.md); the data
-    # plane's bound sockets will take theirs from here too.
+    # HTTP port (one per process), the live view's on rank 0 of a counting job (docs/analyses.md), the data
+    # plane's bound sockets (transport.sockets.bind_in_range; docs/operations.md, section 10).
     port_range: str = Field("40000-40999", pattern=r"^\s*\d{1,5}\s*-\s*\d{1,5}\s*$", description="LO-HI")
     # Prometheus metrics (docs/operations.md): every long-lived process serves /metrics on a port of port_range.
     metrics: bool = Field(True, description="serve /metrics (STEMSTREAM_METRICS=off: not at all)")

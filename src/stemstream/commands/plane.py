@@ -69,6 +69,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a = subparsers.add_parser("aggregator", help="route sector messages from the producers to the NodeGroups")
     add_store_arguments(a)
     a.add_argument("--sectors", type=int, default=4)
+    a.add_argument("--serve", default=None, help="the sectors this aggregator routes, e.g. 0,2 (default: all)")
+    a.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="N: one aggregator process per share of the sectors (sector m in process m %% N; UIDs <uid>-<i>)",
+    )
     a.add_argument("--uid", default=None)
     a.add_argument(
         "--host",
@@ -183,6 +190,9 @@ def _aggregator(args: argparse.Namespace) -> int:
     from stemstream.metrics.exporter import serve_metrics
     from stemstream.plane.aggregator import Aggregator
 
+    if args.processes != 1:
+        return _aggregator_processes(args)
+    serve = _sector_list(args.serve, args.sectors)
     metrics = serve_metrics(args.host)
     stop = _stop_on_signals()
     client = store_client(args, subtrees=SUBTREES["aggregator"], role="aggregator")
@@ -190,6 +200,7 @@ def _aggregator(args: argparse.Namespace) -> int:
         agg = Aggregator(
             client,
             n_sectors=args.sectors,
+            serve=serve,
             uid=args.uid,
             host=args.host,
             pending_limit=args.pending_limit,
@@ -200,6 +211,67 @@ def _aggregator(args: argparse.Namespace) -> int:
     finally:
         client.close()
         metrics.close()
+
+
+def _sector_list(text: str | None, n_sectors: int) -> list[int] | None:
+    from stemstream.errors import ConfigError
+
+    if not text:
+        return None
+    try:
+        sectors = [int(m) for m in text.split(",") if m.strip()]
+    except ValueError:
+        sectors = []
+    if not sectors or not all(0 <= m < n_sectors for m in sectors):
+        raise ConfigError(f"--serve {text!r}: give sector numbers 0..{n_sectors - 1} separated by commas, e.g. 0,2")
+    return sectors
+
+
+def _aggregator_processes(args: argparse.Namespace) -> int:
+    """``--processes N``: N aggregator processes, sector m in process m % N, each its own registry record
+    (``<uid>-<i>``); this process waits for a signal (or one of them to end) and stops them all."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from stemstream.errors import ConfigError
+
+    if not 1 <= args.processes <= args.sectors:
+        raise ConfigError(
+            f"--processes {args.processes}: give 1..{args.sectors} (one process per share of the sectors)"
+        )
+    base = args.uid or f"aggregator-{socket.gethostname()}-{os.getpid()}"
+    common = [sys.executable, "-m", "stemstream.cli", "aggregator", "--sectors", str(args.sectors),
+              "--pending-limit", str(args.pending_limit)]  # fmt: skip
+    for flag, value in (("--store", args.store), ("--store-backup", args.store_backup), ("--host", args.host),
+                        ("--scan-timeout", args.scan_timeout)):  # fmt: skip
+        if value is not None:
+            common += [flag, str(value)]
+    stop = _stop_on_signals()
+    children = []
+    try:
+        for i in range(args.processes):
+            share = ",".join(str(m) for m in range(args.sectors) if m % args.processes == i)
+            children.append(subprocess.Popen([*common, "--serve", share, "--uid", f"{base}-{i}"]))
+        while not stop.wait(0.5):
+            ended = [c for c in children if c.poll() is not None]
+            if ended:
+                logger.error(
+                    "aggregator process %d ended (exit %s); stopping the others", ended[0].pid, ended[0].returncode
+                )
+                return 1
+        return 0
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.terminate()
+        for c in children:
+            try:
+                c.wait(20)
+            except subprocess.TimeoutExpired:
+                c.kill()
+                c.wait(5)
 
 
 def _nodegroup(args: argparse.Namespace) -> int:

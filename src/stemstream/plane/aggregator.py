@@ -15,7 +15,9 @@ bounded buffer (``pending_limit``); when it is full the thread stops reading dat
 Data of a scan that no ``expect`` has named waits at most ``expect_grace_s`` (counted from the first such
 message of that scan number; later ones are rejected at once), so unknown scan numbers cannot hold a sector.
 Bad messages are rejected, counted per kind (registry counts ``rejected.<kind>``) and logged, rate-limited
-(one line per kind per 10 s). Every header is fully decoded; a frame is routed at most once per scan (the
+(one line per kind per 10 s). A header that is its scan's template byte for byte but the frame number and
+timestamp is routed on the fast path (wire/fastpath.py; the template comes from the scan's first header the
+full decoder passed); every other header is fully decoded. A frame is routed at most once per scan (the
 scan closes when as many messages are routed as the producers say they sent, so a duplicate routed would
 close it early).
 """
@@ -27,10 +29,11 @@ import os
 import socket as _socket
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from stemstream.config import Settings
-from stemstream.errors import WaitTimeout
+from stemstream.errors import ConfigError, WaitTimeout
 from stemstream.plane.receiver import Receiver
 from stemstream.plane.router import FINISHED_KEPT, Router
 from stemstream.store.registry import role_prefix
@@ -40,7 +43,9 @@ logger = logging.getLogger(__name__)
 
 
 class Aggregator(Receiver):
-    """The central router: ``n_sectors`` router threads, registered as ``/aggregators/<uid>``."""
+    """The central router: one router thread per sector it serves (``serve``; default all ``n_sectors``),
+    registered as ``/aggregators/<uid>`` with the endpoints of those sectors only. Several aggregators (one per
+    process, ``stemstream aggregator --processes N``) share a scan's sectors; the plan says which serves which."""
 
     role = "aggregator"
 
@@ -49,6 +54,7 @@ class Aggregator(Receiver):
         store: Any,
         *,
         n_sectors: int = N_SECTORS,
+        serve: Sequence[int] | None = None,
         uid: str | None = None,
         registry: Any = None,
         host: str | None = None,
@@ -69,6 +75,7 @@ class Aggregator(Receiver):
             n_sectors=n_sectors,
             curve_roles=("server", "client"),
             publish_interval=publish_interval,
+            n_receiving=len(set(range(n_sectors) if serve is None else serve)),
         )
         self.sector_nbytes = sector_nbytes or SECTOR_SHAPE[0] * SECTOR_SHAPE[1] * 2
         self.pending_limit = pending_limit
@@ -76,7 +83,10 @@ class Aggregator(Receiver):
         # Data of a scan no expect has named waits this long (its expect may be a little behind on the wire).
         self.expect_grace_s = expect_grace_s or min(10.0, self.scan_timeout_s)
         self.resolve_timeout = resolve_timeout
-        self._routers = [Router(self, m) for m in range(n_sectors)]
+        self.served = tuple(sorted(set(range(n_sectors) if serve is None else serve)))
+        if not self.served or not all(0 <= m < n_sectors for m in self.served):
+            raise ConfigError(f"aggregator: serve sectors among 0..{n_sectors - 1}, got {list(serve or [])}")
+        self._routers = [Router(self, m) for m in self.served]
         self._done: dict[tuple[int, str], set[int]] = {}  # (scan, acquisition) -> sectors done
         self._done_cond = threading.Condition()
         self._unwatch: Any = None
@@ -124,7 +134,7 @@ class Aggregator(Receiver):
                 out["rejected"] += n
                 out[f"rejected.{kind}"] = out.get(f"rejected.{kind}", 0) + n
         with self._done_cond:
-            out["scans_done"] = sum(1 for s in self._done.values() if len(s) == self.n_sectors)
+            out["scans_done"] = sum(1 for s in self._done.values() if len(s) == len(self.served))
         out.update(more, nodegroups_lost=self._nodegroups_lost)
         return out
 
@@ -135,18 +145,18 @@ class Aggregator(Receiver):
             while len(self._done) > FINISHED_KEPT:
                 del self._done[next(iter(self._done))]
             self._done_cond.notify_all()
-            complete = len(done) == self.n_sectors
+            complete = len(done) == len(self.served)
         if complete:
             self._publisher.put("", None)  # refresh the registry counts now
 
     def wait_scan(self, scan_number: int, timeout: float, start: str | None = None) -> None:
-        """Block until every sector thread has closed ``scan_number`` (an acquisition of it; ``start``: that
-        one) (raises TimeoutError)."""
+        """Block until every router thread of this aggregator has closed ``scan_number`` (an acquisition of it;
+        ``start``: that one) (raises TimeoutError)."""
         deadline = time.monotonic() + timeout
 
         def closed() -> bool:
             return any(
-                n == scan_number and (start is None or s == start) and len(sectors) >= self.n_sectors
+                n == scan_number and (start is None or s == start) and len(sectors) >= len(self.served)
                 for (n, s), sectors in self._done.items()
             )
 

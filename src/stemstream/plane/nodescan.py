@@ -4,14 +4,15 @@ header check of its data messages."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 import numpy as np
 
 from stemstream.nodes.consumer import ScanInfo
-from stemstream.wire.protocol import DTYPE, MAX_HEADER_BYTES, PROTOCOL_VERSION, ExpectMessage
+from stemstream.wire import fastpath
+from stemstream.wire.protocol import DTYPE, MAX_HEADER_BYTES, PROTOCOL_VERSION, ExpectMessage, SectorHeader
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class HeaderTemplate:
     n_sectors: int
     sector_shape: list[int]
     sector_nbytes: int
+    # Per sector: the byte templates of the scans' headers (wire/fastpath.py), made from a header that passed.
+    lanes: dict[int, list[tuple[fastpath.HeaderTemplate, Any]]] = field(default_factory=dict)
 
 
 def _same(value: Any, want: int) -> bool:
@@ -151,6 +154,11 @@ def fast_check(
     validates it and says what is wrong; what passes here would pass there."""
     if len(parts) != 2:
         return None
+    lane = template.lanes.get(m) or []
+    scan, f = fastpath.match(lane, getattr(parts[0], "bytes", parts[0]))
+    if scan is not None and scans.get(scan.number) is scan and f % scan.n_members == scan.my_index:
+        payload = memoryview(getattr(parts[1], "buffer", parts[1])).cast("B")
+        return (scan, f, payload) if payload.nbytes == template.sector_nbytes else None
     raw = getattr(parts[0], "buffer", parts[0])
     if len(raw) > MAX_HEADER_BYTES:
         return None
@@ -180,4 +188,9 @@ def fast_check(
     payload = memoryview(getattr(parts[1], "buffer", parts[1])).cast("B")
     if payload.nbytes != template.sector_nbytes:
         return None
+    if all(s is not scan for _, s in lane):  # from now on this scan's headers take the byte comparison
+        header = SectorHeader(scan_number, f, m, scan.scan_shape, tuple(template.sector_shape),  # type: ignore[arg-type]
+                              template.n_sectors, DTYPE, ts, start or "")  # fmt: skip
+        kept = [(t, s) for t, s in lane if scans.get(s.number) is s]  # scans that closed leave
+        template.lanes[m] = fastpath.add_template(kept, scan, header)
     return scan, f, payload

@@ -12,18 +12,19 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from stemstream.errors import ProtocolError
 from stemstream.plane.admission import MemberResolver, OpenScans, admit_expect, make_room
 from stemstream.plane.receiver import Every, decode_info_parts, drain
+from stemstream.plane.routescan import RoutePeer, RouteScan
 from stemstream.scans import keys
 from stemstream.scans.records import AggregatorScanRecord
 from stemstream.transport.actor import POLL_MS, SendAborted, SendMeter, send_parts
 from stemstream.transport.sockets import make_socket
+from stemstream.wire.fastpath import HeaderTemplate, add_template, match
 from stemstream.wire.protocol import (
     DTYPE,
     MAX_HEADER_BYTES,
@@ -49,75 +50,20 @@ ScanKey = tuple[int, str]  # (scan number, acquisition id): scan numbers are reu
 _Held = tuple[float, ScanKey, SectorHeader, list[zmq.Frame]]  # (arrival, (scan, start as sent), header, parts)
 
 
-@dataclass
-class _Peer:
-    """The PUSH sockets of one router thread to one NodeGroup."""
-
-    uid: str
-    endpoints: tuple[str, str]
-    data: zmq.Socket
-    info: zmq.Socket
-    dead: bool = False
-    # Set when the NodeGroup's registry record goes (it died) or the aggregator stops: a send blocked on
-    # it gives up at once instead of holding the sector's thread, and every other NodeGroup, for the
-    # whole send timeout.
-    abort: threading.Event = field(default_factory=threading.Event)
-
-    def close(self) -> None:
-        self.data.close()
-        self.info.close()
-
-
-class _Scan:
-    """One scan (one acquisition of a scan number) as seen by one router thread."""
-
-    def __init__(self, number: int, start: str) -> None:
-        self.number = number
-        self.start = start
-        self.expects: dict[str, ExpectMessage] = {}
-        self.ends: dict[str, EndMessage] = {}
-        self.threads = 0
-        self.members: tuple[str, ...] = ()
-        self.scan_shape = (0, 0)
-        self.n_frames = 0
-        self.expected: dict[str, int] = {}
-        self.active = False
-        self.peers: list[_Peer | None] = []
-        self.routed: list[int] = []
-        self.routed_total = 0
-        self.sent: dict[str, int] = {}
-        self.sent_total: int | None = None
-        self.lost = 0
-        self.rejected = 0
-        self.started = time.time()
-        self.touched = time.monotonic()
-        self._routed_frames = bytearray()  # bit f: frame f routed; grows with the frames seen, not the scan
-
-    def routed_already(self, frame: int) -> bool:
-        i = frame >> 3
-        return i < len(self._routed_frames) and bool(self._routed_frames[i] >> (frame & 7) & 1)
-
-    def mark_routed(self, frame: int) -> None:
-        i, seen = frame >> 3, self._routed_frames
-        if i >= len(seen):
-            seen.extend(bytes(max(i + 1 - len(seen), len(seen), 64)))
-        seen[i] |= 1 << (frame & 7)
-
-
 class Router:
     """Router thread of sector ``m`` (an actor: its sockets are made, used and closed in its thread)."""
 
     def __init__(self, agg: Aggregator, sector: int) -> None:
         self.agg = agg
         self.m = sector
-        self.scans: dict[ScanKey, _Scan] = {}
+        self.scans: dict[ScanKey, RouteScan] = {}
         self.finished: OrderedDict[ScanKey, None] = OrderedDict()
         # The newest acquisition of each scan number (by its first expect): what a message without a
         # ``start`` belongs to (docs/protocol.md).
         self.newest: OrderedDict[int, str] = OrderedDict()
         self.pending: deque[_Held] = deque()
         self.unknown: OrderedDict[ScanKey, float] = OrderedDict()  # scan no expect named -> its first data
-        self.peers: dict[str, _Peer] = {}
+        self.peers: dict[str, RoutePeer] = {}
         self.received = 0
         self.routed: dict[str, int] = {}  # per NodeGroup, scans closed (counts() adds the open ones)
         self.rejected: dict[str, int] = {}
@@ -126,6 +72,8 @@ class Router:
         # What one message may cost this thread (plane.admission): no wait on the registry, bounded open scans.
         self.resolver = MemberResolver(self._registered, agg.resolve_timeout)
         self.open = OpenScans(agg.settings.max_open_scans, agg.settings.max_expect_bytes)
+        # The scans being routed, by their header template: the fast path (wire/fastpath.py) of _on_data.
+        self.fast: list[tuple[HeaderTemplate, Any]] = []
         self.worker = agg._add_worker(f"router-{sector}", self._run)
 
     # ---- loop
@@ -199,7 +147,12 @@ class Router:
     def _on_data(self, parts: list[zmq.Frame]) -> None:
         self.received += 1
         self.received_bytes += len(parts[-1])
-        if len(parts) != 2:
+        if len(parts) == 2 and len(parts[1]) == self.agg.sector_nbytes:
+            scan, frame = match(self.fast, parts[0].bytes)  # the common case: as its scan's template says
+            if scan is not None:
+                self._route_frame(scan, frame, parts)
+                return
+        if len(parts) != 2:  # the full path: every field decoded and validated by the protocol's decoder
             self._reject(None, "malformed", "data message of %d parts", len(parts))
             return
         try:
@@ -216,13 +169,8 @@ class Router:
             self._reject(None, "wrong_shape", what, *args)
             return
         if len(parts[1]) != self.agg.sector_nbytes:
-            self._reject(
-                None,
-                "wrong_size",
-                "payload of %d bytes, a sector is %d",
-                len(parts[1]),
-                self.agg.sector_nbytes,
-            )
+            what = "payload of %d bytes, a sector is %d"
+            self._reject(None, "wrong_size", what, len(parts[1]), self.agg.sector_nbytes)
             return
         sent_as = (header.scan_number, header.start)
         key = self._key(*sent_as)
@@ -249,7 +197,7 @@ class Router:
             self.unknown.popitem(last=False)
         return now - first
 
-    def _route(self, scan: _Scan, header: SectorHeader, parts: list[zmq.Frame]) -> None:
+    def _route(self, scan: RouteScan, header: SectorHeader, parts: list[zmq.Frame]) -> None:
         frame = header.frame_number
         if frame >= scan.n_frames:
             self._reject(scan, "frame_range", "frame %d outside scan %d", frame, scan.number)
@@ -258,9 +206,15 @@ class Router:
             what = "scan %d is %s, header says %s"
             self._reject(scan, "wrong_shape", what, scan.number, scan.scan_shape, header.scan_shape)
             return
+        # The scan's first header that the full decoder passed gives the fast path its template.
+        if self._route_frame(scan, frame, parts) and self.scans.get((scan.number, scan.start)) is scan:
+            self.fast = add_template(self.fast, scan, header)
+
+    def _route_frame(self, scan: RouteScan, frame: int, parts: list[zmq.Frame]) -> bool:
+        """Send frame ``frame`` of ``scan`` (header checked) to its NodeGroup; False: rejected."""
         if scan.routed_already(frame):
             self._reject(scan, "duplicate", "scan %d frame %d routed already", scan.number, frame)
-            return
+            return False
         i = frame % len(scan.members)
         peer = scan.peers[i]
         if peer is None or peer.dead:
@@ -271,7 +225,7 @@ class Router:
                 scan.number,
                 scan.members[i],
             )
-            return
+            return False
         try:
             send_parts(
                 peer.data, parts, stop=peer.abort, timeout=self.agg.scan_timeout_s, what=peer.uid, meter=self.meter
@@ -287,13 +241,14 @@ class Router:
             )
             peer.dead = True
             self._reject(scan, "no_route", "scan %d: NodeGroup %s is not taking data", scan.number, peer.uid)
-            return
+            return False
         scan.mark_routed(frame)
         scan.routed[i] += 1
         scan.routed_total += 1
         scan.touched = time.monotonic()
         if scan.sent_total is not None and scan.routed_total >= scan.sent_total:
             self._finish(scan)
+        return True
 
     # ---- info
 
@@ -310,7 +265,7 @@ class Router:
         if scan is None:
             for other in [s for s in self.scans.values() if s.number == n]:
                 self._supersede(other, key[1])
-            scan = self.scans[key] = _Scan(*key)
+            scan = self.scans[key] = RouteScan(*key)
             self.newest[n] = key[1]
             self.newest.move_to_end(n)
             while len(self.newest) > FINISHED_KEPT:
@@ -340,7 +295,7 @@ class Router:
         if len(scan.expects) == msg.threads:
             self._activate(scan)
 
-    def _activate(self, scan: _Scan, resolved: bool = False) -> None:
+    def _activate(self, scan: RouteScan, resolved: bool = False) -> None:
         first = next(iter(scan.expects.values()))
         key = (scan.number, scan.start)
         if not resolved and not self.resolver.known(first.members):
@@ -411,7 +366,7 @@ class Router:
         scan.touched = time.monotonic()
         self._check_ends(scan)
 
-    def _check_ends(self, scan: _Scan) -> None:
+    def _check_ends(self, scan: RouteScan) -> None:
         if not scan.active or scan.sent_total is not None or len(scan.ends) < scan.threads:
             return
         sent = dict.fromkeys(scan.members, 0)
@@ -424,26 +379,27 @@ class Router:
         if scan.routed_total >= scan.sent_total:
             self._finish(scan)
 
-    def _finish(self, scan: _Scan, status: str = "done") -> None:
+    def _finish(self, scan: RouteScan, status: str = "done") -> None:
         end = EndMessage(self.agg.uid, scan.number, self.m, dict(scan.sent), scan.lost, start=scan.start).encode()
         for peer in scan.peers:
             if peer is not None:
                 self._send_info(peer, end, scan.number)
         self._publish(scan, status)
         del self.scans[(scan.number, scan.start)]
+        self.fast = [(t, s) for t, s in self.fast if s is not scan]
         for i, uid in enumerate(scan.members):
             self.routed[uid] = self.routed.get(uid, 0) + scan.routed[i]
         self._finished(scan)
         self.agg._sector_done(scan.number, scan.start, self.m)
 
-    def _finished(self, scan: _Scan) -> None:
+    def _finished(self, scan: RouteScan) -> None:
         self.open.close((scan.number, scan.start))
         self.resolver.forget((scan.number, scan.start))
         self.finished[(scan.number, scan.start)] = None
         while len(self.finished) > FINISHED_KEPT:
             self.finished.popitem(last=False)
 
-    def _supersede(self, old: _Scan, start: str) -> None:
+    def _supersede(self, old: RouteScan, start: str) -> None:
         """A new acquisition of ``old``'s scan number began (a DAQ restart reset the counter): ``old`` is
         over. Closed with what was routed, as a scan that timed out."""
         self.agg._rlog.error(f"superseded.{self.m}", "sector %d scan %s: a new acquisition of the number (%s) "
@@ -456,7 +412,7 @@ class Router:
             del self.scans[(old.number, old.start)]
             self._finished(old)
 
-    def _send_info(self, peer: _Peer, message: bytes, scan_number: int) -> None:
+    def _send_info(self, peer: RoutePeer, message: bytes, scan_number: int) -> None:
         if peer.dead:
             return
         try:
@@ -480,11 +436,11 @@ class Router:
 
     # ---- peers, bookkeeping
 
-    def _connect(self, members: tuple[str, ...]) -> list[_Peer | None]:
+    def _connect(self, members: tuple[str, ...]) -> list[RoutePeer | None]:
         """PUSH sockets to each member's ``data_<m>`` and ``info``, from its registry record."""
         agg = self.agg
         records = {r.uid: r for r in agg._registry.members("nodegroup")}  # the local replica: no waiting here
-        peers: list[_Peer | None] = []
+        peers: list[RoutePeer | None] = []
         for uid in members:
             rec = records.get(uid)
             eps = (
@@ -509,7 +465,7 @@ class Router:
                 info = make_socket(agg._ctx, zmq.PUSH, settings=agg.settings, role="client", server_key=key)
                 data.connect(eps[0])
                 info.connect(eps[1])
-                peer = self.peers[uid] = _Peer(uid, (eps[0], eps[1]), data, info)
+                peer = self.peers[uid] = RoutePeer(uid, (eps[0], eps[1]), data, info)
             peers.append(peer)
         busy = {u for s in self.scans.values() for u in s.members} | set(members)
         for uid in [u for u in self.peers if u not in records and u not in busy]:
@@ -559,21 +515,21 @@ class Router:
                 del self.scans[(scan.number, scan.start)]
                 self._finished(scan)
 
-    def _close_timed_out(self, scan: _Scan) -> None:
+    def _close_timed_out(self, scan: RouteScan) -> None:
         """Close an active scan that will get no more (its producers went quiet, or it was superseded)."""
         if scan.sent_total is None:
             scan.sent = {uid: scan.routed[i] for i, uid in enumerate(scan.members)}
             scan.lost = scan.n_frames - scan.routed_total
         self._finish(scan, status="timeout")
 
-    def _reject(self, scan: _Scan | None, kind: str, msg: str, *args: object) -> None:
+    def _reject(self, scan: RouteScan | None, kind: str, msg: str, *args: object) -> None:
         self.rejected[kind] = self.rejected.get(kind, 0) + 1
         if scan is not None:
             scan.rejected += 1
         # Rate-limited per kind and sector: one sector's flood does not hide another's.
         self.agg._rlog.warning(f"{kind}.{self.m}", "aggregator sector %d: rejected (%s): " + msg, self.m, kind, *args)
 
-    def _publish(self, scan: _Scan, status: str) -> None:
+    def _publish(self, scan: RouteScan, status: str) -> None:
         record = AggregatorScanRecord(
             aggregator=self.agg.uid,
             sector=self.m,

@@ -241,7 +241,7 @@ class SectorSender:
         p, plan = self._producer, self._session.plan
         m = p.sector
         eps = plan.aggregator_endpoints
-        self._slot.connect(p._ctx, p.settings, eps[f"data_{m}"], eps[f"info_{m}"], plan.aggregator_server_key)
+        self._slot.connect(p._ctx, p.settings, eps[f"data_{m}"], eps[f"info_{m}"], plan.server_key_of(m))
         expect = ExpectMessage(
             producer=self.producer_id,
             scan_number=plan.scan_number,

@@ -72,8 +72,10 @@ def decide_plan(
     start: str = "",
     raw_dir: str = "",
 ) -> ScanPlan:
-    """The leader's decision: stream to the ready NodeGroups (sorted by UID) through the first ready
-    aggregator that has an endpoint pair for every sector, or go to disk when either is missing.
+    """The leader's decision: stream to the ready NodeGroups (sorted by UID), each sector through the first ready
+    aggregator that has an endpoint pair for it (one aggregator for every sector when one has them all; else
+    several, each serving some sectors: ``stemstream aggregator --processes N``), or go to disk when no NodeGroup
+    is ready or a sector has no aggregator.
     ``start`` and ``raw_dir`` name the acquisition and where its raw files go (:func:`new_acquisition`).
 
     Counting NodeGroups gather a scan's events within their MPI job, so a scan goes to one job's NodeGroups
@@ -81,11 +83,7 @@ def decide_plan(
     newest job. NodeGroups without a job (test consumers) form one group of their own.
     """
     nodegroups, job = _one_job(registry.members("nodegroup", status="ready"))
-    aggregators = [
-        a
-        for a in registry.members("aggregator", status="ready")
-        if all(f"data_{m}" in a.endpoints and f"info_{m}" in a.endpoints for m in range(n_sectors))
-    ]
+    aggregators = _sector_aggregators(registry.members("aggregator", status="ready"), n_sectors)
     common = {
         "scan_number": scan_number,
         "scan_shape": (int(scan_shape[0]), int(scan_shape[1])),
@@ -98,12 +96,20 @@ def decide_plan(
     }
     if nodegroups and aggregators:
         agg = aggregators[0]
+        sharded = any(a is not agg for a in aggregators)
+        endpoints = {}
+        for m, a in enumerate(aggregators):
+            endpoints.update({f"data_{m}": a.endpoints[f"data_{m}"], f"info_{m}": a.endpoints[f"info_{m}"]})
         return ScanPlan(
             route=ROUTE_STREAM,
             members=tuple(sorted(r.uid for r in nodegroups)),
             aggregator=agg.uid,
-            aggregator_endpoints={k: v for k, v in agg.endpoints.items() if k.startswith(("data_", "info_"))},
+            aggregator_endpoints=endpoints,
             aggregator_server_key=getattr(agg, "server_key", None),
+            sector_aggregators={str(m): a.uid for m, a in enumerate(aggregators)} if sharded else {},
+            aggregator_server_keys={a.uid: a.server_key for a in aggregators if getattr(a, "server_key", None)}
+            if sharded
+            else {},
             reason=f"{len(nodegroups)} NodeGroup(s) ready" + (f" (job {job})" if job else ""),
             # A scan is acknowledged by its counted file when the NodeGroups count (docs/reliability.md).
             ack="counted" if any(r.extra.get("ack") == "counted" for r in nodegroups) else "received",
@@ -112,6 +118,20 @@ def decide_plan(
         )
     reason = "no NodeGroup is ready" if not nodegroups else "no aggregator is ready"
     return ScanPlan(route=ROUTE_DISK, reason=reason, **common)
+
+
+def _sector_aggregators(ready: list[Any], n_sectors: int) -> list[Any]:
+    """Per sector, the aggregator record that serves it: the first (registry order) that serves every sector,
+    else for each sector the first that has its endpoint pair; [] when a sector has none."""
+
+    def serves(a: Any, m: int) -> bool:
+        return f"data_{m}" in a.endpoints and f"info_{m}" in a.endpoints
+
+    whole = [a for a in ready if all(serves(a, m) for m in range(n_sectors))]
+    if whole:
+        return [whole[0]] * n_sectors
+    chosen = [next((a for a in ready if serves(a, m)), None) for m in range(n_sectors)]
+    return [] if any(a is None for a in chosen) else chosen
 
 
 def _one_job(nodegroups: list[Any]) -> tuple[list[Any], str | None]:

@@ -102,10 +102,11 @@ def own_sector(w: Write) -> str | None:
 
 
 def plans_aggregator(w: Write) -> str | None:
-    """The plan of scan ``n`` names an aggregator whose registry record is the writer's."""
+    """The plan of scan ``n`` names, for sector ``sector_n``, an aggregator whose registry record is the writer's."""
     plan = _plan(w)
-    if plan is None or plan.aggregator is None or _registry(w, AGGREGATOR, plan.aggregator) is None:
-        return f"scan {w.fields['n']}'s aggregator is not the writer's"
+    uid = plan.aggregator_of(int(w.fields["sector_n"])) if plan is not None else None
+    if uid is None or _registry(w, AGGREGATOR, uid) is None:
+        return f"scan {w.fields['n']}'s aggregator of sector {w.fields['sector_n']} is not the writer's"
     return None
 
 

@@ -92,9 +92,13 @@ class ScanPlan(Record):
     scan_shape: tuple[int, int]
     route: str  # ROUTE_STREAM or ROUTE_DISK
     members: tuple[str, ...] = ()  # NodeGroup UIDs in routing order (stream only)
-    aggregator: str | None = None
-    aggregator_endpoints: dict[str, str] = field(default_factory=dict)  # data_<m>, info_<m>
-    aggregator_server_key: str | None = None  # CURVE: the key the aggregator published with its endpoints
+    aggregator: str | None = None  # the aggregator of sector 0 (of every sector unless sector_aggregators says)
+    aggregator_endpoints: dict[str, str] = field(default_factory=dict)  # data_<m>, info_<m>: each its sector's
+    aggregator_server_key: str | None = None  # CURVE: the key ``aggregator`` published with its endpoints
+    # Sharded routing: sector ("0".."n-1") -> the UID of the aggregator that serves it, and each of those
+    # aggregators' published CURVE key. Empty: ``aggregator`` serves every sector (plans before sharding).
+    sector_aggregators: dict[str, str] = field(default_factory=dict)
+    aggregator_server_keys: dict[str, str] = field(default_factory=dict)
     fallback_dir: str | None = None  # from the scan request; None: each producer's own default
     n_sectors: int = N_SECTORS
     decided_by: str = ""
@@ -115,6 +119,17 @@ class ScanPlan(Record):
     @property
     def n_frames(self) -> int:
         return self.scan_shape[0] * self.scan_shape[1]
+
+    def aggregator_of(self, sector: int) -> str | None:
+        """The UID of the aggregator that routes ``sector`` of this scan."""
+        return self.sector_aggregators.get(str(sector), self.aggregator)
+
+    def server_key_of(self, sector: int) -> str | None:
+        """The CURVE key of ``sector``'s aggregator (None: CURVE off, or none published)."""
+        uid = self.aggregator_of(sector)
+        if uid is not None and uid in self.aggregator_server_keys:
+            return self.aggregator_server_keys[uid]
+        return self.aggregator_server_key if uid == self.aggregator else None
 
     def to_record(self) -> dict[str, Any]:
         record = super().to_record()

@@ -18,10 +18,11 @@ from __future__ import annotations
 import zmq
 
 from stemstream.config import Settings, get_settings
+from stemstream.errors import ConfigError
 from stemstream.transport.keys import CurveKeys
 from stemstream.transport.security import Role, curve_security, stop_authenticator
 
-__all__ = ["CURVE_HANDSHAKE_BYTES", "CurveKeys", "Role", "bind_random", "make_socket", "term_context"]
+__all__ = ["CURVE_HANDSHAKE_BYTES", "CurveKeys", "Role", "bind_in_range", "bind_random", "make_socket", "term_context"]
 
 # The smallest ZMQ_MAXMSGSIZE with which a CURVE handshake still completes (with room for metadata).
 CURVE_HANDSHAKE_BYTES = 512
@@ -89,3 +90,28 @@ def bind_random(sock: zmq.Socket, host: str = "127.0.0.1", *, max_msg_size: int 
         sock.setsockopt(zmq.MAXMSGSIZE, max_msg_size)
     port = sock.bind_to_random_port(f"tcp://{host}")
     return f"tcp://{host}:{port}"
+
+
+def bind_in_range(
+    sock: zmq.Socket,
+    host: str = "127.0.0.1",
+    *,
+    settings: Settings | None = None,
+    max_msg_size: int | None = None,
+) -> str:
+    """Bind to the first free port of ``STEMSTREAM_PORT_RANGE`` on ``host`` and return the endpoint others should
+    connect to: every socket a service binds for others to find is in that one range (firewall rules,
+    docs/operations.md). ``max_msg_size`` as in :func:`bind_random`. Raises ConfigError (one line) when every
+    port of the range is taken."""
+    s = settings or get_settings()
+    if max_msg_size is not None:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_msg_size)
+    for port in s.ports:
+        try:
+            sock.bind(f"tcp://{host}:{port}")
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EADDRINUSE:
+                continue  # taken (another service, or another socket of this one): the next
+            raise ConfigError(f"cannot bind tcp://{host}:{port}: {exc}") from None
+        return f"tcp://{host}:{port}"
+    raise ConfigError(f"no free port in STEMSTREAM_PORT_RANGE={s.port_range} on {host}; widen the range")

@@ -54,7 +54,9 @@ def test_a_scan_through_two_aggregators_is_counted_whole_and_equal_to_stempy(tmp
     sparse, meta = read_counted(record["path"])
     dark = np.load(dark_path)
     ours = [np.asarray(e, dtype=np.uint32) for e in np.asarray(sparse.data).ravel()]
-    theirs = _stempy_from_raw_files(tmp_path, meta["thresholds"], dark)
+    from stemstream.wire.rawfile import write_scan
+
+    theirs = _stempy_from_raw_files(write_scan(_sim(), tmp_path / "raw"), meta["thresholds"], dark)
     assert len(ours) == len(theirs) == SHAPE[0] * SHAPE[1]
     differ = [f for f, (a, b) in enumerate(zip(ours, theirs, strict=True)) if not np.array_equal(a, b)]
     assert not differ, f"frames {differ[:10]} differ from stempy's"

@@ -87,7 +87,8 @@ class Coordinator:
         self._uid_rank: dict[str, int] = {}
         self._heard: dict[int, float] = {}  # rank -> when rank 0 last heard from it (monotonic)
         self._scans: dict[tuple[int, str], _CoordScan] = {}
-        self._written: dict[tuple[int, str], dict[str, Any]] = {}
+        self._written: dict[tuple[int, str], dict[str, Any]] = {}  # the last 4096, for wait_written
+        self._files_total: dict[str, int] = {}  # every file written, by status (a counter: never goes down)
         self._written_cond = threading.Condition()
         self.analyses: Any = None  # analyses.board.Board: results into the file (before_write, after_write)
 
@@ -112,12 +113,8 @@ class Coordinator:
 
     def files(self) -> dict[str, int]:
         """Scans written so far, by the status of their counted record (counted, partial, failed)."""
-        out: dict[str, int] = {}
         with self._written_cond:
-            for record in self._written.values():
-                status = str(record.get("status", ""))
-                out[status] = out.get(status, 0) + 1
-        return out
+            return dict(self._files_total)
 
     def heard(self, rank: int) -> None:
         self._heard[rank] = time.monotonic()
@@ -412,6 +409,8 @@ class Coordinator:
             f": {record.error}" if record.error else "",
         )
         value = record.to_record()
+        with self._written_cond:  # counted before the store says so: a scrape after the record sees the file
+            self._files_total[record.status] = self._files_total.get(record.status, 0) + 1
         if self.store is not None:
             try:
                 self.store.set(keys.counted(cs.number), value)

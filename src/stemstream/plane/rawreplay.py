@@ -26,7 +26,7 @@ import numpy as np
 from stemstream.errors import RawFileError
 from stemstream.plane.producer import Producer
 from stemstream.plane.session import ProducerScanResult
-from stemstream.transport.actor import Worker
+from stemstream.transport.actor import Worker, run_workers
 from stemstream.wire.protocol import N_SECTORS, SECTOR_SHAPE
 from stemstream.wire.rawfile import HEADER, HEADER_BYTES, find_acquisitions, sector_of_path
 
@@ -142,12 +142,7 @@ def replay_scan(
             Worker(f"replay-{m}", lambda m=m: _sector(producers[m], sources[m], number, recorded, rate, stop, results))
             for m in range(N_SECTORS)
         ]
-        for w in workers:
-            w.start()
-        for w in workers:
-            while w.is_alive():
-                w.join(0.2)
-            w.maybe_raise()
+        run_workers(workers)
     finally:
         for p in producers:
             p.close(drain_timeout=0.0 if stop.is_set() else drain_timeout)
@@ -182,12 +177,7 @@ def _sector(
                 tx.send(f, source(f))
 
     senders = [Worker(f"replay-{m}-{t}", lambda t=t: send(t)) for t in range(producer.threads)]
-    for w in senders:
-        w.start()
-    for w in senders:
-        while w.is_alive():
-            w.join(0.2)
-        w.maybe_raise()
+    run_workers(senders)
     result = session.finish()
     results[m] = result
     route = "streamed" if result.route == "stream" else "wrote"

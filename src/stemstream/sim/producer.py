@@ -20,7 +20,7 @@ from stemstream.plane.requests import ScanRequests
 from stemstream.plane.session import ProducerScanResult
 from stemstream.scans import keys
 from stemstream.scans.records import ProducerScanRecord, ScanRequest
-from stemstream.transport.actor import Worker
+from stemstream.transport.actor import Worker, run_workers
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +86,7 @@ def run_scan(
 
     started = time.perf_counter()
     workers = [Worker(f"sender-{t}", lambda t=t: send(t)) for t in range(producer.threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        while w.is_alive():
-            w.join(0.2)
-        w.maybe_raise()
+    run_workers(workers)
     result = session.finish()
     logger.info(
         "scan %d sector %d: %s %d sectors (%d lost upstream) in %.2f s",

@@ -118,6 +118,17 @@ class Worker(threading.Thread):
             raise self.error
 
 
+def run_workers(workers: list[Worker]) -> None:
+    """Start ``workers`` and wait for all (in short joins, so that signals reach the main thread); raise the
+    first one's error."""
+    for w in workers:
+        w.start()
+    for w in workers:
+        while w.is_alive():
+            w.join(0.2)
+        w.maybe_raise()
+
+
 class RecordWriter(Protocol):
     """The store calls a publisher needs (``StoreClient`` has them)."""
 

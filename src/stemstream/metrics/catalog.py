@@ -36,6 +36,7 @@ class Spec:
 
 _C, _G = "counter", "gauge"
 _RU = ("role", "uid")
+_RANK, _OUTCOME, _COMPLETE = (*_RU, "rank"), (*_RU, "outcome"), (*_RU, "complete")
 
 SPECS: dict[str, Spec] = {
     s.name: s
@@ -48,28 +49,13 @@ SPECS: dict[str, Spec] = {
         Spec("stemstream_messages_rejected_total", _C, "Bad or late messages rejected, by kind", (*_RU, "kind")),
         Spec("stemstream_sectors_lost_upstream_total", _C, "Sectors the detector never delivered", _RU),
         Spec("stemstream_send_blocked_total", _C, "Data sends that waited at the peer's high-water mark", _RU),
-        Spec(
-            "stemstream_send_blocked_seconds_total",
-            _C,
-            "Seconds data sends waited at the peer's high-water mark (back-pressure)",
-            _RU,
-        ),
+        Spec("stemstream_send_blocked_seconds_total", _C, "Seconds sends waited at the peer's high-water mark", _RU),
         Spec("stemstream_queue_depth", _G, "Messages or frames waiting inside the process, by queue", (*_RU, "queue")),
         Spec("stemstream_scans_open", _G, "Scans this process is handling now", _RU),
-        Spec(
-            "stemstream_scans_handled_total",
-            _C,
-            "Scans this process finished, by what became of them here",
-            (*_RU, "outcome"),
-        ),
+        Spec("stemstream_scans_handled_total", _C, "Scans this process finished, by outcome here", _OUTCOME),
         Spec("stemstream_pacing_timeouts_total", _C, "Waits for a slower sibling thread or sector that ran out", _RU),
         Spec("stemstream_nodegroups_lost_total", _C, "NodeGroup records that went without stopping (died)", _RU),
-        Spec(
-            "stemstream_frames_assembled_total",
-            _C,
-            "Frames handed to the consumer, complete or not",
-            (*_RU, "complete"),
-        ),
+        Spec("stemstream_frames_assembled_total", _C, "Frames handed to the consumer, complete or not", _COMPLETE),
         Spec("stemstream_assembling_peak_frames", _G, "Most frames in assembly at once", _RU),
         # ---- a producer's hold (plane.retention)
         Spec("stemstream_hold_bytes", _G, "Bytes of streamed sectors held until their scan is acknowledged", _RU),
@@ -79,23 +65,13 @@ SPECS: dict[str, Spec] = {
         Spec("stemstream_sectors_unprotected_total", _C, "Sectors streamed with no room to hold them", _RU),
         Spec("stemstream_disk_errors_total", _C, "Raw-file writes that failed (retried)", _RU),
         # ---- counting (nodes.service)
-        Spec("stemstream_frames_counted_total", _C, "Frames electron-counted", (*_RU, "rank")),
-        Spec("stemstream_frames_count_failed_total", _C, "Frames whose counting failed", (*_RU, "rank")),
-        Spec(
-            "stemstream_counting_backlog_frames",
-            _G,
-            "Frames received and not counted yet (waiting or being counted)",
-            (*_RU, "rank"),
-        ),
-        Spec(
-            "stemstream_counting_lag_seconds",
-            _G,
-            "How long the oldest frame waiting to be counted has waited (0: none waits)",
-            (*_RU, "rank"),
-        ),
+        Spec("stemstream_frames_counted_total", _C, "Frames electron-counted", _RANK),
+        Spec("stemstream_frames_count_failed_total", _C, "Frames whose counting failed", _RANK),
+        Spec("stemstream_counting_backlog_frames", _G, "Frames received and not counted yet", _RANK),
+        Spec("stemstream_counting_lag_seconds", _G, "Wait of the oldest frame not counted yet (0: none)", _RANK),
         Spec("stemstream_counted_files_total", _C, "Counted files written (rank 0), by status", (*_RU, "status")),
         # ---- scans as the store shows them (the leader producer, a session)
-        Spec("stemstream_scans", _G, "Scans in the store by outcome (open: not final yet)", (*_RU, "outcome")),
+        Spec("stemstream_scans", _G, "Scans in the store by outcome (open: not final yet)", _OUTCOME),
         Spec("stemstream_scan_open_oldest_seconds", _G, "Age of the oldest scan that is not final (0: none)", _RU),
         Spec("stemstream_registry_members", _G, "Live registry records by role", (*_RU, "member")),
         Spec("stemstream_session_nodegroups_expected", _G, "NodeGroups the running session asked for", _RU),

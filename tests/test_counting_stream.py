@@ -44,7 +44,7 @@ def _stream_and_count(tmp_path: Path, *, ranks: int, groups_per_rank: int, engin
     from stemstream.store import Registry
 
     out = tmp_path / "counted"
-    with ProcessTree(tmp_path / "logs") as tree:
+    with ProcessTree(tmp_path / "logs", env={"STEMSTREAM_DARK_DIR": str(dark.parent)}) as tree:
         address = start_store(tree)
         tree.start("aggregator", "aggregator", "--store", address)
         args = ["nodegroup", "--store", address, "--consumer", "count", "--count", groups_per_rank]

@@ -13,8 +13,10 @@ logger = logging.getLogger(__name__)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("count", help="count raw files of a scan (e.g. a disk-fallback scan) into HDF5")
-    p.add_argument("raw", nargs="+", type=Path, help="the scan's raw .data files, or their directory")
-    p.add_argument("--scan", type=int, required=True, help="scan number")
+    p.add_argument(
+        "raw", nargs="+", type=Path, help="the directory of raw .data files (e.g. the fallback directory), or files"
+    )
+    p.add_argument("--scan", type=int, required=True, help="scan number: counts the files named for it")
     p.add_argument(
         "--start",
         default=None,
@@ -30,25 +32,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _count(args: argparse.Namespace) -> int:
     from stemstream.config import get_settings
     from stemstream.counting import count_raw_files
+    from stemstream.counting.files import select_scan_files
     from stemstream.counting.output import counted_path_for
-    from stemstream.errors import CountingError
-    from stemstream.wire.rawfile import find_acquisitions
+    from stemstream.wire.protocol import check_scan_number
 
+    check_scan_number(args.scan, "--scan")
     params = counting_from(args)
-    raw = args.raw[0] if len(args.raw) == 1 and args.raw[0].is_dir() else args.raw
+    raw: Path | list[Path] = args.raw
     start = args.start
-    if isinstance(raw, Path):  # a directory: the acquisitions of the scan number in it, the newest by default
-        found = find_acquisitions(raw, args.scan)
-        chosen = [a for a in found if args.start is None or a.start == args.start]
-        if args.start is not None and not chosen:
-            have = ", ".join(a.start or "(no id)" for a in found) or "none"
-            raise CountingError(f"scan {args.scan}: no acquisition {args.start} in {raw} (there: {have})")
-        if chosen:
-            acquisition = chosen[-1]
-            raw, start = list(acquisition.paths), acquisition.start
-            if len(found) > 1:
-                logger.warning("scan %d was acquired %d times in %s; counting acquisition %s (--start to choose)",
-                               args.scan, len(found), args.raw[0], start or "(no id)")  # fmt: skip
+    if len(args.raw) == 1 and args.raw[0].is_dir():
+        # A fallback directory holds many scans (and reused numbers): the files named for this one.
+        raw, start = select_scan_files(args.raw[0], args.scan, args.start)
     output = args.output or counted_path_for(get_settings().output_dir, args.scan, start or "")
     path = count_raw_files(
         raw,

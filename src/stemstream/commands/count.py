@@ -1,4 +1,5 @@
-"""``stemstream count``: count a scan that landed on disk (raw 4D Camera files) into a counted HDF5 file."""
+"""``stemstream count``: count a scan that landed on disk (raw 4D Camera files) into a counted HDF5 file;
+``stemstream dark``: make a dark reference from a dark scan's raw files."""
 
 from __future__ import annotations
 
@@ -28,6 +29,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_count)
 
+    d = subparsers.add_parser("dark", help="make a dark reference (.npy) from a dark scan's raw files")
+    d.add_argument("raw", type=Path, help="the directory of the dark scan's raw .data files")
+    d.add_argument("--scan", type=int, required=True, help="the dark scan's number")
+    d.add_argument("--start", default=None, help="which acquisition of a reused scan number (default: the newest)")
+    d.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="NAME.npy, under STEMSTREAM_DARK_DIR (default dark_scan<n>.npy); counts use it as --dark NAME.npy "
+        "or --dark latest (the newest)",
+    )
+    d.add_argument(
+        "--offset",
+        type=float,
+        default=0.0,
+        help="counts subtracted from the average (default 0): stempy subtracts the dark in uint16, so pixels of "
+        "noise below it wrap around; a dark a few noise sigmas below the mean avoids that",
+    )
+    d.set_defaults(func=_dark)
+
 
 def _count(args: argparse.Namespace) -> int:
     from stemstream.config import get_settings
@@ -54,4 +76,33 @@ def _count(args: argparse.Namespace) -> int:
         start=start,
     )
     print(path)
+    return 0
+
+
+def _dark(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    from stemstream.config import get_settings
+    from stemstream.counting.darks import LATEST, average_raw_files, resolve_dark, write_dark
+    from stemstream.counting.files import select_scan_files
+    from stemstream.errors import CountingError
+    from stemstream.wire.protocol import check_scan_number
+
+    check_scan_number(args.scan, "--scan")
+    if not args.raw.is_dir():
+        raise CountingError(f"{args.raw} is not a directory of raw files")
+    paths, start = select_scan_files(args.raw, args.scan, args.start)
+    name = args.output or Path(f"dark_scan{args.scan}{'_' + start if start else ''}.npy")
+    if str(name) == LATEST:
+        raise CountingError(f"{LATEST!r} names the newest dark; give the new one another name")
+    output = resolve_dark(name, get_settings().dark_dir)
+    began = time.time()
+    dark = average_raw_files(paths)
+    if args.offset:
+        dark = (dark - np.float32(args.offset)).astype(np.float32)
+    source = {"raw_dir": str(args.raw.resolve()), "scan_number": args.scan, "start": start, "offset": args.offset}
+    source |= {"raw_files": [p.name for p in paths], "seconds": round(time.time() - began, 3)}
+    print(write_dark(dark, output, source))
     return 0

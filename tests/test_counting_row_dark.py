@@ -21,7 +21,6 @@ import pytest
 import stempy.io as sio
 
 from cuda_emulation import COMPILER, fake_cupy
-from stemstream.config import environment
 from stemstream.counting import CountingParams, Thresholds, count_raw_files, get_engine, read_counted
 from stemstream.errors import CountingError
 from stemstream.sim.camera import FourDCameraSim
@@ -121,51 +120,56 @@ def raw_scan(tmp_path_factory) -> tuple[FourDCameraSim, Path]:
 
 
 @pytest.mark.parametrize(("row_dark", "with_dark"), [("mean", False), ("median", False), ("median", True)])
-def test_the_fallback_counter_equals_stempys_electron_count_with_row_dark(
+def test_every_engine_equals_stempys_electron_count_with_row_dark_on_raw_files(
     raw_scan, tmp_path, row_dark, with_dark, emulated_gpu
 ):
-    """stempy's electron_count(reader, apply_row_dark=True, ...) counts the raw files (the stempy engine of the
-    fallback counter); every engine, given the thresholds and optimized mean it recorded, gives its events."""
+    """stempy's public electron_count(reader, apply_row_dark=True, ...) counts the raw files; every engine, given
+    the thresholds and optimized mean it used, gives its events (frames as stempy's reader assembles them)."""
+    import stempy.image as simage
+
     sim, directory = raw_scan
-    paths = sorted(directory.glob("*.data"))
-    np.save(tmp_path / "dark.npy", sim.dark_reference() - 11.0)
-    with environment(dark_dir=tmp_path):
-        dark_name = "dark.npy" if with_dark else None
-        params = CountingParams(engine="stempy", threshold_samples=8, row_dark=row_dark, dark=dark_name)
-        out = count_raw_files(paths, tmp_path / "stempy.h5", scan_number=4, params=params)
-    sparse, meta = read_counted(out)
-    assert meta["row_dark"] == row_dark and meta.get("dark") == (str(tmp_path / "dark.npy") if with_dark else None)
+    paths = [str(p) for p in sorted(directory.glob("*.data"))]
+    dark = (sim.dark_reference() - 11.0).astype(np.float32) if with_dark else None
+    reader = sio.reader(paths, version=sio.FileVersion.VERSION5, backend="multi-pass")
+    sparse = simage.electron_count(
+        reader,
+        darkreference=dark,
+        number_of_samples=8,
+        threshold_num_blocks=8,
+        apply_row_dark=True,
+        apply_row_dark_use_mean=row_dark == "mean",
+    )
+    info = sparse.metadata["electron_counting"]
+    thresholds = Thresholds(
+        float(info["background_threshold"]), float(info["x_ray_threshold"]), float(info["optimized_mean"]),
+        float(info["optimized_std_dev"]), 4.0, 10.0, 8,
+    )  # fmt: skip
     expected = list(np.asarray(sparse.data).ravel())
-    # stempy takes each half-row's statistic before the dark: with one the scale (optimized mean ~11 over raw
+    # stempy takes each half-row's statistic before the dark: with one, the scale (optimized mean ~11 over raw
     # ~100) leaves nothing above the background, which is stempy's behaviour too.
     assert (sum(e.size for e in expected) > 0) != with_dark
-    reader = sio.reader([str(p) for p in paths], version=sio.FileVersion.VERSION5, backend="multi-pass")
+    reader = sio.reader(paths, version=sio.FileVersion.VERSION5, backend="multi-pass")
     frames = np.stack(
         [np.asarray(b.data).reshape(576, 576) for i in range(sim.n_frames) for b in reader.read_frames(i)]
     )
-    dark = np.load(tmp_path / "dark.npy").astype(np.float32) if with_dark else None
     for name, engine in {"stempy": get_engine("stempy"), **_engines(emulated_gpu)}.items():
-        got = engine.count(frames, meta["thresholds"], dark=dark, row_dark=row_dark)
+        got = engine.count(frames, thresholds, dark=dark, row_dark=row_dark)
         for f, (g, e) in enumerate(zip(got, expected, strict=True)):
             assert np.array_equal(g, e), f"{name}, frame {f}"
 
 
-def test_the_cpu_engine_counts_raw_files_with_row_dark_as_stempy_does(raw_scan, tmp_path):
-    """The fallback counter with the cpu engine (our thresholds) equals the stempy engine with the same ones."""
+def test_the_fallback_counter_counts_with_row_dark_and_records_it(raw_scan, tmp_path):
+    """count_raw_files with the cpu engine equals the stempy engine (stempy's whole-scan counter) on the same
+    sample, and the file records row_dark (the dark's record: test_count_command.py)."""
     _sim, directory = raw_scan
     paths = sorted(directory.glob("*.data"))
-    out = count_raw_files(
-        paths,
-        tmp_path / "cpu.h5",
-        scan_number=4,
-        params=CountingParams(engine="cpu", threshold_samples=8, row_dark="median"),
-    )
-    sparse, meta = read_counted(out)
-    assert meta["row_dark"] == "median" and meta["engine"] == "cpu"
-    reference = count_raw_files(
-        paths, tmp_path / "ref.h5", scan_number=4, params=CountingParams(threshold_samples=8, row_dark="median"),
-        counter=get_engine("stempy"),
-    )  # fmt: skip
-    theirs, _ = read_counted(reference)
-    for f, (g, e) in enumerate(zip(np.asarray(sparse.data).ravel(), np.asarray(theirs.data).ravel(), strict=True)):
+    files = {}
+    for engine in ("cpu", "stempy"):
+        params = CountingParams(engine=engine, threshold_samples=8, row_dark="median", dark=None)
+        files[engine] = read_counted(count_raw_files(paths, tmp_path / f"{engine}.h5", scan_number=4, params=params))
+    (ours, meta), (theirs, _) = files["cpu"], files["stempy"]
+    assert meta["row_dark"] == "median" and meta["engine"] == "cpu" and "dark" not in meta
+    ours, theirs = np.asarray(ours.data).ravel(), np.asarray(theirs.data).ravel()
+    assert sum(e.size for e in theirs) > 0
+    for f, (g, e) in enumerate(zip(ours, theirs, strict=True)):
         assert np.array_equal(g, e), f"frame {f}"

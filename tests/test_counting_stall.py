@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 import zmq
 
+from stemstream.counting.params import CountingParams
 from stemstream.nodes import batches
+from stemstream.nodes.config import CountingConfig
 from stemstream.nodes.consumer import ScanInfo, ScanSummary
 from stemstream.nodes.ranks import LocalTransport
-from stemstream.nodes.service import CountingConfig, CountingService
+from stemstream.nodes.service import CountingService
 from stemstream.plane.nodegroup import NodeGroup
 from stemstream.store import StoreClient, StoreServer
 from stemstream.wire.protocol import EndMessage, ExpectMessage, SectorHeader
@@ -135,11 +137,10 @@ def _noise(rng: np.random.Generator) -> np.ndarray:
 def _service(tmp_path: Path, store: StoreClient, **overrides: Any) -> CountingService:
     settings: dict[str, Any] = {
         "output_dir": tmp_path,
-        "engine": "stempy",
+        "params": CountingParams(engine="stempy", threshold_samples=4, threshold_window=4),
         "workers": 0,  # in this process: no worker start-up
         "batch": 4,
         "max_buffered_frames": 16,  # 4 batches
-        "threshold_frames": 4,
         "frame_shape": FRAME,
         "scan_timeout_s": 60.0,
         "preview_interval_s": 0.2,

@@ -31,6 +31,9 @@ BackgroundNSigma = Annotated[
 ]
 XrayNSigma = Annotated[float, Field(ge=1, le=100, description="x-ray threshold, sigmas above the mean")]
 ThresholdSamples = Annotated[int, Field(ge=1, le=10_000, description="frames sampled for the thresholds")]
+ThresholdWindow = Annotated[
+    int, Field(ge=1, le=1 << 30, description="the threshold sample is spread over the first this many frames")
+]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
@@ -100,6 +103,7 @@ class Settings(BaseSettings):
     background_n_sigma: BackgroundNSigma = 4.0
     xray_n_sigma: XrayNSigma = 10.0
     threshold_samples: ThresholdSamples = 40
+    threshold_window: ThresholdWindow = 40  # = threshold_samples: the first complete frames (docs/counting.md)
     engine: EngineName = Field(
         "auto", description="gpu when cupy and a GPU are usable, else cpu; stempy: the reference"
     )

@@ -41,7 +41,12 @@ def store_client(
     return StoreClient.from_settings(settings, timeout=timeout, subtrees=subtrees, role=role, name=name).start()
 
 
-_TYPES: dict[str, Any] = {"background_n_sigma": float, "xray_n_sigma": float, "threshold_samples": int}
+_TYPES: dict[str, Any] = {
+    "background_n_sigma": float,
+    "xray_n_sigma": float,
+    "threshold_samples": int,
+    "threshold_window": int,
+}
 
 
 def add_counting_arguments(parser: argparse.ArgumentParser | Any) -> None:

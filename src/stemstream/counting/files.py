@@ -1,10 +1,11 @@
 """Count a scan from 4D Camera raw files (version 5) into a counted HDF5 file.
 
 stempy reads the files (``stempy.io.reader(..., backend="multi-pass")``; the "thread" backend segfaults
-in ``electron_count``). With ``engine="stempy"`` stempy also counts (``stempy.image.electron_count``,
-thresholds from its own random sample); with another engine, frames are assembled by the reader and
-counted by that engine with thresholds from :func:`compute_thresholds`. Either way the thresholds used
-are recorded, and the output layout is :func:`write_counted`'s.
+in ``electron_count``) and assembles the frames; the engine (stempy's ``electron_count_frame`` for
+``engine="stempy"``, or ours) counts them with thresholds from :func:`compute_thresholds` (stempy's
+``calculate_thresholds``) on the sample that streaming takes too (:func:`sample_candidates`, seeded: not
+stempy's unseeded draw). The thresholds used, the sample's frames and its stability figure are recorded,
+and the output layout is :func:`write_counted`'s.
 
 This module reads the 16-byte record headers itself (a strided memory map: 16 bytes per 166 kB record)
 to learn which sectors are missing, which stempy does not report. Like all of ``stemstream.counting`` it
@@ -27,7 +28,13 @@ import numpy as np
 from stemstream.counting.engines import CountingEngine, get_engine
 from stemstream.counting.output import write_counted
 from stemstream.counting.params import CountingParams
-from stemstream.counting.thresholds import Thresholds, compute_thresholds
+from stemstream.counting.thresholds import (
+    Thresholds,
+    choose_sample,
+    halves_array,
+    sample_candidates,
+    sample_thresholds,
+)
 from stemstream.errors import CountingError
 from stemstream.wire.rawfile import find_acquisitions, partial_sectors, read_sidecar, sector_of_path, sidecar_name
 
@@ -189,14 +196,19 @@ def _frames_of(reader: Any, position: int) -> list[np.ndarray]:
     return [np.asarray(block.data).reshape(FRAME_SHAPE) for block in reader.read_frames(position)]
 
 
-def _sample_frames(reader: Any, index: RawScanIndex, n: int) -> np.ndarray:
-    """Up to ``n`` complete frames spread evenly over the scan (stempy samples only complete frames)."""
-    complete = np.flatnonzero(index.complete)
-    if complete.size == 0:
-        raise CountingError("no complete frame in the raw files: nothing to compute thresholds from")
-    chosen = complete[np.unique(np.linspace(0, complete.size - 1, min(n, complete.size)).round().astype(int))]
+def _sample_frames(reader: Any, index: RawScanIndex, params: CountingParams) -> tuple[list[int], np.ndarray]:
+    """The scan's threshold sample (the same frames as streaming takes: ``sample_candidates``), as
+    (frame numbers in candidate order, the frames in frame-number order)."""
+    samples = params.threshold_samples
+    candidates = sample_candidates(index.n_frames, samples, params.threshold_window)
+    chosen = choose_sample(candidates, lambda f: bool(index.complete[f]), samples)
+    if not chosen:
+        raise CountingError(
+            f"no complete frame among the {candidates.size} sample candidates of the raw files: "
+            "nothing to compute thresholds from"
+        )
     k = index.frames_per_position
-    return np.stack([_frames_of(reader, int(f) // k)[int(f) % k] for f in chosen])
+    return chosen, np.stack([_frames_of(reader, f // k)[f % k] for f in sorted(chosen)])
 
 
 def _open_reader(paths: list[Path], threads: int | None) -> Any:
@@ -207,50 +219,6 @@ def _open_reader(paths: list[Path], threads: int | None) -> Any:
         return sio.reader(names, version=sio.FileVersion.VERSION5, backend="multi-pass", threads=threads or 0)
     except Exception as exc:
         raise CountingError(f"stempy cannot open the raw files: {exc}") from None
-
-
-def _count_with_stempy(
-    reader: Any,
-    index: RawScanIndex,
-    dark32: np.ndarray | None,
-    gain32: np.ndarray | None,
-    background_n_sigma: float,
-    xray_n_sigma: float,
-    threshold_frames: int,
-    row_dark: str = "none",
-) -> tuple[list[np.ndarray], Thresholds]:
-    import stempy.image as simage
-
-    # stempy waits for this many complete frames before it counts anything: never ask for more than exist.
-    n_blocks = min(threshold_frames, int(index.complete.sum()))
-    try:
-        sparse = simage.electron_count(
-            reader,
-            darkreference=dark32,
-            number_of_samples=threshold_frames,
-            background_threshold_n_sigma=background_n_sigma,
-            xray_threshold_n_sigma=xray_n_sigma,
-            threshold_num_blocks=n_blocks,
-            gain=gain32,
-            apply_row_dark=row_dark != "none",
-            apply_row_dark_use_mean=row_dark == "mean",
-        )
-    except Exception as exc:
-        raise CountingError(f"stempy electron_count failed: {exc}") from None
-    info = sparse.metadata.get("electron_counting", {})
-    thresholds = Thresholds(
-        background=float(info["background_threshold"]),
-        xray=float(info["x_ray_threshold"]),
-        mean=float(info["optimized_mean"]),
-        std_dev=float(info["optimized_std_dev"]),
-        n_sigma_background=float(background_n_sigma),
-        n_sigma_xray=float(xray_n_sigma),
-        n_samples=int(info["number_of_samples"]),
-    )
-    data = np.asarray(sparse.data)
-    if data.shape[1] < index.frames_per_position:
-        raise CountingError(f"stempy returned {data.shape[1]} frames per position, headers say more")
-    return [np.asarray(e, dtype=np.uint32) for e in data.ravel()], thresholds
 
 
 def _count_with_engine(
@@ -316,9 +284,9 @@ def count_raw_files(
     """Count the raw files of one scan (a list of files, or their directory) into ``output``; return it.
 
     ``params`` (default: the site's settings) say how: thresholds, engine, dark and gain references.
-    ``threshold_samples``: with the stempy engine, stempy's sample (``number_of_samples`` random draws from
-    that many complete frames); otherwise that many complete frames spread over the scan, each used once by
-    :func:`compute_thresholds`. ``counter``: an engine already made, to reuse (its name replaces
+    The threshold sample is the first ``threshold_samples`` complete frames of :func:`sample_candidates`
+    (spread over the first ``threshold_window`` frames, seeded), each used once by :func:`compute_thresholds`,
+    for every engine. ``counter``: an engine already made, to reuse (its name replaces
     ``params.engine``). ``threads``: stempy reader threads (default: all cores) and cpu engine threads.
 
     ``start``: the acquisition the files hold (recorded in the file; default: what their sidecars say). Files
@@ -342,27 +310,20 @@ def count_raw_files(
         logger.warning("raw files say scan %d, counting it as scan %d", index.scan_number, scan_number)
     dark, gain = params.load_dark(), params.load_gain()
     background_n_sigma, xray_n_sigma = params.background_n_sigma, params.xray_n_sigma
-    threshold_frames = params.threshold_samples
     # float32 before anything else: stempy's wrapper and our engines then invert the same gain values.
     dark32 = None if dark is None else np.asarray(dark, dtype=np.float32)
     gain32 = None if gain is None else np.asarray(gain, dtype=np.float32)
     reader = _open_reader(raw_paths, threads)
-    # Checked on our own sample even for stempy, which answers a bad sample with nonsense, not an error.
-    sample = _sample_frames(reader, index, threshold_frames)
-    thresholds = compute_thresholds(
-        sample, dark=dark32, gain=gain32, background_n_sigma=background_n_sigma, xray_n_sigma=xray_n_sigma
+    # One sample for every engine, stempy's too (not its electron_count's unseeded draw): the frames streaming
+    # would take, so that the same scan gives the same thresholds and events either way (docs/counting.md).
+    chosen, sample = _sample_frames(reader, index, params)
+    thresholds, halves = sample_thresholds(
+        sample, chosen, dark=dark32, gain=gain32, background_n_sigma=background_n_sigma, xray_n_sigma=xray_n_sigma
     )
     first_frame = time.time()
-    if counter is None and params.engine == "stempy":
-        engine_name = "stempy"
-        reader = _open_reader(raw_paths, threads)  # electron_count wants a reader nobody has read from
-        events, thresholds = _count_with_stempy(
-            reader, index, dark32, gain32, background_n_sigma, xray_n_sigma, threshold_frames, params.row_dark
-        )
-    else:
-        counter = counter or get_engine(params.engine, threads=threads)
-        engine_name = counter.name
-        events = _count_with_engine(reader, index, counter, thresholds, dark32, gain32, progress, params.row_dark)
+    counter = counter or get_engine(params.engine, threads=threads)
+    engine_name = counter.name
+    events = _count_with_engine(reader, index, counter, thresholds, dark32, gain32, progress, params.row_dark)
     last_frame = time.time()
     incomplete = int((~index.complete).sum())
     warnings = []
@@ -381,6 +342,10 @@ def count_raw_files(
         "partial_sectors": partial,
         "raw_files": [p.name for p in raw_paths],
         "thresholds": thresholds,
+        "background_n_sigma": background_n_sigma,
+        "xray_n_sigma": xray_n_sigma,
+        "threshold_sample_frames": chosen,
+        "threshold_halves": halves_array(halves),
         "row_dark": params.row_dark,
         **params.dark_record(),
         "warnings": warnings,

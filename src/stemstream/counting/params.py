@@ -19,6 +19,7 @@ from stemstream.config import (
     EngineName,
     RowDark,
     ThresholdSamples,
+    ThresholdWindow,
     XrayNSigma,
     get_settings,
     validated,
@@ -32,6 +33,7 @@ FLAGS = {
     "background_n_sigma": "--background-n-sigma",
     "xray_n_sigma": "--xray-n-sigma",
     "threshold_samples": "--threshold-samples",
+    "threshold_window": "--threshold-window",
     "engine": "--engine",
     "row_dark": "--row-dark",
     "dark": "--dark",
@@ -56,6 +58,8 @@ class CountingParams(BaseModel):
     background_n_sigma: BackgroundNSigma = Field(default_factory=_setting("background_n_sigma"))
     xray_n_sigma: XrayNSigma = Field(default_factory=_setting("xray_n_sigma"))
     threshold_samples: ThresholdSamples = Field(default_factory=_setting("threshold_samples"))
+    # The sample is drawn (seeded) from the first threshold_window frames: counting.thresholds.sample_candidates.
+    threshold_window: ThresholdWindow = Field(default_factory=_setting("threshold_window"))
     engine: EngineName = Field(default_factory=_setting("engine"), description="stempy, cpu, gpu or auto")
     row_dark: RowDark = Field(
         default_factory=_setting("row_dark"),

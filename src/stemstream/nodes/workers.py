@@ -168,19 +168,19 @@ def _count(
     return out
 
 
-def _thresholds(name: str, n: int, background_n_sigma: float, xray_n_sigma: float) -> dict[str, Any]:
-    from stemstream.counting import compute_thresholds
+def _thresholds(name: str, n: int, chosen: list[int], background_n_sigma: float, xray_n_sigma: float) -> dict[str, Any]:
+    from stemstream.counting.thresholds import sample_thresholds
 
     shm = shared_memory.SharedMemory(name=name)
     try:
         frames = np.ndarray((n, *_frame_shape), dtype=np.uint16, buffer=shm.buf)
-        t = compute_thresholds(
-            frames, dark=_dark, gain=_gain, background_n_sigma=background_n_sigma, xray_n_sigma=xray_n_sigma
+        t, halves = sample_thresholds(
+            frames, chosen, dark=_dark, gain=_gain, background_n_sigma=background_n_sigma, xray_n_sigma=xray_n_sigma
         )
         del frames
     finally:
         shm.close()
-    return t.to_dict()
+    return {"thresholds": t.to_dict(), "halves": halves}
 
 
 def unpack(result: list[tuple[int, bytes, bytes]]) -> list[tuple[int, list[np.ndarray]]]:
@@ -223,11 +223,15 @@ class ProcessCounter:
     def submit(self, batch: SharedBatch, runs: list[tuple[int, int]], thresholds: Thresholds) -> Future[Any]:
         return self._pool.submit(_count, batch.name, batch.array.shape[0], runs, thresholds.to_dict())
 
-    def thresholds(self, sample: SharedBatch, background_n_sigma: float, xray_n_sigma: float) -> Future[Any]:
-        """:func:`~stemstream.counting.compute_thresholds` of the frames in ``sample``, in a worker; a Future
-        of its dict. Through shared memory: pickling 26 MB of frames through the pool's pipe took ~1 s on a
+    def thresholds(
+        self, sample: SharedBatch, chosen: list[int], background_n_sigma: float, xray_n_sigma: float
+    ) -> Future[Any]:
+        """:func:`~stemstream.counting.thresholds.sample_thresholds` of the frames in ``sample`` (the frames
+        ``chosen``, in frame-number order), in a worker; a Future of ``{"thresholds": dict, "halves": list}``.
+        Through shared memory: pickling 26 MB of frames through the pool's pipe took ~1 s on a
         busy receiving process (measured)."""
-        return self._pool.submit(_thresholds, sample.name, sample.array.shape[0], background_n_sigma, xray_n_sigma)
+        n = sample.array.shape[0]
+        return self._pool.submit(_thresholds, sample.name, n, chosen, background_n_sigma, xray_n_sigma)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -337,6 +337,10 @@ class PreviewRecord(Record):
     final: bool = False
     at: float = 0.0
     start: str = ""  # the acquisition (see ScanPlan.start): records of another one are not this scan's
+    # The scan's (background, x-ray) thresholds once known, and the stability figure: the same from each
+    # half of the threshold sample (docs/counting.md, Threshold sampling); NaN for a half without thresholds.
+    thresholds: tuple[float, float] | None = None
+    threshold_halves: tuple[tuple[float, float], ...] = ()
 
     def image(self) -> np.ndarray | None:
         part = np.frombuffer(self.bf, np.uint32)

@@ -44,6 +44,8 @@ CASES = [
     ("gain_and_dark", (9, 4), 2.0, 500.0, 110.0, "below", True),
     ("gain_negative_background", (5, 6), -1.0, 1e9, 0.25, "wrap", True),
     ("full_frame", (576, 576), 60.0, 1200.0, 96.0, "below", False),
+    # Half-rows summing past 2**24: stempy's float32 running sum rounds, a double one would not.
+    ("bright_full_frame", (576, 576), 55000.0, 1e9, 63700.3, None, False),
 ]
 
 
@@ -51,7 +53,8 @@ def _case(index: int) -> tuple[np.ndarray, Thresholds, np.ndarray | None, np.nda
     name, shape, background, xray, mean, dark_kind, with_gain = CASES[index]
     rng = np.random.default_rng([index, 3])
     n = 2 if shape[0] > 100 else 6
-    frames = rng.integers(60, 200, size=(n, *shape)).astype(np.uint16)
+    low, high = (62000, 65535) if name.startswith("bright") else (60, 200)
+    frames = rng.integers(low, high, size=(n, *shape)).astype(np.uint16)
     frames[:, 0, 0] = 65535  # saturated
     if name == "zero_half_rows":
         frames[1] = 0
@@ -91,7 +94,7 @@ def test_every_engine_equals_stempys_row_dark(index, row_dark, emulated_gpu):
     expected = get_engine("stempy").count(frames, thresholds, dark=dark, gain=gain, row_dark=row_dark)
     assert sum(e.size for e in expected) > 0 or CASES[index][0] in ("zero_half_rows", "scale_overflows_uint16")
     plain = get_engine("stempy").count(frames, thresholds, dark=dark, gain=gain)
-    if CASES[index][0] in ("plain", "full_frame"):  # the correction changes what is counted
+    if CASES[index][0] in ("plain", "full_frame", "bright_full_frame"):  # the correction changes what is counted
         assert any(not np.array_equal(a, b) for a, b in zip(plain, expected, strict=True))
     for name, engine in _engines(emulated_gpu).items():
         got = engine.count(frames, thresholds, dark=dark, gain=gain, row_dark=row_dark)

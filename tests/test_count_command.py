@@ -103,6 +103,12 @@ def test_count_names_a_missing_module_file(fallback, env, tmp_path):
         "no file of module 2",
         "data_scan0000000007_module2_*.data",
     )
+    # Given file by file: the same refusal, naming the absent module.
+    one_line_error(
+        run("count", *directory.glob("data_scan0000000007_*.data"), "--scan", 7, "--no-progress", env=env),
+        "no file of module 2",
+        "data_scan0000000007_module2_*.data",
+    )
 
 
 def test_count_refuses_files_of_two_scans(fallback, env):

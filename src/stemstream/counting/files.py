@@ -297,6 +297,14 @@ def count_raw_files(
     started = time.time()
     raw_paths = _as_paths(paths)
     index = index_raw_files(raw_paths)
+    modules = {int(m.group(1)) for m in (_MODULE_RE.match(p.name) for p in raw_paths) if m is not None}
+    if missing_modules := [m for m in range(N_SECTORS) if m not in modules]:
+        # No frame can be complete, so there are no thresholds: say which file is absent, not that.
+        names = ", ".join(f"data_scan{index.scan_number:010d}_module{m}_*.data" for m in missing_modules)
+        raise CountingError(
+            f"scan {scan_number}: no file of module {', '.join(map(str, missing_modules))} among the raw files "
+            f"({names}); every frame lacks its sectors"
+        )
     partial = partial_sectors(raw_paths)
     if partial:
         logger.warning(

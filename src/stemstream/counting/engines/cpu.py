@@ -212,11 +212,11 @@ def _half_row_stat(flat, start, stop, use_mean, tmp):  # pragma: no cover - comp
         return np.float32(acc / np.float32(n))
     for i in range(n):
         tmp[i] = flat[start + i]
-    v = np.sort(tmp[:n])
     m = n // 2
+    v = np.partition(tmp[:n], m)  # as std::nth_element: v[m] in place, v[:m] all <= it
     if n & 1:
         return np.float32(v[m])
-    return np.float32(np.float32(np.int64(v[m - 1]) + np.int64(v[m])) / np.float32(2.0))
+    return np.float32(np.float32(np.int64(v[:m].max()) + np.int64(v[m])) / np.float32(2.0))
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -249,6 +249,7 @@ def _frame_row_dark(
             if stop == start:
                 continue
             ratio = np.float32(mean32 / _half_row_stat(flat, start, stop, use_mean, tmp))
+            r, c = start // cols, start % cols  # the pixel of flat index i, stepped along (no division per pixel)
             for i in range(start, stop):
                 if use_gain:
                     v = np.float32(np.float32(np.float32(flat[i]) - dark[i]) * ratio)
@@ -259,7 +260,10 @@ def _frame_row_dark(
                 x = np.float64(v)
                 if (x <= background) | (x >= xray):
                     v = np.float32(0.0)
-                pad[1 + i // cols, 1 + i % cols] = v
+                pad[1 + r, 1 + c] = v
+                c += 1
+                if c == cols:
+                    r, c = r + 1, 0
     flags = np.zeros(cols, np.uint8)
     slots = np.empty(cols, np.uint32)
     n = 0

@@ -43,7 +43,7 @@ def test_candidates_are_seeded_the_same_in_every_process():
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert there.stdout.strip() == str(here)
     # Pinned: a change of the draw changes every sample a site has recorded; make it on purpose.
-    assert here[:8] == [14, 140, 138, 195, 96, 271, 86, 67]
+    assert here[:8] == [311, 12, 14, 83, 146, 5, 111, 86]
 
 
 def test_window_equal_to_samples_is_the_first_complete_frames_and_a_wider_one_spreads():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,12 +279,13 @@ def sample_candidates(n_frames: int, samples: int, window: int) -> np.ndarray:
     if n_frames < 0 or samples < 1 or window < 1:
         raise CountingError(f"threshold sample: bad sizes (frames {n_frames}, samples {samples}, window {window})")
     pool = min(n_frames, max(window, samples))
-    drawn = np.random.default_rng(SAMPLE_SEED).permutation(pool)
+    # O(2 x samples), not O(pool): a window may span a whole scan of millions of frames.
+    drawn = np.random.default_rng(SAMPLE_SEED).choice(pool, size=min(pool, 2 * samples), replace=False, shuffle=True)
     rest = np.arange(pool, min(n_frames, pool + 2 * samples))
     return np.concatenate([drawn, rest]).astype(np.int64)[: min(n_frames, 2 * samples)]
 
 
-def choose_sample(candidates: np.ndarray, complete: Any, samples: int) -> list[int]:
+def choose_sample(candidates: np.ndarray, complete: Callable[[int], bool], samples: int) -> list[int]:
     """The first ``samples`` frames of ``candidates`` that ``complete(frame)`` accepts, in candidate order."""
     chosen: list[int] = []
     for f in candidates.tolist():

@@ -1,10 +1,11 @@
 """Rank 0 of a counting job: one threshold decision per scan, then the gathered events written to one file.
 
 Every rank sends rank 0 (``nodes.ranks`` messages): ``hello`` (its NodeGroups), and per scan ``begin``,
-``sample`` (its complete frames among the first ``2 x threshold_samples``), ``progress``, ``ended`` (with
-its incomplete sample frames) and ``events``. The :class:`Coordinator` picks the sample (the first
-``threshold_samples`` complete frames in frame-number order, waiting ``sample_grace_s`` for a frame that
-later frames overtook), computes the thresholds as stempy does and sends them to the scan's ranks; once
+``sample`` (its complete frames among the scan's threshold-sample candidates), ``progress``, ``ended`` (with
+its incomplete candidate frames) and ``events``. The :class:`Coordinator` picks the sample (the first
+``threshold_samples`` complete frames in candidate order, :func:`sample_candidates`, waiting
+``sample_grace_s`` for a frame that later frames overtook), computes the thresholds as stempy does and their
+stability figure (:func:`sample_thresholds`) and sends them to the scan's ranks; once
 every rank's events are in (or the scan made no progress for ``scan_timeout_s``) it writes
 ``<output_dir>/scan_<n>_counted.h5`` and publishes ``/scans/<n>/counted``.
 """

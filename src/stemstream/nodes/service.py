@@ -13,13 +13,13 @@ Per scan:
    each sector straight into its slot, and the engine later reads runs of ready slots in place (no copy
    between assembly and counting). ``B`` is 1 for stempy (it counts frame by frame), 16 for the cpu engine
    and 64 for the gpu engine.
-2. **One threshold per scan.** The *sample* is the first ``threshold_samples`` complete frames of the scan
-   in frame-number order, whichever rank holds them: each rank sends its complete frames among the first
-   ``2 x threshold_samples`` to rank 0, which computes the thresholds as stempy does
-   (:func:`~stemstream.counting.compute_thresholds`) once and sends them to every rank of the scan.
-   A frame in that window that has not arrived is waited for until its rank reports the scan's end, or
-   for ``sample_grace_s`` once later frames are in (sectors lost upstream make it incomplete; it cannot
-   be in the sample). Frames wait in their slots until the thresholds are known.
+2. **One threshold per scan.** The *sample* is the first ``threshold_samples`` complete frames of the
+   scan's seeded candidates (:func:`~stemstream.counting.thresholds.sample_candidates`, docs/counting.md),
+   whichever rank holds them: each rank sends its complete candidate frames to rank 0, which computes the
+   thresholds as stempy does (:func:`~stemstream.counting.compute_thresholds`) and their stability figure
+   once and sends them to every rank of the scan. A candidate that has not arrived is waited for until its
+   rank reports the scan's end, or for ``sample_grace_s`` once later frames are in (sectors lost upstream
+   make it incomplete; it cannot be in the sample). Frames wait in their slots until the thresholds are known.
 3. **Counting** runs on one thread per rank, off the receiving threads; the cpu and gpu engines are
    parallel inside. Complete frames are counted as they arrive; incomplete ones (missing rows zeroed, as
    stempy's reader fills them) when the NodeGroup hands them over after every expected message is in;

@@ -24,6 +24,7 @@ import stempy.io as sio
 
 from stemstream.counting import read_counted
 from stemstream.errors import ProtocolError
+from stemstream.plane.requests import request_scan
 from stemstream.scans.records import ScanRequest
 from stemstream.sim.camera import FourDCameraSim
 from stemstream.wire.protocol import (
@@ -136,6 +137,15 @@ def test_scan_numbers_have_one_check_everywhere():
     for bad in (-1, 2**32):
         with pytest.raises(ProtocolError, match="outside"):
             ScanRequest.from_record({"scan": bad, "scan_shape": [4, 4]})
+    written: dict[str, object] = {}
+
+    class Store:
+        def set(self, key: str, value: object) -> None:
+            written[key] = value
+
+    with pytest.raises(ProtocolError, match="outside"):
+        request_scan(Store(), -1, (4, 4))
+    assert not written
     header = SectorHeader(scan_number=7, frame_number=3, sector=2, scan_shape=(4, 4), timestamp_ns=1)
     expect = ExpectMessage("rs-2/t0", 7, 2, 1, (4, 4), ("ng",), {"ng": 16})
     end = EndMessage(producer="rs-2/t0", scan_number=7, sector=2, sent={"ng": 16}, lost_upstream=0)

@@ -52,6 +52,7 @@ from stemstream.transport.sockets import make_socket
 from stemstream.wire.protocol import (
     N_SECTORS,
     SECTOR_SHAPE,
+    check_scan_number,
 )
 
 logger = logging.getLogger(__name__)
@@ -222,6 +223,7 @@ class Producer:
         """
         if self._registry is None:
             raise RuntimeError("Producer.start() first")
+        check_scan_number(scan_number, "begin_scan: scan number")
         scan_shape = (int(scan_shape[0]), int(scan_shape[1]))
         if self.leader:
             start, raw_dir = new_acquisition(self.store, scan_number, start)

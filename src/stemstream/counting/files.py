@@ -106,7 +106,11 @@ def index_raw_files(paths: Sequence[Path]) -> RawScanIndex:
     sectors = np.concatenate([np.full(h.size, s, np.int64) for s, h in records])
     headers = np.concatenate([h for _, h in records])
     if (headers["scan_width"] != width).any() or (headers["scan_height"] != height).any():
-        raise CountingError(f"raw files disagree on the scan size (first record says {width}x{height})")
+        sizes = sorted({(int(w), int(h)) for w, h in zip(headers["scan_width"], headers["scan_height"], strict=True)})
+        shown = ", ".join(f"{w}x{h}" for w, h in sizes[:4])
+        raise CountingError(
+            f"the raw files mix scan sizes ({shown}): give one scan's files (or the directory and --scan N)"
+        )
     if (headers["x"] >= width).any() or (headers["y"] >= height).any():
         raise CountingError(f"raw files hold positions outside the {width}x{height} scan")
     if (headers["scan_number"] != scan_number).any():

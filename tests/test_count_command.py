@@ -114,7 +114,7 @@ def test_count_names_a_missing_module_file(fallback, env, tmp_path):
 
 def test_count_refuses_files_of_two_scans(fallback, env):
     files = [*fallback.glob("data_scan0000000007_*.data"), *fallback.glob("data_scan0000000011_*.data")]
-    one_line_error(run("count", *files, "--scan", 7, "--no-progress", env=env), "mix scan sizes (4x4, 5x6)")
+    one_line_error(run("count", *files, "--scan", 7, "--no-progress", env=env), "mix scan sizes (4x4, 6x5)")
 
 
 def test_a_scan_with_many_incomplete_frames_is_counted_with_a_warning_in_the_file(env, tmp_path):

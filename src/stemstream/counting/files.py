@@ -107,7 +107,7 @@ def index_raw_files(paths: Sequence[Path]) -> RawScanIndex:
     headers = np.concatenate([h for _, h in records])
     if (headers["scan_width"] != width).any() or (headers["scan_height"] != height).any():
         sizes = sorted({(int(w), int(h)) for w, h in zip(headers["scan_width"], headers["scan_height"], strict=True)})
-        shown = ", ".join(f"{w}x{h}" for w, h in sizes[:4])
+        shown = ", ".join(f"{h}x{w}" for w, h in sizes[:4])  # rows x cols, as scan_shape
         raise CountingError(
             f"the raw files mix scan sizes ({shown}): give one scan's files (or the directory and --scan N)"
         )

@@ -64,3 +64,9 @@ def counting_from(args: argparse.Namespace) -> Any:
     from stemstream.counting.params import FLAGS, counting_params
 
     return counting_params(**{name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None})
+
+
+def subcommands(subparsers: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
+    """``stemstream NAME ACTION ...``: the command's parser and its required ACTION subparsers."""
+    parser = subparsers.add_parser(name, help=help)
+    return parser.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)

@@ -299,6 +299,7 @@ def _counting_service(args: argparse.Namespace) -> Any:
         worker_cpus=_cpu_list(args.worker_cpus),
         max_buffered_frames=args.buffer_frames,
         scan_timeout_s=args.scan_timeout or s.scan_timeout_s,
+        preview_ttl_s=s.preview_ttl_s,
         **_analyses_config(args.analyses or s.analyses, s),
     )
     return CountingService(config, transport=make_transport(), uids=[])

@@ -6,12 +6,13 @@ import argparse
 import logging
 from pathlib import Path
 
+from stemstream.commands.options import subcommands
+
 logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("sim", help="simulate 4D Camera scans")
-    sub = parser.add_subparsers(dest="sim_command", metavar="ACTION", required=True)
+    sub = subcommands(subparsers, "sim", "simulate 4D Camera scans")
     write = sub.add_parser("write", help="write a simulated scan as 4D Camera raw files (stempy version 5)")
     add_sim_arguments(write, scan_shape=(16, 16))
     write.add_argument("--out", type=Path, required=True, help="directory for the raw files (created)")

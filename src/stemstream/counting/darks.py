@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from stemstream.errors import CountingError
+from stemstream.wire.paths import UnsafePath, under_roots
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +33,15 @@ SIDECAR_FORMAT = "stemstream-dark"
 def resolve_dark(value: Path | str, dark_dir: Path) -> Path:
     """The dark reference ``value`` names: a path under ``dark_dir`` (relative ones are taken from it), or
     the newest dark there for "latest". A path outside ``dark_dir`` is a one-line CountingError."""
-    root = Path(dark_dir).resolve()
     if str(value) == LATEST:
-        return latest_dark(root)
-    path = Path(value)
-    resolved = (root / path).resolve() if not path.is_absolute() else path.resolve()
-    if not resolved.is_relative_to(root):
+        return latest_dark(Path(dark_dir).resolve())
+    try:
+        return under_roots(value, [dark_dir], "dark reference")
+    except UnsafePath:
         raise CountingError(
-            f"dark reference {value} is outside the dark directory {root}: put it there "
-            "(stemstream dark ... -o NAME.npy) or set STEMSTREAM_DARK_DIR"
-        )
-    return resolved
+            f"dark reference {str(value)[:200]} is outside the dark directory {Path(dark_dir).resolve()}: put it "
+            "there (stemstream dark ... -o NAME.npy) or set STEMSTREAM_DARK_DIR"
+        ) from None
 
 
 def latest_dark(dark_dir: Path) -> Path:

@@ -38,6 +38,7 @@ class CountingConfig:
     sample_grace_s: float = 2.0
     scan_timeout_s: float = 60.0  # rank 0 writes what it has when a scan makes no progress this long
     preview_interval_s: float = 1.0
+    preview_ttl_s: float = 900.0  # a preview record expires this long after its last update (Settings)
     analyses: dict[str, dict[str, Any]] | None = None  # name -> parameters (analyses.runner.specs_for); None: none
     view: Any = None  # rank 0 serves the live view with this (analyses.page.ViewConfig); None: no view
     frame_shape: tuple[int, int] = FRAME_SHAPE

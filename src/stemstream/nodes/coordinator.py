@@ -324,10 +324,14 @@ class Coordinator:
             for key in ("expected", "received", "lost_upstream", "frames_complete", "frames_incomplete")
         }
         messages["rejected"] = sum(sum(s.get("rejected", {}).values()) for s in summaries.values())
+        # Frames no sector of which reached a NodeGroup, beyond what it hands over (plane.nodelife): not in the
+        # file's list of incomplete frames, so the file is partial (the producers replay the scan to disk).
+        absent = sum(int(s.get("absent", 0)) for s in summaries.values())
+        errors = [*gathered.failures, *([f"{absent} frames never arrived at all"] if absent else [])]
         record = CountedRecord(
             scan=cs.number,
-            status="failed" if gathered.failures else ("partial" if partial else "counted"),
-            error="; ".join(gathered.failures) or None,
+            status="failed" if gathered.failures else ("partial" if partial or absent else "counted"),
+            error="; ".join(errors) or None,
             frames=n_frames,
             frames_incomplete=len(incomplete_frames),
             events=n_events,

@@ -481,7 +481,7 @@ class CountingService:
             )
             record = replace(record, start=ls.start)
         try:
-            self.store.set(keys.preview(ls.number, self.rank), record.to_record())
+            self.store.set(keys.preview(ls.number, self.rank), record.to_record(), ttl=self.config.preview_ttl_s)
         except StemstreamError as exc:
             _rlog.warning("preview", "scan %d: preview not published: %s", ls.number, exc)
 

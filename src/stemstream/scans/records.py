@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from functools import cache
-from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
@@ -116,11 +115,6 @@ class ScanPlan(Record):
     @property
     def n_frames(self) -> int:
         return self.scan_shape[0] * self.scan_shape[1]
-
-    def raw_directory(self, default: Path) -> Path:
-        """The directory this acquisition's raw files go to, given the producer's own fallback directory."""
-        base = Path(self.fallback_dir) if self.fallback_dir else Path(default)
-        return base / self.raw_dir if self.raw_dir else base
 
     def to_record(self) -> dict[str, Any]:
         record = super().to_record()

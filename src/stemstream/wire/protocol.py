@@ -267,20 +267,14 @@ class ExpectMessage:
     start: str = ""  # the acquisition of ``scan_number`` ("": the newest one; on the wire only when set)
 
     def encode(self) -> bytes:
-        obj: dict[str, Any] = {
-            "v": PROTOCOL_VERSION,
-            "type": "expect",
-            "producer": self.producer,
-            "scan": self.scan_number,
-            "sector": self.sector,
-            "threads": self.threads,
-            "scan_shape": list(self.scan_shape),
-            "members": list(self.members),
-            "expected": dict(self.expected),
-        }
-        if self.start:
-            obj["start"] = self.start
-        return msgpack.packb(obj)
+        return _info(
+            self,
+            "expect",
+            threads=self.threads,
+            scan_shape=list(self.scan_shape),
+            members=list(self.members),
+            expected=dict(self.expected),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,21 +290,25 @@ class EndMessage:
     start: str = ""  # the acquisition of ``scan_number`` ("": the newest one; on the wire only when set)
 
     def encode(self) -> bytes:
-        obj: dict[str, Any] = {
-            "v": PROTOCOL_VERSION,
-            "type": "end",
-            "producer": self.producer,
-            "scan": self.scan_number,
-            "sector": self.sector,
-            "sent": dict(self.sent),
-            "lost": self.lost_upstream,
-        }
-        if self.start:
-            obj["start"] = self.start
-        return msgpack.packb(obj)
+        return _info(self, "end", sent=dict(self.sent), lost=self.lost_upstream)
 
 
 InfoMessage = ExpectMessage | EndMessage
+
+
+def _info(msg: ExpectMessage | EndMessage, kind: str, **fields: Any) -> bytes:
+    """An info message's msgpack map: the fields every kind has, then ``fields`` (the order as documented)."""
+    obj: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "type": kind,
+        "producer": msg.producer,
+        "scan": msg.scan_number,
+        "sector": msg.sector,
+        **fields,
+    }
+    if msg.start:
+        obj["start"] = msg.start  # on the wire only when set
+    return msgpack.packb(obj)
 
 
 def _count_map(obj: dict[str, Any], key: str, what: str) -> dict[str, int]:

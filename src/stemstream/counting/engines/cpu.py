@@ -195,8 +195,7 @@ def _to_u16(x):  # pragma: no cover - compiled by numba
     """float32 -> uint16 as stempy's x86-64 build converts: truncate to int32 (cvttss2si), keep the low 16 bits;
     NaN or out of int32 range gives 0 (the "integer indefinite" 0x80000000)."""
     d = np.float64(x)
-    if not ((d > -2147483649.0) & (d < 2147483648.0)):
-        return np.uint16(0)
+    d = d if (d > -2147483649.0) & (d < 2147483648.0) else 0.0  # a select, not a branch: vectorises
     return np.uint16(np.int64(d) & 0xFFFF)
 
 
@@ -239,6 +238,7 @@ def _frame_row_dark(
     dark = dark32.reshape(rows * cols)
     gain = gain32.reshape(rows * cols)
     pad = np.full((rows + 2, cols + 2), -np.inf, np.float32)
+    pre = np.empty(rows * cols, np.float32)  # the preprocessed frame, flat (stempy's own walk)
     tmp = np.empty(rows, np.uint16)
     left = rows // 2
     for run in range(cols):
@@ -249,21 +249,21 @@ def _frame_row_dark(
             if stop == start:
                 continue
             ratio = np.float32(mean32 / _half_row_stat(flat, start, stop, use_mean, tmp))
-            r, c = start // cols, start % cols  # the pixel of flat index i, stepped along (no division per pixel)
-            for i in range(start, stop):
-                if use_gain:
+            # Contiguous and branch-free per path (the path chosen outside the loop), so the loop vectorises.
+            if use_gain:
+                for i in range(start, stop):
                     v = np.float32(np.float32(np.float32(flat[i]) - dark[i]) * ratio)
                     v = np.float32(v * gain[i])
-                else:
+                    x = np.float64(v)
+                    pre[i] = np.float32(0.0) if (x <= background) | (x >= xray) else v
+            else:
+                for i in range(start, stop):
                     u = _to_u16(np.float32(np.float32(flat[i]) - dark[i]))
                     v = np.float32(_to_u16(np.float32(np.float32(u) * ratio)))
-                x = np.float64(v)
-                if (x <= background) | (x >= xray):
-                    v = np.float32(0.0)
-                pad[1 + r, 1 + c] = v
-                c += 1
-                if c == cols:
-                    r, c = r + 1, 0
+                    x = np.float64(v)
+                    pre[i] = np.float32(0.0) if (x <= background) | (x >= xray) else v
+    for r in range(rows):
+        pad[r + 1, 1 : cols + 1] = pre[r * cols : (r + 1) * cols]
     flags = np.zeros(cols, np.uint8)
     slots = np.empty(cols, np.uint32)
     n = 0

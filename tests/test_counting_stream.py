@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from plane_helpers import ProcessTree, start_store, store_client
+from stemstream.config import environment
 from stemstream.scans import keys
 
 SCAN = 3
@@ -40,18 +41,26 @@ def _dark_file(tmp_path: Path) -> Path:
 
 
 def _stream_and_count(
-    tmp_path: Path, *, ranks: int, groups_per_rank: int, engine: str, dark: Path, window: int = 40
+    tmp_path: Path,
+    *,
+    ranks: int,
+    groups_per_rank: int,
+    engine: str,
+    dark: Path,
+    window: int = 40,
+    row_dark: str = "none",
 ) -> dict:
     """Run store + aggregator + NodeGroups (under mpiexec when ranks > 1) + 4 producers; one scan."""
     from stemstream.plane.requests import request_scan
     from stemstream.store import Registry
 
     out = tmp_path / "counted"
-    with ProcessTree(tmp_path / "logs") as tree:
+    with ProcessTree(tmp_path / "logs", env={"STEMSTREAM_DARK_DIR": str(dark.parent)}) as tree:
         address = start_store(tree)
         tree.start("aggregator", "aggregator", "--store", address)
         args = ["nodegroup", "--store", address, "--consumer", "count", "--count", groups_per_rank]
         args += ["--output-dir", out, "--engine", engine, "--dark", dark, "--uid", "ng", "--threshold-window", window]
+        args += ["--row-dark", row_dark]
         if ranks > 1:
             mpiexec = Path(sys.executable).parent / "mpiexec"
             argv = [str(mpiexec), "-n", str(ranks), sys.executable, "-m", "stemstream.cli", *map(str, args)]
@@ -129,8 +138,11 @@ def test_streamed_counts_equal_stempy_reading_raw_files(tmp_path: Path):
     assert not differ, f"frames {differ[:10]} differ from stempy's"
 
     # stemstream count on the same raw files, with stempy: the same sample, thresholds, figure and events.
-    params = counting_params(engine="stempy", dark=dark_path, threshold_window=window)
-    counted, counted_meta = read_counted(count_raw_files(files, tmp_path / "count.h5", scan_number=SCAN, params=params))
+    with environment(dark_dir=tmp_path):
+        params = counting_params(engine="stempy", dark=dark_path, threshold_window=window)
+        counted, counted_meta = read_counted(
+            count_raw_files(files, tmp_path / "count.h5", scan_number=SCAN, params=params)
+        )
     assert [int(f) for f in counted_meta["threshold_sample_frames"]] == sample
     assert counted_meta["thresholds"] == thresholds
     np.testing.assert_array_equal(counted_meta["threshold_halves"], meta["threshold_halves"])
@@ -182,3 +194,32 @@ def test_two_ranks_of_two_nodegroups_write_the_same_file_as_one(tmp_path: Path):
     with h5py.File(one["path"]) as fa, h5py.File(four["path"]) as fb:
         assert set(fa.keys()) == set(fb.keys())
         np.testing.assert_array_equal(fa["electron_events/frames"][()].shape, fb["electron_events/frames"][()].shape)
+
+
+def test_a_streamed_scan_is_counted_with_the_sessions_dark_and_row_dark(tmp_path: Path):
+    """The NodeGroups take --dark and --row-dark (CountingParams): the file records both (the dark's path and
+    SHA-256) and its events equal stemstream count's with the stempy engine (stempy's whole-scan row-dark)
+    on the same scan's raw files, frame by frame."""
+    import hashlib
+
+    from stemstream.counting import count_raw_files, counting_params, read_counted
+    from stemstream.wire.rawfile import write_scan
+
+    # A small dark: with stempy's row-dark the scale is optimized mean / raw mean, so a dark near the data's
+    # level would leave no event to compare (docs/counting.md, Row-dark).
+    dark_path = tmp_path / "dark.npy"
+    np.save(dark_path, np.full((576, 576), 2.0, np.float32))
+    record = _stream_and_count(tmp_path, ranks=1, groups_per_rank=2, engine="cpu", dark=dark_path, row_dark="mean")
+    sparse, meta = read_counted(record["path"])
+    assert meta["row_dark"] == "mean" and meta["dark"] == str(dark_path.resolve())
+    assert meta["dark_sha256"] == hashlib.sha256(dark_path.read_bytes()).hexdigest()
+    assert meta["counting_options"]["apply_row_dark_subtraction"] and meta["counting_options"]["dark_reference"]
+    files = write_scan(_sim(), tmp_path / "raw")
+    with environment(dark_dir=tmp_path):
+        params = counting_params(engine="stempy", dark=dark_path, row_dark="mean")
+        theirs, their_meta = read_counted(count_raw_files(files, tmp_path / "c.h5", scan_number=SCAN, params=params))
+    assert their_meta["thresholds"] == meta["thresholds"]
+    ours, theirs = np.asarray(sparse.data).ravel(), np.asarray(theirs.data).ravel()
+    assert sum(e.size for e in ours) > 0
+    differ = [f for f, (a, b) in enumerate(zip(ours, theirs, strict=True)) if not np.array_equal(a, b)]
+    assert not differ, f"frames {differ[:10]} differ from stempy's"

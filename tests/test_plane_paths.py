@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from plane_helpers import ProcessTree, start_store, store_client, wait_scan_status, wait_until
 from stemstream.errors import CatalogError
-from stemstream.scans.paths import UnsafePath, under_roots
+from stemstream.wire.paths import UnsafePath, under_roots
 
 SHAPE = (4, 4)
 

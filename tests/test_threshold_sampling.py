@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stemstream.config import environment
 from stemstream.counting import compute_thresholds, count_raw_files, read_counted
 from stemstream.counting.params import CountingParams
 from stemstream.counting.thresholds import choose_sample, sample_candidates, sample_halves
@@ -130,11 +131,11 @@ def test_streaming_and_count_take_the_same_sample_thresholds_and_events(tmp_path
     frames, lost, dark = _scan(raw)
     np.save(tmp_path / "dark.npy", dark)
     params = {"threshold_samples": SAMPLES, "threshold_window": WINDOW, "dark": tmp_path / "dark.npy"}
-    streamed = _stream(tmp_path, client, frames, lost, CountingParams(engine="cpu", **params))
+    with environment(dark_dir=tmp_path):  # a dark must lie under the dark directory
+        counting = {engine: CountingParams(engine=engine, **params) for engine in ("stempy", "cpu")}
+    streamed = _stream(tmp_path, client, frames, lost, counting["cpu"])
     files = {
-        engine: count_raw_files(
-            raw, tmp_path / f"{engine}.h5", scan_number=4, params=CountingParams(engine=engine, **params)
-        )
+        engine: count_raw_files(raw, tmp_path / f"{engine}.h5", scan_number=4, params=counting[engine])
         for engine in ("stempy", "cpu")
     }
     s_data, s_meta = read_counted(streamed["path"])

@@ -24,6 +24,8 @@ ENV_PREFIX = "STEMSTREAM_"
 # The counting parameters' types, bounds and descriptions: shared by Settings (the site defaults) and
 # stemstream.counting.params.CountingParams (what a session or a count uses), so each has one range check.
 EngineName = Literal["stempy", "cpu", "gpu", "auto"]
+# stempy's whole-scan row-dark correction: none, or each half-row scaled by its mean or median (docs/counting.md).
+RowDark = Literal["none", "mean", "median"]
 BackgroundNSigma = Annotated[
     float, Field(ge=0.5, le=20, description="background threshold, sigmas above the noise mean (usually 4 or 4.5)")
 ]
@@ -116,8 +118,16 @@ class Settings(BaseSettings):
     xray_n_sigma: XrayNSigma = 10.0
     threshold_samples: ThresholdSamples = 40
     threshold_window: ThresholdWindow = 40  # = threshold_samples: the first complete frames (docs/counting.md)
-    engine: EngineName = "stempy"
-    dark: Path | None = Field(None, description="dark reference, a .npy of one 576x576 frame")
+    engine: EngineName = Field(
+        "auto", description="gpu when cupy and a GPU are usable, else cpu; stempy: the reference"
+    )
+    row_dark: RowDark = "none"
+    dark: Path | None = Field(
+        None, description='dark reference, a .npy of one 576x576 frame under dark_dir, or "latest"'
+    )
+    dark_dir: Path = Field(
+        Path("./data/darks"), description="where `stemstream dark` writes and every dark reference must lie"
+    )
     gain: Path | None = Field(None, description="gain reference, a .npy of one 576x576 frame")
 
     # Live analyses and the live view (docs/analyses.md).

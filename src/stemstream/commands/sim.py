@@ -47,6 +47,9 @@ def add_sim_arguments(parser: argparse.ArgumentParser, *, scan_shape: tuple[int,
 def make_sim(args: argparse.Namespace):
     """A ``FourDCameraSim`` from the options of :func:`add_sim_arguments`."""
     from stemstream.sim import FourDCameraSim
+    from stemstream.wire.protocol import check_scan_number
+
+    check_scan_number(args.scan_number, "--scan-number")
 
     return FourDCameraSim(
         tuple(args.scan_shape),

@@ -36,7 +36,7 @@ from stemstream.counting.thresholds import (
     sample_thresholds,
 )
 from stemstream.errors import CountingError
-from stemstream.wire.rawfile import partial_sectors, read_sidecar, sector_of_path, sidecar_name
+from stemstream.wire.rawfile import find_acquisitions, partial_sectors, read_sidecar, sector_of_path, sidecar_name
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ _HEADER = np.dtype(
 _RECORD_BYTES = _HEADER.itemsize + 2 * _SECTOR_PIXELS
 _MODULE_RE = re.compile(r".*module(\d+).*\.data")  # stempy's own pattern for the sector index
 _BATCH = 64  # frames per engine call
+_NAME_RE = re.compile(r"^data_scan(\d+)_module(\d+)_\d+\.data$")  # the receiving servers' names
+_ACQUISITION_DIR_RE = re.compile(r"^scan_(\d+)_[A-Za-z0-9._-]+$")  # a reused number's acquisition
+# More incomplete frames than this share is worth a warning, in the log and in the counted file.
+MANY_INCOMPLETE = 0.01
 
 
 @dataclass
@@ -102,11 +106,16 @@ def index_raw_files(paths: Sequence[Path]) -> RawScanIndex:
     sectors = np.concatenate([np.full(h.size, s, np.int64) for s, h in records])
     headers = np.concatenate([h for _, h in records])
     if (headers["scan_width"] != width).any() or (headers["scan_height"] != height).any():
-        raise CountingError(f"raw files disagree on the scan size (first record says {width}x{height})")
+        sizes = sorted({(int(w), int(h)) for w, h in zip(headers["scan_width"], headers["scan_height"], strict=True)})
+        shown = ", ".join(f"{h}x{w}" for w, h in sizes[:4])  # rows x cols, as scan_shape
+        raise CountingError(
+            f"the raw files mix scan sizes ({shown}): give one scan's files (or the directory and --scan N)"
+        )
     if (headers["x"] >= width).any() or (headers["y"] >= height).any():
         raise CountingError(f"raw files hold positions outside the {width}x{height} scan")
     if (headers["scan_number"] != scan_number).any():
-        logger.warning("raw files mix scan numbers %s", np.unique(headers["scan_number"]).tolist())
+        numbers = ", ".join(str(n) for n in np.unique(headers["scan_number"]).tolist())
+        raise CountingError(f"the raw files mix scans {numbers}: give one scan's files (or the directory and --scan N)")
     position = headers["y"].astype(np.int64) * width + headers["x"]
     # stempy keys a frame by (position, frame_number) and counts a position's frames in frame-number order.
     pairs = np.stack([position, headers["frame_number"].astype(np.int64)])
@@ -129,6 +138,48 @@ def index_raw_files(paths: Sequence[Path]) -> RawScanIndex:
         frames_at=per_position,
         missing=np.stack([frame, sector], axis=1).astype(np.int64),
     )
+
+
+def scans_in(directory: Path) -> list[int]:
+    """The scan numbers of the raw files in ``directory`` (by their names) and of its acquisition directories."""
+    found: set[int] = set()
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError as exc:
+        raise CountingError(f"cannot list {directory} ({exc.strerror or exc})") from None
+    for entry in entries:
+        match = _NAME_RE.match(entry.name) if entry.is_file() else _ACQUISITION_DIR_RE.match(entry.name)
+        if match is not None:
+            found.add(int(match.group(1)))
+    return sorted(found)
+
+
+def select_scan_files(directory: Path, scan_number: int, start: str | None = None) -> tuple[list[Path], str]:
+    """The raw files of one acquisition of ``scan_number`` in ``directory`` (a fallback directory holds many
+    scans): ``start``'s, or the newest. Refuses, in one line, a number or acquisition that is not there and a
+    scan with a module (sector) none of whose files are there, naming it."""
+    directory = Path(directory)
+    found = find_acquisitions(directory, scan_number)
+    if not found:
+        present = ", ".join(str(n) for n in scans_in(directory)) or "none"
+        raise CountingError(f"no raw files of scan {scan_number} in {directory} (scans there: {present})")
+    chosen = [a for a in found if start is None or a.start == start]
+    if not chosen:
+        have = ", ".join(a.start or "(no id)" for a in found)
+        raise CountingError(f"scan {scan_number}: no acquisition {start} in {directory} (there: {have})")
+    acquisition = chosen[-1]
+    if len(found) > 1:
+        logger.warning("scan %d was acquired %d times in %s; counting acquisition %s (--start to choose)",
+                       scan_number, len(found), directory, acquisition.start or "(no id)")  # fmt: skip
+    modules = {sector_of_path(p) for p in acquisition.paths}
+    missing = [m for m in range(N_SECTORS) if m not in modules]
+    if missing:
+        names = ", ".join(f"data_scan{scan_number:010d}_module{m}_*.data" for m in missing)
+        raise CountingError(
+            f"scan {scan_number}: no file of module {', '.join(map(str, missing))} in {acquisition.directory} "
+            f"({names}); copy it there, or give the files to count explicitly"
+        )
+    return list(acquisition.paths), acquisition.start
 
 
 def _as_paths(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[Path]:
@@ -182,6 +233,7 @@ def _count_with_engine(
     dark32: np.ndarray | None,
     gain32: np.ndarray | None,
     progress: bool,
+    row_dark: str = "none",
 ) -> list[np.ndarray]:
     rows, cols = index.scan_shape
     k = index.frames_per_position
@@ -192,7 +244,7 @@ def _count_with_engine(
 
     def flush() -> None:
         if where:
-            counted = engine.count(batch[: len(where)], thresholds, dark=dark32, gain=gain32)
+            counted = engine.count(batch[: len(where)], thresholds, dark=dark32, gain=gain32, row_dark=row_dark)
             for f, e in zip(where, counted, strict=True):
                 events[f] = e
             where.clear()
@@ -249,6 +301,14 @@ def count_raw_files(
     started = time.time()
     raw_paths = _as_paths(paths)
     index = index_raw_files(raw_paths)
+    modules = {int(m.group(1)) for m in (_MODULE_RE.match(p.name) for p in raw_paths) if m is not None}
+    if missing_modules := [m for m in range(N_SECTORS) if m not in modules]:
+        # No frame can be complete, so there are no thresholds: say which file is absent, not that.
+        names = ", ".join(f"data_scan{index.scan_number:010d}_module{m}_*.data" for m in missing_modules)
+        raise CountingError(
+            f"scan {scan_number}: no file of module {', '.join(map(str, missing_modules))} among the raw files "
+            f"({names}); every frame lacks its sectors"
+        )
     partial = partial_sectors(raw_paths)
     if partial:
         logger.warning(
@@ -275,8 +335,16 @@ def count_raw_files(
     first_frame = time.time()
     counter = counter or get_engine(params.engine, threads=threads)
     engine_name = counter.name
-    events = _count_with_engine(reader, index, counter, thresholds, dark32, gain32, progress)
+    events = _count_with_engine(reader, index, counter, thresholds, dark32, gain32, progress, params.row_dark)
     last_frame = time.time()
+    incomplete = int((~index.complete).sum())
+    warnings = []
+    if incomplete > MANY_INCOMPLETE * index.n_frames:
+        warnings.append(
+            f"{incomplete} of {index.n_frames} frames ({100 * incomplete / index.n_frames:.1f}%) are incomplete: "
+            "their missing sectors count as zeros (missing_sectors lists them)"
+        )
+        logger.warning("scan %d: %s", scan_number, warnings[-1])
     metadata: dict[str, Any] = {
         "engine": engine_name,
         "source": "raw_files",
@@ -290,7 +358,10 @@ def count_raw_files(
         "xray_n_sigma": xray_n_sigma,
         "threshold_sample_frames": chosen,
         "threshold_halves": halves_array(halves),
-        "frames_incomplete": int((~index.complete).sum()),
+        "row_dark": params.row_dark,
+        **params.dark_record(),
+        "warnings": warnings,
+        "frames_incomplete": incomplete,
         "missing_sectors": index.missing,
         "messages": {"sectors_received": index.n_records, "sectors_expected": index.n_frames * N_SECTORS},
         "timings": {"started": started, "first_frame": first_frame, "last_frame": last_frame},

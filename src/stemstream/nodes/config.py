@@ -75,3 +75,7 @@ class CountingConfig:
     @property
     def threshold_window(self) -> int:
         return self.params.threshold_window
+
+    @property
+    def row_dark(self) -> str:
+        return self.params.row_dark

@@ -358,8 +358,11 @@ class Coordinator:
                 "counting_options": {
                     "dark_reference": self.config.dark is not None,
                     "gain": self.config.gain is not None,
-                    "apply_row_dark_subtraction": False,
+                    "apply_row_dark_subtraction": self.config.row_dark != "none",
+                    "apply_row_dark_use_mean": self.config.row_dark == "mean",
                 },
+                "row_dark": self.config.row_dark,
+                **self.config.params.dark_record(),
                 "thresholds": cs.thresholds,
                 "background_n_sigma": self.config.background_n_sigma,
                 "xray_n_sigma": self.config.xray_n_sigma,

@@ -123,6 +123,7 @@ class CountingService:
                 self.workers,
                 dark=self.config.dark,
                 gain=self.config.gain,
+                row_dark=self.config.row_dark,
                 frame_shape=self.config.frame_shape,
                 cpus=self.config.worker_cpus,
             )
@@ -350,7 +351,13 @@ class CountingService:
             error = None
             try:
                 for i, j in runs:
-                    ev = self.engine.count(b.data[i:j], ls.thresholds, dark=self.config.dark, gain=self.config.gain)
+                    ev = self.engine.count(
+                        b.data[i:j],
+                        ls.thresholds,
+                        dark=self.config.dark,
+                        gain=self.config.gain,
+                        row_dark=self.config.row_dark,
+                    )
                     results.append((i, ev))
             except StemstreamError as exc:
                 error = f"counting failed: {exc}"

@@ -45,14 +45,15 @@ from stemstream.log import RateLimitedLog
 from stemstream.plane.retention import ScanKeeper, SectorSource
 from stemstream.plane.session import ProducerScanResult, ScanSession
 from stemstream.scans import keys
-from stemstream.scans.paths import UnsafePath, under_roots
 from stemstream.scans.plan import ScanPlanError, close_scan_record, decide_plan, new_acquisition, wait_plan
 from stemstream.scans.records import ROUTE_STREAM, ScanPlan
 from stemstream.transport.actor import SendMeter, Worker
 from stemstream.transport.sockets import make_socket
+from stemstream.wire.paths import UnsafePath, under_roots
 from stemstream.wire.protocol import (
     N_SECTORS,
     SECTOR_SHAPE,
+    check_scan_number,
 )
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class Producer:
         self.sector_shape = sector_shape
         self.leader = (sector == 0) if leader is None else leader
         self.fallback_dir = Path(fallback_dir or self.settings.fallback_dir)
-        # The only directories a scan request or plan may send raw files to (scans.paths).
+        # The only directories a scan request or plan may send raw files to (wire.paths).
         self.fallback_roots = (self.settings.fallback_root or self.fallback_dir, self.fallback_dir)
         self.plan_timeout = plan_timeout
         self.max_skew = max_skew
@@ -226,6 +227,7 @@ class Producer:
         """
         if self._registry is None:
             raise RuntimeError("Producer.start() first")
+        check_scan_number(scan_number, "begin_scan: scan number")
         scan_shape = (int(scan_shape[0]), int(scan_shape[1]))
         if self.leader:
             if fallback_dir:

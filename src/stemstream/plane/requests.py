@@ -14,6 +14,7 @@ from stemstream.errors import ProtocolError
 from stemstream.scans import keys
 from stemstream.scans.plan import KeyValue
 from stemstream.scans.records import ScanRequest
+from stemstream.wire.protocol import check_scan_number
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ def request_scan(
     **extra: Any,
 ) -> ScanRequest:
     """Ask every watching producer to acquire a scan (writes ``/control/scan``)."""
+    check_scan_number(scan_number, "scan request: scan")  # the producers would refuse it: refuse it here
     req = ScanRequest(scan_number, (int(scan_shape[0]), int(scan_shape[1])), fallback_dir, extra, time.time())
     store.set(keys.CONTROL_SCAN, req.to_record())
     return req

@@ -22,7 +22,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from stemstream.errors import ProtocolError
 from stemstream.scans import keys
-from stemstream.wire.protocol import N_SECTORS, START_RE, check_start
+from stemstream.wire.protocol import N_SECTORS, START_RE, check_scan_number, check_start
 
 ROUTE_STREAM = "stream"
 ROUTE_DISK = "disk"
@@ -459,7 +459,8 @@ class ScanRequest(Record):
                 "extra": extra,
             }
         )
+        check_scan_number(request.scan_number, "scan request: scan")
         h, w = request.scan_shape
-        if request.scan_number < 0 or h < 1 or w < 1:
+        if h < 1 or w < 1:
             raise ProtocolError(f"scan request: scan={request.scan_number} scan_shape={h}x{w} is not a scan")
         return request

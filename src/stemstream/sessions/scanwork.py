@@ -16,8 +16,8 @@ from stemstream.counting.params import CountingParams
 from stemstream.errors import CatalogError
 from stemstream.log import RateLimitedLog
 from stemstream.scans import keys
-from stemstream.scans.paths import UnsafePath, under_roots
 from stemstream.scans.records import CountedRecord, ScanRecord
+from stemstream.wire.paths import UnsafePath, under_roots
 
 _rlog = RateLimitedLog(logging.getLogger(__name__))
 

@@ -23,7 +23,7 @@ def test_a_scan_through_two_aggregators_is_counted_whole_and_equal_to_stempy(tmp
 
     dark_path = _dark_file(tmp_path)
     out = tmp_path / "counted"
-    with ProcessTree(tmp_path / "logs") as tree:
+    with ProcessTree(tmp_path / "logs", env={"STEMSTREAM_DARK_DIR": str(dark_path.parent)}) as tree:
         address = start_store(tree)
         tree.start("aggregators", "aggregator", "--store", address, "--processes", 2, "--uid", "agg")
         tree.start("nodegroups", "nodegroup", "--store", address, "--consumer", "count", "--count", 2,

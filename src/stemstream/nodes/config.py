@@ -53,29 +53,3 @@ class CountingConfig:
             raise CountingError(f"batch must be >= 1, got {self.batch}")
         if self.workers is not None and not 0 <= self.workers <= 1024:
             raise CountingError(f"workers must be 0 (count in this process) .. 1024, got {self.workers}")
-
-    # The counting parameters, by their one name (CountingParams).
-
-    @property
-    def engine(self) -> str:
-        return self.params.engine
-
-    @property
-    def background_n_sigma(self) -> float:
-        return self.params.background_n_sigma
-
-    @property
-    def xray_n_sigma(self) -> float:
-        return self.params.xray_n_sigma
-
-    @property
-    def threshold_samples(self) -> int:
-        return self.params.threshold_samples
-
-    @property
-    def threshold_window(self) -> int:
-        return self.params.threshold_window
-
-    @property
-    def row_dark(self) -> str:
-        return self.params.row_dark

@@ -144,7 +144,7 @@ class Coordinator:
                 members=tuple(message["members"]),
                 scan_shape=shape,
                 candidates=sample_candidates(
-                    shape[0] * shape[1], self.config.threshold_samples, self.config.threshold_window
+                    shape[0] * shape[1], self.config.params.threshold_samples, self.config.params.threshold_window
                 ),
             )
         cs.touched = time.monotonic()
@@ -202,7 +202,7 @@ class Coordinator:
             return
         if self._ranks_of(cs) is None:
             return
-        want = self.config.threshold_samples
+        want = self.config.params.threshold_samples
         highest = max(cs.samples, default=-1)
         chosen: list[int] = []
         for f in cs.candidates.tolist():
@@ -230,7 +230,7 @@ class Coordinator:
             self._decided(cs, None, error, None)
             return
         shape = self.config.frame_shape
-        sigmas = (self.config.background_n_sigma, self.config.xray_n_sigma)
+        sigmas = (self.config.params.background_n_sigma, self.config.params.xray_n_sigma)
         if self.counter is not None:
             # On a counting core, not on this process's (which receives): ~0.1 s of CPU per scan.
             sample = SharedBatch(len(chosen), shape)
@@ -334,7 +334,7 @@ class Coordinator:
             events=n_events,
             engine=self.engine_name,
             thresholds=cs.thresholds.to_dict() if cs.thresholds else None,
-            background_n_sigma=self.config.background_n_sigma,
+            background_n_sigma=self.config.params.background_n_sigma,
             members=cs.members,
             ranks=len(cs.events),
             ranks_missing=tuple(partial),
@@ -358,14 +358,14 @@ class Coordinator:
                 "counting_options": {
                     "dark_reference": self.config.dark is not None,
                     "gain": self.config.gain is not None,
-                    "apply_row_dark_subtraction": self.config.row_dark != "none",
-                    "apply_row_dark_use_mean": self.config.row_dark == "mean",
+                    "apply_row_dark_subtraction": self.config.params.row_dark != "none",
+                    "apply_row_dark_use_mean": self.config.params.row_dark == "mean",
                 },
-                "row_dark": self.config.row_dark,
+                "row_dark": self.config.params.row_dark,
                 **self.config.params.dark_record(),
                 "thresholds": cs.thresholds,
-                "background_n_sigma": self.config.background_n_sigma,
-                "xray_n_sigma": self.config.xray_n_sigma,
+                "background_n_sigma": self.config.params.background_n_sigma,
+                "xray_n_sigma": self.config.params.xray_n_sigma,
                 "threshold_sample_frames": cs.sample_frames,
                 "threshold_halves": _halves_array(cs.halves),
                 "frames_incomplete": len(incomplete_frames),

@@ -84,7 +84,7 @@ class CountingService:
         self.rank = transport.rank
         self.uids = list(uids)
         self.store = store
-        self.engine = engine if engine is not None else get_engine(config.engine)
+        self.engine = engine if engine is not None else get_engine(config.params.engine)
         self.batch_size = config.batch or DEFAULT_BATCH.get(self.engine.name, 16)
         # stempy holds the GIL while counting: count it in worker processes unless told otherwise.
         self.workers = config.workers if config.workers is not None else (1 if self.engine.name == "stempy" else 0)
@@ -123,7 +123,7 @@ class CountingService:
                 self.workers,
                 dark=self.config.dark,
                 gain=self.config.gain,
-                row_dark=self.config.row_dark,
+                row_dark=self.config.params.row_dark,
                 frame_shape=self.config.frame_shape,
                 cpus=self.config.worker_cpus,
             )
@@ -236,7 +236,7 @@ class CountingService:
 
     def _candidates(self, n_frames: int) -> np.ndarray:
         c = self.config
-        return sample_candidates(n_frames, c.threshold_samples, c.threshold_window)
+        return sample_candidates(n_frames, c.params.threshold_samples, c.params.threshold_window)
 
     def _frame_buffer(self, key: ScanKey, frame: int) -> np.ndarray:
         with self._cond:
@@ -356,7 +356,7 @@ class CountingService:
                         ls.thresholds,
                         dark=self.config.dark,
                         gain=self.config.gain,
-                        row_dark=self.config.row_dark,
+                        row_dark=self.config.params.row_dark,
                     )
                     results.append((i, ev))
             except StemstreamError as exc:

@@ -16,6 +16,7 @@ from stemstream.errors import CountingError
 # Row-dark correction, as stempy's whole-scan ``electron_count(..., apply_row_dark=True,
 # apply_row_dark_use_mean=...)`` offers it: none, or each half-row scaled by optimized_mean / its mean or median.
 ROW_DARK_MODES: tuple[str, ...] = get_args(RowDark)
+RowDarkArgs = tuple[np.float32, bool] | None  # (optimized mean, use the mean): what an engine applies
 
 
 @runtime_checkable
@@ -158,19 +159,16 @@ class EngineBase:
             return []
         corr = self._cache.get(dark, gain, (batch.shape[1], batch.shape[2]))
         if row_dark == "none":
-            return self._count(batch, background, xray, corr)
+            return self._count(batch, background, xray, corr, None)
         if batch.shape[1] < 2:  # a half-row of no value: stempy's median reads past it (and crashes)
             raise CountingError(f"row dark needs frames of at least 2 rows, got {batch.shape[1:]}")
         # stempy hands its C++ the optimized mean as a float: round it once here for every engine.
-        mean32 = np.float32(thresholds.mean)
-        return self._count_row_dark(batch, background, xray, corr, mean32, row_dark == "mean")
+        return self._count(batch, background, xray, corr, (np.float32(thresholds.mean), row_dark == "mean"))
 
-    def _count(self, batch: np.ndarray, background: float, xray: float, corr: Corrections) -> list[np.ndarray]:
-        """Events of each frame of a checked, non-empty, C-contiguous batch."""
-        raise NotImplementedError
-
-    def _count_row_dark(
-        self, batch: np.ndarray, background: float, xray: float, corr: Corrections, mean32: np.float32, use_mean: bool
+    def _count(
+        self, batch: np.ndarray, background: float, xray: float, corr: Corrections, row_dark: RowDarkArgs
     ) -> list[np.ndarray]:
-        """As :meth:`_count`, with stempy's row-dark correction (docs/counting.md, Row-dark)."""
+        """Events of each frame of a checked, non-empty, C-contiguous batch; ``row_dark``: None, or stempy's
+        row-dark correction as (optimized mean as float32, use the mean rather than the median)
+        (docs/counting.md, Row-dark)."""
         raise NotImplementedError

@@ -30,6 +30,7 @@ from numba import njit, prange
 from stemstream.counting.engines.base import (
     Corrections,
     EngineBase,
+    RowDarkArgs,
     integer_window,
     max_events,
 )
@@ -392,21 +393,8 @@ class CpuEngine(EngineBase):
             kernel(*args)
         return counts
 
-    def _count(self, batch: np.ndarray, background: float, xray: float, corr: Corrections) -> list[np.ndarray]:
-        return self._count_chunks(batch, background, xray, corr, None)
-
-    def _count_row_dark(
-        self, batch: np.ndarray, background: float, xray: float, corr: Corrections, mean32: np.float32, use_mean: bool
-    ) -> list[np.ndarray]:
-        return self._count_chunks(batch, background, xray, corr, (mean32, use_mean))
-
-    def _count_chunks(
-        self,
-        batch: np.ndarray,
-        background: float,
-        xray: float,
-        corr: Corrections,
-        row_dark: tuple[np.float32, bool] | None,
+    def _count(
+        self, batch: np.ndarray, background: float, xray: float, corr: Corrections, row_dark: RowDarkArgs
     ) -> list[np.ndarray]:
         n_frames, rows, cols = batch.shape
         # Room for every event a frame can hold: nothing is ever counted twice, however dense the frame.

@@ -21,6 +21,7 @@ import numpy as np
 from stemstream.counting.engines.base import (
     Corrections,
     EngineBase,
+    RowDarkArgs,
     integer_window,
 )
 from stemstream.errors import CountingError
@@ -381,21 +382,8 @@ class GpuEngine(EngineBase):
         counts = np.bincount(frame_of, minlength=n)
         return np.split(pixels, np.cumsum(counts)[:-1])
 
-    def _count(self, batch: np.ndarray, background: float, xray: float, corr: Corrections) -> list[np.ndarray]:
-        return self._count_chunks(batch, background, xray, corr, None)
-
-    def _count_row_dark(
-        self, batch: np.ndarray, background: float, xray: float, corr: Corrections, mean32: np.float32, use_mean: bool
-    ) -> list[np.ndarray]:
-        return self._count_chunks(batch, background, xray, corr, (mean32, use_mean))
-
-    def _count_chunks(
-        self,
-        batch: np.ndarray,
-        background: float,
-        xray: float,
-        corr: Corrections,
-        row_dark: tuple[np.float32, bool] | None,
+    def _count(
+        self, batch: np.ndarray, background: float, xray: float, corr: Corrections, row_dark: RowDarkArgs
     ) -> list[np.ndarray]:
         n_frames, rows, cols = batch.shape
         if rows * cols * self.chunk_frames >= 2**32:

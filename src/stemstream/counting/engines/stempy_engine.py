@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 
-from stemstream.counting.engines.base import Corrections, EngineBase
+from stemstream.counting.engines.base import Corrections, EngineBase, RowDarkArgs
 from stemstream.errors import CountingError
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,11 @@ class StempyEngine(EngineBase):
 
         self._io = sio
 
-    def _count(self, batch: np.ndarray, background: float, xray: float, corr: Corrections) -> list[np.ndarray]:
+    def _count(
+        self, batch: np.ndarray, background: float, xray: float, corr: Corrections, row_dark: RowDarkArgs
+    ) -> list[np.ndarray]:
+        if row_dark is not None:
+            return self._count_row_dark(batch, background, xray, corr, *row_dark)
         _, rows, cols = batch.shape
         options = self._image.ElectronCountOptionsClassic()
         options.background_threshold = background

@@ -72,16 +72,21 @@ def _as_frames(frames: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _real_per_pixel(values: np.ndarray, frame_shape: tuple[int, int], what: str) -> np.ndarray:
+    """``values`` as an array of real numbers, one per pixel of a frame; CountingError naming ``what`` else."""
+    arr = np.asarray(values)
+    if arr.shape != frame_shape:
+        raise CountingError(f"{what} has shape {arr.shape}, frames are {frame_shape}")
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise CountingError(f"{what} must be real numbers, got {arr.dtype}")
+    return arr
+
+
 def prepare_dark(dark: np.ndarray | None, frame_shape: tuple[int, int]) -> np.ndarray | None:
     """The dark reference as stempy's C++ sees it: float32, frame-shaped, finite."""
     if dark is None:
         return None
-    arr = np.asarray(dark)
-    if arr.shape != frame_shape:
-        raise CountingError(f"dark reference has shape {arr.shape}, frames are {frame_shape}")
-    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-        raise CountingError(f"dark reference must be real numbers, got {arr.dtype}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    arr = np.ascontiguousarray(_real_per_pixel(dark, frame_shape, "dark reference"), dtype=np.float32)
     # stempy's Python wrapper refuses NaN darks (its lossless-cast check fails on NaN != NaN).
     if not np.isfinite(arr).all():
         raise CountingError("dark reference contains NaN or infinite values")
@@ -96,11 +101,7 @@ def prepare_gain(gain: np.ndarray | None, frame_shape: tuple[int, int]) -> np.nd
     """
     if gain is None:
         return None
-    arr = np.asarray(gain)
-    if arr.shape != frame_shape:
-        raise CountingError(f"gain has shape {arr.shape}, frames are {frame_shape}")
-    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-        raise CountingError(f"gain must be real numbers, got {arr.dtype}")
+    arr = _real_per_pixel(gain, frame_shape, "gain")
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float32)  # np.power refuses integers to negative powers
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):

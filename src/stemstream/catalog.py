@@ -80,11 +80,13 @@ class ScanRow(Base):
         return self.archive_location or self.counted_path or (self.raw_paths[0] if self.raw_paths else "")
 
     def as_dict(self) -> dict[str, Any]:
-        return {c.name: getattr(self, c.key) for c in self.__table__.columns}
+        """By column name (``metadata``, not the attribute's ``metadata_``)."""
+        return {name: getattr(self, attr) for name, attr in _SCAN_ATTRS.items()}
 
 
-# Fields by column name (``metadata`` is ``metadata_`` on the row: SQLAlchemy keeps ``metadata`` for itself).
-_SCAN_FIELDS = {c.name: c.key for c in ScanRow.__table__.columns if c.name not in ("id", "scan_number")}
+# Attributes by column name (``metadata`` is ``metadata_`` on the row: SQLAlchemy keeps ``metadata`` for itself).
+_SCAN_ATTRS = {a.columns[0].name: a.key for a in inspect(ScanRow).column_attrs}
+_SCAN_FIELDS = {name: attr for name, attr in _SCAN_ATTRS.items() if name not in ("id", "scan_number")}
 NOTES_MAX = 4000  # characters of a scan's notes
 
 

@@ -9,13 +9,20 @@ from prefect import flow, get_run_logger
 
 from stemstream.errors import ArchiveError, CountingError
 from stemstream.sessions import SessionParams
-from stemstream.sessions.scanwork import counted_file, counted_outcome, raw_paths_of, turnaround_from_disk
+from stemstream.sessions.scanwork import (
+    counted_file,
+    counted_outcome,
+    daq_metadata_of,
+    raw_paths_of,
+    turnaround_from_disk,
+)
 from stemstream.tasks.scans import (
     archive_scan,
     catalog_scan,
     count_raw_scan,
     describe_scan,
     publish_scan,
+    publish_session_scans,
     read_counted_record_task,
     read_scan_record_task,
 )
@@ -26,6 +33,8 @@ def _finish(scan_number: int, path: str, route: str, params: SessionParams, extr
     logger = get_run_logger()
     scan = describe_scan(path, scan_number)
     fields = scan.catalog_fields(route, **extra)
+    if params.notes:
+        fields["notes"] = params.notes
     catalog_scan(scan_number, params.uid, status="archiving", **fields)
     try:
         archived = archive_scan(path, scan_number, params)
@@ -33,10 +42,12 @@ def _finish(scan_number: int, path: str, route: str, params: SessionParams, extr
         # The counted file stays where it is; the catalog says what went wrong.
         row = catalog_scan(scan_number, params.uid, status="archive_failed", error=str(exc))
         publish_scan(scan_number, row, scan.png)
+        publish_session_scans(params.uid)
         logger.error("scan %d: archiving failed: %s", scan_number, exc)
         raise
     row = catalog_scan(scan_number, params.uid, status="archived", archive_location=archived["destination"], error=None)
     publish_scan(scan_number, row, scan.png)
+    publish_session_scans(params.uid)
     turnaround = fields.get("turnaround_s")
     logger.info(
         "scan %d: %d frames (%d incomplete), %d events, %s; archived to %s",
@@ -81,6 +92,6 @@ def count_fallback_scan(
     catalog_scan(scan_number, params.uid, route="disk", status="counting", raw_paths=paths)
     started = time.time()
     output = str(counted_file(params.output_dir, scan_number))
-    path = count_raw_scan(paths, output, scan_number, params.counting)
+    path = count_raw_scan(paths, output, scan_number, params.counting, daq_metadata_of(record))
     extra = {"raw_paths": paths, "turnaround_s": turnaround_from_disk(record, started), "error": None}
     return _finish(scan_number, path, "disk", params, extra)

@@ -71,6 +71,7 @@ def decide_plan(
     n_sectors: int = N_SECTORS,
     start: str = "",
     raw_dir: str = "",
+    metadata: dict[str, Any] | None = None,
 ) -> ScanPlan:
     """The leader's decision: stream to the ready NodeGroups (sorted by UID) through the first ready
     aggregator that has an endpoint pair for every sector, or go to disk when either is missing.
@@ -95,6 +96,7 @@ def decide_plan(
         "decided_at": time.time(),
         "start": start,
         "raw_dir": raw_dir,
+        "metadata": dict(metadata or {}),
     }
     if nodegroups and aggregators:
         agg = aggregators[0]

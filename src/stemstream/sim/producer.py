@@ -92,7 +92,11 @@ def run_scan(
             return sim.sector(f, m)
 
     session = producer.begin_scan(
-        request.scan_number, request.scan_shape, fallback_dir=request.fallback_dir, source=source
+        request.scan_number,
+        request.scan_shape,
+        fallback_dir=request.fallback_dir,
+        source=source,
+        metadata=request.metadata,
     )
 
     def send(t: int) -> None:

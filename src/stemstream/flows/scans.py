@@ -17,6 +17,7 @@ from stemstream.sessions.scanwork import (
     turnaround_from_disk,
 )
 from stemstream.tasks.scans import (
+    add_daq_metadata_task,
     archive_scan,
     catalog_scan,
     count_raw_scan,
@@ -59,17 +60,24 @@ def _finish(scan_number: int, path: str, route: str, params: SessionParams, extr
 
 @flow(name="process-scan", log_prints=True)
 def process_scan(
-    scan_number: int, session: SessionParams | None = None, counted: dict[str, Any] | None = None
+    scan_number: int,
+    session: SessionParams | None = None,
+    counted: dict[str, Any] | None = None,
+    record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A scan the store reports counted: archive it, catalogue it, show its table and picture.
+    """A scan the store reports counted: the DAQ's metadata into its file, archive it, catalogue it, show its
+    table and picture.
 
-    ``counted`` is its ``/scans/<n>/counted`` record when the caller has it (a session does); read from the
-    store otherwise."""
+    ``counted`` and ``record`` are its ``/scans/<n>/counted`` and ``/scans/<n>`` records when the caller has
+    them (a session does); read from the store otherwise."""
     params = session or SessionParams()
     outcome = counted_outcome(counted if counted is not None else read_counted_record_task(scan_number))
     if outcome.path is None:
         catalog_scan(scan_number, params.uid, status="count_failed", error=outcome.error)
         raise CountingError(f"scan {scan_number} was not counted: {outcome.error}")
+    daq = daq_metadata_of(record if record is not None else read_scan_record_task(scan_number))
+    if daq:
+        add_daq_metadata_task(outcome.path, daq)
     extra = {"turnaround_s": outcome.turnaround_s, "error": None}
     return _finish(scan_number, outcome.path, "stream", params, extra)
 

@@ -29,7 +29,7 @@ from stemstream.nodes.ranks import RankTransport
 from stemstream.nodes.workers import ProcessCounter, SharedBatch
 from stemstream.scans import keys
 from stemstream.scans.plan import KeyValue
-from stemstream.scans.records import CountedRecord, ScanRecord, scan_metadata
+from stemstream.scans.records import CountedRecord
 
 if TYPE_CHECKING:
     from stemstream.nodes.service import CountingConfig
@@ -190,20 +190,6 @@ class Coordinator:
             ranks.add(self._uid_rank[uid])
         return ranks
 
-    def _daq_metadata(self, cs: _CoordScan) -> dict[str, Any]:
-        """The DAQ's metadata of the scan (beam energy, step size...), from its plan in the store: into the file
-        as ``/stemstream/daq``. {} without a store, or when the plan is another acquisition's or malformed."""
-        if self.store is None:
-            return {}
-        plan = ScanRecord.parse(self.store.get(keys.scan(cs.number)))
-        if plan is None or (cs.start and plan.start != cs.start):
-            return {}
-        try:
-            return scan_metadata(plan.metadata)
-        except StemstreamError as exc:
-            logger.warning("scan %d: the plan's metadata is left out of the file: %s", cs.number, exc)
-            return {}
-
     def _owner_ended(self, cs: _CoordScan, frame: int) -> bool:
         uid = cs.members[frame % len(cs.members)]
         return self._uid_rank.get(uid, -1) in cs.ended_ranks
@@ -361,7 +347,6 @@ class Coordinator:
                     "apply_row_dark_subtraction": False,
                 },
                 "thresholds": cs.thresholds,
-                "daq": self._daq_metadata(cs),
                 "background_n_sigma": self.config.background_n_sigma,
                 "xray_n_sigma": self.config.xray_n_sigma,
                 "threshold_sample_frames": cs.sample_frames,

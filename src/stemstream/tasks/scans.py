@@ -58,6 +58,12 @@ def count_raw_scan(
 
 
 @task(cache_policy=NO_CACHE)
+def add_daq_metadata_task(path: str, daq: dict[str, Any]) -> None:
+    """The DAQ's metadata (beam energy, step size...) into the counted file, ``/stemstream/daq``."""
+    add_daq_metadata(path, daq)
+
+
+@task(cache_policy=NO_CACHE)
 def describe_scan(path: str, scan_number: int) -> CountedScan:
     """What the counted file says (frames, incomplete frames, events, thresholds, timings) and its picture (a
     virtual bright-field PNG beside it), from one read of the file."""

@@ -42,11 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--machine", default="local")
-    p.add_argument("--backend", default="local", help="local | slurm | sfapi")
+    p.add_argument("--backend", default=None, help="local | slurm | sfapi (default: the machine's, STEMSTREAM_SITES)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--nodegroups-per-node", type=int, default=2)
     add_counting_arguments(p.add_argument_group("counting"))
-    p.add_argument("--output-dir", default="", help="counted files (default STEMSTREAM_OUTPUT_DIR)")
+    p.add_argument("--output-dir", default="", help="counted files (default: the machine's, STEMSTREAM_OUTPUT_DIR)")
     p.add_argument("--archive-dir", default="", help="local archive (default STEMSTREAM_ARCHIVE_DIR)")
     p.add_argument("--account", default=None, help="NERSC project, for slurm/sfapi (default STEMSTREAM_ACCOUNT)")
     p.add_argument("--notes", default="", help="notes kept with every scan of the session in the catalog")
@@ -56,15 +56,15 @@ def _session_args(p: argparse.ArgumentParser) -> None:
 def _params(args: argparse.Namespace, **more: Any) -> Any:
     from stemstream.sessions import session_params
 
+    # The site's (STEMSTREAM_SITES) unless given here: only what was given goes over the machine's.
+    site = {"backend": args.backend, "output_dir": args.output_dir, "archive_dir": args.archive_dir}
+    site["account"] = args.account
     return session_params(
         machine=args.machine,
-        backend=args.backend,
         n_nodes=args.nodes,
         nodegroups_per_node=args.nodegroups_per_node,
         counting=counting_from(args),
-        output_dir=args.output_dir,
-        archive_dir=args.archive_dir,
-        account=args.account,
+        site={k: v for k, v in site.items() if v},
         **more,
     )
 

@@ -60,6 +60,16 @@ def test_session_start_without_a_prefect_api_is_one_line(tmp_path):
     assert time.monotonic() - started < 60
 
 
+def test_session_start_without_a_store_is_one_line(tmp_path):
+    store = f"tcp://127.0.0.1:{free_port_block(3)}"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    argv = [sys.executable, "-m", "stemstream.cli", "session", "start", "--minutes", "0.1", "--store", store]
+    done = subprocess.run(argv, capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT / "src")},
+                          cwd=tmp_path, timeout=120)  # fmt: skip
+    assert _one_line(done, 1, store, "stemstream store serve") == done.stderr.strip()
+    assert done.stdout == ""
+
+
 def test_session_list_and_stop_with_a_real_store(tmp_path):
     with ProcessTree(tmp_path / "logs") as tree:
         address = start_store(tree)

@@ -106,6 +106,9 @@ def _start(args: argparse.Namespace) -> int:
     params = _params(args, minutes=args.minutes, notes=args.notes)
     check_prefect_api()
     with _store_of(args):
+        from stemstream.sessions import check_store
+
+        check_store()  # here, in one line: inside the flow Prefect would log the traceback first
         from stemstream.flows import streaming_session
 
         result = streaming_session(params)

@@ -114,6 +114,11 @@ def test_a_bad_scan_request_is_refused_logged_and_the_producer_serves_on(tmp_pat
             record = next(v for k, v in client.items(failed).items())
         assert "loss_rate" in record["error"] and "'abc'" in record["error"]
         wait_until(lambda: "loss_rate='abc'" in tree.log("producer-0"), 10, "the refusal in the log")
+        # metadata that is not a bounded flat map: the request is ignored, said in the log
+        with store_client(address) as client:
+            bad = {"scan": 6, "scan_shape": [2, 2], "requested_at": time.time(), "metadata": {"lens": {"c": 1}}}
+            client.set(keys.CONTROL_SCAN, bad)
+        wait_until(lambda: "metadata lens" in tree.log("producer-0"), 10, "the ignored request in the log")
         time.sleep(1.0)
         tree.check_alive("producer-0")
         assert "Traceback" not in tree.log("producer-0")

@@ -68,8 +68,12 @@ def process_scan(
     """A scan the store reports counted: the DAQ's metadata into its file, archive it, catalogue it, show its
     table and picture.
 
-    ``counted`` and ``record`` are its ``/scans/<n>/counted`` and ``/scans/<n>`` records when the caller has
-    them (a session does); read from the store otherwise."""
+    Args:
+        scan_number: the scan's number
+        session: the session it belongs to (the session form; empty: defaults)
+        counted: its ``/scans/<n>/counted`` record when the caller has it (a session does); else from the store
+        record: its ``/scans/<n>`` record when the caller has it (a session does); else from the store
+    """
     params = session or SessionParams()
     outcome = counted_outcome(counted if counted is not None else read_counted_record_task(scan_number))
     if outcome.path is None:
@@ -91,8 +95,12 @@ def count_fallback_scan(
 ) -> dict[str, Any]:
     """A scan that landed on disk: count its raw files with stempy's reader, then archive and catalogue it.
 
-    ``raw_paths`` default to the files the producers reported in its ``/scans/<n>`` record: ``record`` when the
-    caller has it (a session does), read from the store otherwise."""
+    Args:
+        scan_number: the scan's number
+        session: the session it belongs to, with the counting parameters (the session form; empty: defaults)
+        record: its ``/scans/<n>`` record when the caller has it (a session does); else from the store
+        raw_paths: its raw files (empty: those the producers reported in its ``/scans/<n>`` record)
+    """
     params = session or SessionParams()
     if record is None:
         record = read_scan_record_task(scan_number) if raw_paths is None else {}

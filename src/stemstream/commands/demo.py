@@ -114,10 +114,22 @@ def _one_scan_to_disk(scan_number: int, shape: tuple[int, int]) -> int:
     return scan_number
 
 
+def _engine_of(path: str) -> str:
+    """The engine that counted a file (its /stemstream attribute; "" if unreadable)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return str(f["stemstream"].attrs.get("engine", ""))
+    except (OSError, KeyError):
+        return ""
+
+
 def _summary(rows: list, root: Path, prefect_url: str, seconds: float, engine: str = "") -> None:
     print()
     if engine:
-        print(f"counting engine: {engine}")
+        used = sorted({_engine_of(r.counted_path) for r in rows if r.counted_path} - {""})
+        print(f"counting engine: {engine}" + (f" (counted by: {', '.join(used)})" if used else ""))
     print(f"{'scan':>4}  {'went':6}  {'status':9}  {'frames':>6}  {'incompl.':>8}  {'events':>8}  {'to file':>8}")
     for r in rows:
         turnaround = f"{r.turnaround_s:7.2f}s" if r.turnaround_s is not None else "       -"

@@ -131,3 +131,38 @@ def test_catalog_list_never_makes_a_catalog(tmp_path, where):
     default = _cli("catalog", "list", cwd=tmp_path)
     _one_line(default, 1, "no scan catalog", "STEMSTREAM_CATALOG_URL")
     assert not (tmp_path / "data").exists() and not (tmp_path / where).exists()
+
+
+def _parser_raising(error: BaseException) -> Any:
+    import argparse
+
+    def fail(args: Any) -> int:
+        raise error
+
+    def build() -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser()
+        parser.set_defaults(func=fail, log_level="WARNING")
+        return parser
+
+    return build
+
+
+def test_main_turns_os_and_validation_errors_into_one_line(capsys, monkeypatch):
+    from pydantic import BaseModel, Field, ValidationError
+
+    from stemstream import cli
+
+    class Form(BaseModel):
+        minutes: float = Field(gt=0)
+
+    monkeypatch.setattr(cli, "build_parser", _parser_raising(PermissionError(13, "Permission denied", "/srv/x")))
+    assert cli.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/srv/x: Permission denied; check the path" in err, err
+
+    with pytest.raises(ValidationError) as info:
+        Form(minutes=-1)
+    monkeypatch.setattr(cli, "build_parser", _parser_raising(info.value))
+    assert cli.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Form minutes=-1" in err and "greater than 0" in err, err

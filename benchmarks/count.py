@@ -152,6 +152,7 @@ def bench_streaming_path(n_frames: int, engine: str, dark: np.ndarray, workdir: 
 
     dark_path = workdir / "dark.npy"
     np.save(dark_path, dark)
+    os.environ["STEMSTREAM_DARK_DIR"] = str(workdir)  # a dark must lie under the dark directory
     args: tuple[object, ...] = ("--consumer", "count", "--engine", engine, "--dark", dark_path)
     args += ("--output-dir", workdir / "counted", "--workers", 1)
     n_cpus = os.cpu_count() or 1

@@ -152,6 +152,7 @@ class StreamSite:
 
     def __init__(self, workdir: Path, dark_path: Path, count_cpus: list[int], plane_cpus: list[int]) -> None:
         self.output = workdir / "counted"
+        os.environ["STEMSTREAM_DARK_DIR"] = str(Path(dark_path).parent)  # a dark must lie under the dark directory
         args: tuple[Any, ...] = ("--consumer", "count", "--engine", "stempy", "--dark", dark_path)
         args += ("--output-dir", self.output, "--workers", len(count_cpus))
         # A generous watchdog: on one counting core a 128x128 scan takes ~80 s to count, and this measures
@@ -238,6 +239,7 @@ class FileSite:
         self.server.stop()
 
     def run(self, shape: tuple[int, int]) -> Run:
+        from stemstream.config import environment
         from stemstream.counting import CountingParams, count_raw_files
         from stemstream.plane.requests import request_scan
         from stemstream.scans.plan import scan_details
@@ -270,7 +272,7 @@ class FileSite:
                 if self.durable:  # on scratch's storage; the compute node reads it from there, not from RAM
                     flush(scratch / path.name, drop=True)
             copied = time.time()
-            with pinned(self.count_cpus):
+            with pinned(self.count_cpus), environment(dark_dir=Path(self.dark_path).parent):
                 params = CountingParams(engine="stempy", dark=self.dark_path)
                 count_raw_files(scratch, output, scan_number=n, params=params, threads=self.threads)
             done = time.time()

@@ -73,6 +73,17 @@ _LAUNCHERS = {
         "const int skip_nonpositive, unsigned int* keys, unsigned int* n_keys, const unsigned int capacity",
         "frames, dark32, gain32, n_frames, rows, cols, background, xray, skip_nonpositive, keys, n_keys, capacity",
     ),
+    "rowdark_pre": (
+        "const unsigned short* frames, const float* dark32, const float* gain32, const int n_frames, "
+        "const int rows, const int cols, const float mean32, const double background, const double xray, "
+        "const int use_mean, const int use_gain, float* pre",
+        "frames, dark32, gain32, n_frames, rows, cols, mean32, background, xray, use_mean, use_gain, pre",
+    ),
+    "maxima_f32": (
+        "const float* pre, const int n_frames, const int rows, const int cols, unsigned int* keys, "
+        "unsigned int* n_keys, const unsigned int capacity",
+        "pre, n_frames, rows, cols, keys, n_keys, capacity",
+    ),
 }
 
 _LAUNCHER = r"""
@@ -100,6 +111,7 @@ _CTYPES = {
     "int": ctypes.c_int,
     "unsigned int": ctypes.c_uint,
     "double": ctypes.c_double,
+    "float": ctypes.c_float,
 }
 
 
@@ -479,10 +491,14 @@ def fake_cupy(build_dir: Path) -> tuple[Any, Any, FakeRuntime]:
                 assert len(args) == len(outputs), (name, len(args))
                 arrays = [(a, w) for a, w in zip(args, outputs, strict=True) if isinstance(a, FakeDeviceArray)]
                 assert not any(isinstance(a, np.ndarray) for a in args), "host memory passed to a kernel"
-                keys, n_keys, capacity = args[-3], args[-2], int(args[-1])
+                has_keys = _LAUNCHERS[name][1].endswith("keys, n_keys, capacity")
 
                 def run() -> None:
                     launch(grid, block, tuple(a.kernel_arg() if isinstance(a, FakeDeviceArray) else a for a in args))
+                    if not has_keys:  # a preprocessing kernel: no events
+                        rt.launches.append((name, 0))
+                        return
+                    keys, n_keys, capacity = args[-3], args[-2], int(args[-1])
                     found = int(n_keys._view[0])
                     np.random.default_rng(len(rt.launches)).shuffle(keys._view[: min(found, capacity)])
                     rt.launches.append((name, found))

@@ -80,7 +80,9 @@ def test_batch_script_has_directives_quoted_args_and_valid_syntax(tmp_path):
         minutes=45,
         store_address="tcp://10.1.2.3:5560",
         output_dir="/pscratch/sd/u/user/counted",
-        counting=CountingParams(background_n_sigma=3.5, xray_n_sigma=10, threshold_samples=40, engine="cpu", dark=None),
+        counting=CountingParams(
+            background_n_sigma=3.5, xray_n_sigma=10, threshold_samples=40, threshold_window=40, engine="cpu", dark=None
+        ),
         account="m4242",
         extra_env={"STEMSTREAM_LOG_LEVEL": "DEBUG", "ODD": "it's $HOME"},
     )
@@ -106,7 +108,7 @@ def test_batch_script_has_directives_quoted_args_and_valid_syntax(tmp_path):
     assert (
         "/venv/bin/stemstream nodegroup --store tcp://10.1.2.3:5560 --consumer count "
         "--output-dir /pscratch/sd/u/user/counted --background-n-sigma 3.5 --xray-n-sigma 10.0 "
-        "--threshold-samples 40 --engine cpu"
+        "--threshold-samples 40 --threshold-window 40 --engine cpu --row-dark none"
     ) in script
     checked = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     assert checked.returncode == 0, checked.stderr

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stemstream.config import environment
 from stemstream.counting import CountingParams, count_raw_files, get_engine, read_counted
 from stemstream.counting.files import index_raw_files
 from stemstream.errors import CountingError
@@ -50,8 +51,9 @@ def test_file_counts_equal_counting_in_ram(scan, tmp_path: Path, engine: str):
     paths = sorted(directory.glob("*.data"))
     target = tmp_path / "c.h5"
     np.save(tmp_path / "dark.npy", dark)
-    params = CountingParams(engine=engine, threshold_samples=8, dark=tmp_path / "dark.npy")
-    out = count_raw_files(paths, target, scan_number=3, params=params)
+    with environment(dark_dir=tmp_path):
+        params = CountingParams(engine=engine, threshold_samples=8, dark=tmp_path / "dark.npy")
+        out = count_raw_files(paths, target, scan_number=3, params=params)
     sparse, meta = read_counted(out)
     assert tuple(sparse.scan_shape) == SCAN and meta["engine"] == engine
     got = list(np.asarray(sparse.data).ravel())

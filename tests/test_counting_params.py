@@ -67,16 +67,17 @@ def test_each_default_is_the_site_setting():
 
 def test_the_nodegroup_command_line_gives_back_the_same_params(tmp_path):
     np.save(tmp_path / "dark.npy", np.zeros((576, 576)))
-    params = CountingParams(**SITE, dark=tmp_path / "dark.npy", gain=None)
-    args = build_parser().parse_args(["nodegroup", "--consumer", "count", *params.argv()])
-    assert counting_from(args) == params
+    with environment(dark_dir=tmp_path):
+        params = CountingParams(**SITE, dark=tmp_path / "dark.npy", gain=None)
+        args = build_parser().parse_args(["nodegroup", "--consumer", "count", *params.argv()])
+        assert counting_from(args) == params
     for flag in ("--background-n-sigma", "--xray-n-sigma", "--threshold-samples", "--engine", "--dark"):
         assert flag in params.argv()
 
 
 def test_an_unreadable_reference_is_one_line(tmp_path):
     (tmp_path / "dark.npy").write_text("not numpy")
-    with pytest.raises(CountingError, match="cannot read the dark reference") as info:
+    with environment(dark_dir=tmp_path), pytest.raises(CountingError, match="cannot read the dark reference") as info:
         CountingParams(dark=tmp_path / "dark.npy").load_dark()
     assert "\n" not in str(info.value)
 

@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 import zmq
 
+from stemstream.counting.params import CountingParams
 from stemstream.nodes import batches
+from stemstream.nodes.config import CountingConfig
 from stemstream.nodes.consumer import ScanInfo, ScanSummary
 from stemstream.nodes.ranks import LocalTransport
-from stemstream.nodes.service import CountingConfig, CountingService
+from stemstream.nodes.service import CountingService
 from stemstream.plane.nodegroup import NodeGroup
 from stemstream.store import StoreClient, StoreServer
 from stemstream.wire.protocol import EndMessage, ExpectMessage, SectorHeader
@@ -135,11 +137,10 @@ def _noise(rng: np.random.Generator) -> np.ndarray:
 def _service(tmp_path: Path, store: StoreClient, **overrides: Any) -> CountingService:
     settings: dict[str, Any] = {
         "output_dir": tmp_path,
-        "engine": "stempy",
+        "params": CountingParams(engine="stempy", threshold_samples=4, threshold_window=4),
         "workers": 0,  # in this process: no worker start-up
         "batch": 4,
         "max_buffered_frames": 16,  # 4 batches
-        "threshold_frames": 4,
         "frame_shape": FRAME,
         "scan_timeout_s": 60.0,
         "preview_interval_s": 0.2,
@@ -239,3 +240,44 @@ def test_rank_0_does_not_write_off_a_scan_its_nodegroups_still_hold_open(tmp_pat
     assert record["status"] == "counted", record
     assert record["frames_incomplete"] == n - 6
     assert client.get("/scans/1/counted")["status"] == "counted"
+
+
+def test_previews_expire_from_the_store(tmp_path: Path, client: StoreClient):
+    # Previews (~256 KiB per rank per scan) had no TTL and filled a counting job's store quota after ~250 scans.
+    rng = np.random.default_rng(5)
+    service = _service(tmp_path, client, preview_ttl_s=1.0)
+    consumer = service.consumer("ng-a")
+    shape, n = (4, 4), 16
+    key = "/scans/1/preview/0"
+    try:
+        consumer.begin_scan(ScanInfo(1, shape, FRAME, 4, ("ng-a",), 0))
+        for f in range(n):
+            consumer.frame_buffer(1, f)[...] = _noise(rng)
+            consumer.frame_ready(1, f, ())
+        consumer.end_scan(1, _summary(n, [], "received"))
+        service.wait_written(1, timeout=20)
+        client.wait_for(lambda items: key in items, prefix="/scans/1/", timeout=10)
+    finally:
+        service.stop()
+    client.wait_for(lambda items: key not in items, prefix="/scans/1/", timeout=10)  # expired, nothing deleted it
+    assert client.get("/scans/1/counted")["status"] == "counted"  # the scan's other records stay
+
+
+def test_a_scan_with_absent_frames_is_written_partial(tmp_path: Path, client: StoreClient):
+    # A NodeGroup hands over no more empty frames than frames that arrived (plane.nodelife); the rest are
+    # "absent": not in the file's incomplete list, so the file must not claim to be the whole scan.
+    rng = np.random.default_rng(6)
+    service = _service(tmp_path, client)
+    consumer = service.consumer("ng-a")
+    try:
+        consumer.begin_scan(ScanInfo(1, (4, 4), FRAME, 4, ("ng-a",), 0))
+        for f in range(4):
+            consumer.frame_buffer(1, f)[...] = _noise(rng)
+            consumer.frame_ready(1, f, ())
+        summary = _summary(4, [], "timeout")
+        summary.absent = summary.frames_incomplete = 12
+        consumer.end_scan(1, summary)
+        record = service.wait_written(1, timeout=20)
+    finally:
+        service.stop()
+    assert record["status"] == "partial" and "12 frames never arrived" in record["error"], record

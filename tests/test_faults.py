@@ -99,8 +99,9 @@ def _start_producers(
 def _start_counting(tree: ProcessTree, name: str, address: str, out: Path, count: int = 2) -> None:
     # Counting gets more time than the data plane's 6 s: on 2 busy cores a rank may count for longer than
     # that without a word, and rank 0 would write the scan off as partial.
+    # The stempy engine, as these tests were written for: its counting worker processes and shared memory.
     tree.start(name, "nodegroup", "--store", address, "--consumer", "count", "--count", count, "--uid", name,
-               "--output-dir", out, "--scan-timeout", 30)  # fmt: skip
+               "--output-dir", out, "--scan-timeout", 30, "--engine", "stempy")  # fmt: skip
 
 
 def _wait_members(client: Any, *, nodegroups: int, aggregators: int = 1, producers: int = 4) -> None:

@@ -56,7 +56,9 @@ def plane(tmp_path: Path):
             from stemstream.store import Registry
 
             Registry(client).wait_for_members("producer", 4, status="ready", timeout=60)
-        with environment(**store_overrides(address), catalog_url=_catalog(tmp_path)):
+        # The fallback directory the producers write to: the flows count raw files only under it (wire.paths).
+        fallback = tmp_path / "fallback"
+        with environment(**store_overrides(address), catalog_url=_catalog(tmp_path), fallback_dir=fallback):
             yield address, tree
 
 

@@ -93,7 +93,7 @@ def test_scraped_counters_equal_what_the_producers_sent(tmp_path: Path):
     dark = tmp_path / "dark.npy"
     np.save(dark, sim.dark_reference() - 11.0)
 
-    with ProcessTree(tmp_path / "logs") as tree:
+    with ProcessTree(tmp_path / "logs", env={"STEMSTREAM_DARK_DIR": str(tmp_path)}) as tree:
         port = free_port_block(3)
         tree.start("store", "store", "serve", "--port", port, "--stats-interval", 0.5)
         address = f"tcp://127.0.0.1:{port}"

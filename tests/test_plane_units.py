@@ -186,6 +186,55 @@ def test_nodegroup_rejects_data_without_expect_and_late_data(client: StoreClient
         ng.stop()
 
 
+def test_unknown_scan_numbers_hold_a_nodegroup_socket_once_not_once_each(client: StoreClient, ctx: zmq.Context):
+    # Data of a scan no expect names waits expect_timeout for it; once such a wait ran out, new unknown numbers
+    # are rejected at once for a while: 50 of them cost no more than one (they took 50 x expect_timeout).
+    ng = NodeGroup(NullConsumer(), client, uid="ng-u", expect_timeout=1.0, scan_timeout_s=30).start()
+    try:
+        info = _push(ctx, ng.endpoints["info"])
+        d0 = _push(ctx, ng.endpoints["data_0"])
+        t0 = time.monotonic()
+        for n in range(100, 151):
+            d0.send_multipart(_data(n, 0, 0, (1, 1)))
+        _wait(lambda: ng.counts().get("rejected.no_expect") == 51, 10, "51 unknown scans rejected")
+        assert time.monotonic() - t0 < 5
+        for m in range(4):  # an honest scan, its expect first (as the aggregator sends it): it arrives
+            info.send(ExpectMessage("agg", 11, m, 1, (1, 1), ("ng-u",), {"ng-u": 1}).encode())
+        _wait(lambda: ng.counts()["scans_open"] == 1, 5, "scan 11 open")
+        data = [d0] + [_push(ctx, ng.endpoints[f"data_{m}"]) for m in range(1, 4)]
+        for m in range(4):
+            data[m].send_multipart(_data(11, 0, m, (1, 1)))
+            info.send(EndMessage("agg", 11, m, {"ng-u": 1}, 0).encode())
+        summary = ng.wait_scan(11, timeout=10)
+        assert summary.frames_complete == 1 and summary.received == 4
+    finally:
+        ng.stop()
+
+
+def test_a_nodegroup_caps_its_open_scans(client: StoreClient, ctx: zmq.Context):
+    # Each expect naming this NodeGroup begins a scan in its consumer, whose per-scan state follows the scan's
+    # declared size: at most STEMSTREAM_MAX_OPEN_SCANS at once; a closed one makes room again.
+    from stemstream.config import load_settings
+
+    ng = NodeGroup(NullConsumer(), client, uid="ng-c", settings=load_settings(max_open_scans=3)).start()
+    try:
+        info = _push(ctx, ng.endpoints["info"])
+        for n in range(5):  # sector 0's expect only: the scans stay open
+            info.send(ExpectMessage("agg", 20 + n, 0, 1, (1, 1), ("ng-c",), {"ng-c": 1}).encode())
+        _wait(lambda: ng.counts().get("rejected.info_too_many_scans") == 2, 5, "too many scans")
+        assert ng.counts()["scans_open"] == 3
+        for m in range(4):  # scan 20 closes (nothing was sent)
+            if m:
+                info.send(ExpectMessage("agg", 20, m, 1, (1, 1), ("ng-c",), {"ng-c": 0}).encode())
+            info.send(EndMessage("agg", 20, m, {"ng-c": 0}, 1).encode())
+        ng.wait_scan(20, timeout=10)
+        info.send(ExpectMessage("agg", 30, 0, 1, (1, 1), ("ng-c",), {"ng-c": 1}).encode())
+        _wait(lambda: ng.counts()["scans_open"] == 3, 5, "room for scan 30")
+        assert ng.counts()["rejected.info_too_many_scans"] == 2
+    finally:
+        ng.stop()
+
+
 # ------------------------------------------------------------------------------------------ aggregator
 
 
@@ -413,7 +462,9 @@ def test_a_failed_scan_is_recorded_and_the_producer_serves_the_next(client: Stor
     stop = threading.Event()
     results: list[Any] = []
     worker = threading.Thread(
-        target=lambda: results.extend(serve(client, 0, threads=1, uid="p-serve", stop=stop, loss_rate=0.0))
+        target=lambda: results.extend(
+            serve(client, 0, threads=1, uid="p-serve", stop=stop, loss_rate=0.0, fallback_dir=tmp_path)
+        )
     )
     worker.start()
     try:

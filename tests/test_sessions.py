@@ -64,7 +64,8 @@ def plane(tmp_path: Path) -> Iterator[ProcessTree]:
     """A store and four simulated producers; the settings (store, catalogue) point at them."""
     with ProcessTree(tmp_path / "logs") as tree:
         address = start_store(tree)
-        with environment(**store_overrides(address), catalog_url=_catalog(tmp_path)):
+        settings = {"catalog_url": _catalog(tmp_path), "fallback_dir": tmp_path / "fallback"}  # the producers'
+        with environment(**store_overrides(address), **settings):
             _start_producers(tree, tmp_path, "--store", address)
             yield tree
 

@@ -117,9 +117,17 @@ def _entered_frame(truth: GroundTruth, f: int, entered: np.ndarray) -> np.ndarra
     return frame
 
 
-def stempy_events(frame: np.ndarray, thresholds: Any, dark: np.ndarray | None, gain: np.ndarray | None) -> np.ndarray:
-    """stempy's own ``electron_count_frame`` of one frame: the reference every counted file is held to."""
+def stempy_events(
+    frame: np.ndarray, thresholds: Any, dark: np.ndarray | None, gain: np.ndarray | None, row_dark: str = "none"
+) -> np.ndarray:
+    """stempy's own ``electron_count_frame`` of one frame: the reference every counted file is held to (with
+    row-dark, which that function lacks, stempy's whole-scan counter, through the stempy engine)."""
     import stempy.image as simage
+
+    if row_dark != "none":
+        from stemstream.counting import get_engine
+
+        return get_engine("stempy").count(frame[None], thresholds, dark=dark, gain=gain, row_dark=row_dark)[0]
 
     counted = simage.electron_count_frame(
         frame,
@@ -184,6 +192,9 @@ def counted_check(
         raise AuditError(f"{path} was counted with a dark reference: give the audit the same dark")
     if options.get("gain") and gain is None:
         raise AuditError(f"{path} was counted with a gain: give the audit the same gain")
+    row_dark = "none"
+    if options.get("apply_row_dark_subtraction"):
+        row_dark = "mean" if options.get("apply_row_dark_use_mean") else "median"
     thresholds = meta.get("thresholds")
     data = np.asarray(sparse.data)
     shape = tuple(int(x) for x in sparse.scan_shape)
@@ -200,7 +211,7 @@ def counted_check(
                 differ.append(f)
             continue
         checked += 1
-        theirs = stempy_events(_entered_frame(truth, f, entered), thresholds, dark, gain)
+        theirs = stempy_events(_entered_frame(truth, f, entered), thresholds, dark, gain, row_dark)
         if np.array_equal(np.sort(ours), np.sort(theirs)):
             counted[f] = entered[f]
         else:

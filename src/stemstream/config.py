@@ -24,6 +24,8 @@ ENV_PREFIX = "STEMSTREAM_"
 # The counting parameters' types, bounds and descriptions: shared by Settings (the site defaults) and
 # stemstream.counting.params.CountingParams (what a session or a count uses), so each has one range check.
 EngineName = Literal["stempy", "cpu", "gpu", "auto"]
+# stempy's whole-scan row-dark correction: none, or each half-row scaled by its mean or median (docs/counting.md).
+RowDark = Literal["none", "mean", "median"]
 BackgroundNSigma = Annotated[
     float,
     Field(
@@ -38,6 +40,9 @@ XrayNSigma = Annotated[
 ]
 ThresholdSamples = Annotated[
     int, Field(ge=1, le=10_000, title="Threshold sample frames", description="frames sampled for the thresholds")
+]
+ThresholdWindow = Annotated[
+    int, Field(ge=1, le=1 << 30, description="the threshold sample is spread over the first this many frames")
 ]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -96,7 +101,18 @@ class Settings(BaseSettings):
 
     # Data plane.
     fallback_dir: Path = Path("./data/fallback")
+    # Paths in the store are never trusted (docs/security.md): a scan request's fallback directory must lie under
+    # this root (unset: under fallback_dir itself); a session archives only counted files under its output_dir
+    # and raw files under these fallback directories.
+    fallback_root: Path | None = Field(None, description="where scan requests may put raw files; unset: fallback_dir")
     output_dir: Path = Path("./data/counted")
+    # The largest scan (frames) a NodeGroup or an aggregator takes: an expect declaring more is rejected. The
+    # protocol allows 65535 x 65535; 2048 x 2048 is 4x a 1024 x 1024 scan.
+    max_scan_frames: int = Field(2048 * 2048, ge=1, le=65535 * 65535, description="frames in the largest scan taken")
+    # What an aggregator's sector thread (plane.admission) and a NodeGroup hold at once: open scans; and the
+    # bytes of the expects an aggregator sector thread holds.
+    max_open_scans: int = Field(64, ge=1, le=100_000, description="scans open at once per aggregator sector, NodeGroup")
+    max_expect_bytes: int = Field(4 << 20, ge=1 << 16, description="bytes of expects held per aggregator sector")
     producer_threads: int = Field(2, ge=1, le=64)
     scan_timeout_s: float = Field(60.0, gt=0)
     # Scan-level acknowledgement (plane.retention): RAM a producer holds streamed sectors in until the
@@ -108,8 +124,17 @@ class Settings(BaseSettings):
     background_n_sigma: BackgroundNSigma = 4.0
     xray_n_sigma: XrayNSigma = 10.0
     threshold_samples: ThresholdSamples = 40
-    engine: EngineName = "stempy"
-    dark: Path | None = Field(None, description="dark reference, a .npy of one 576x576 frame")
+    threshold_window: ThresholdWindow = 40  # = threshold_samples: the first complete frames (docs/counting.md)
+    engine: EngineName = Field(
+        "auto", description="gpu when cupy and a GPU are usable, else cpu; stempy: the reference"
+    )
+    row_dark: RowDark = "none"
+    dark: Path | None = Field(
+        None, description='dark reference, a .npy of one 576x576 frame under dark_dir, or "latest"'
+    )
+    dark_dir: Path = Field(
+        Path("./data/darks"), description="where `stemstream dark` writes and every dark reference must lie"
+    )
     gain: Path | None = Field(None, description="gain reference, a .npy of one 576x576 frame")
 
     # Live analyses and the live view (docs/analyses.md).
@@ -120,6 +145,9 @@ class Settings(BaseSettings):
         default_factory=dict, description='JSON by analysis, e.g. {"virtual": {"detectors": {"bf": [0, 40]}}}'
     )
     view: bool = Field(True, description="rank 0 of a counting job serves the live view on bind_host, port_range")
+    # A live preview (/scans/<n>/preview/<rank>, ~256 KiB) is ephemeral: without a TTL every scan's previews
+    # stayed in the store and filled a counting job's store quota after a few hundred scans (docs/store.md).
+    preview_ttl_s: float = Field(900.0, ge=10, le=86_400, description="lifetime of a preview record in the store")
 
     # Sessions, archive, catalog.
     catalog_url: str = "sqlite:///./data/catalog.sqlite"

@@ -5,7 +5,6 @@ Library code, no Prefect: the session flow wraps these calls in tasks.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from stemstream.allocation.base import (
@@ -17,6 +16,7 @@ from stemstream.allocation.base import (
     render_batch_script,
     slurm_state,
 )
+from stemstream.backends import load_backend
 from stemstream.errors import AllocationError
 
 __all__ = [
@@ -41,10 +41,5 @@ BACKENDS = {
 
 def get_allocator(name: str, **kwargs: Any) -> Allocator:
     """The allocator called ``name``, built with ``kwargs`` (see each backend's constructor)."""
-    target = BACKENDS.get(name)
-    if target is None:
-        raise AllocationError(f"allocation backend {name!r} unknown; choose one of {', '.join(BACKENDS)}")
-    module_name, class_name = target.split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    allocator: Allocator = cls(**kwargs)
+    allocator: Allocator = load_backend(BACKENDS, name, AllocationError, "allocation", **kwargs)
     return allocator

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import shlex
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -90,6 +91,13 @@ class Allocation:
     job_id: str
     request: AllocationRequest
     submitted: float
+
+    @classmethod
+    def submitted_now(cls, backend: str, job_id: str, request: AllocationRequest, how: str) -> Allocation:
+        """A job just submitted (``how``: "Slurm job", ...), logged with what it asked for."""
+        logger.info("submitted %s %s on %s: %d NodeGroup(s) on %d node(s)",
+                    how, job_id, request.machine, request.n_tasks, request.n_nodes)  # fmt: skip
+        return cls(backend=backend, job_id=job_id, request=request, submitted=time.time())
 
 
 class Allocator(Protocol):

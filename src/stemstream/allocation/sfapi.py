@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -230,11 +229,7 @@ class SfapiAllocator:
             job = compute.submit_job(script)
         job_id = str(job.jobid)
         self._jobs[job_id] = job
-        logger.info(
-            "submitted job %s to %s through the Superfacility API: %d NodeGroup(s) on %d node(s)",
-            job_id, request.machine, request.n_tasks, request.n_nodes,
-        )  # fmt: skip
-        return Allocation(backend=self.name, job_id=job_id, request=request, submitted=time.time())
+        return Allocation.submitted_now(self.name, job_id, request, "job (Superfacility API)")
 
     def _job(self, allocation: Allocation) -> JobSqueue:
         job = self._jobs.get(allocation.job_id)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -89,11 +88,7 @@ class SlurmAllocator:
         job_id = done.stdout.strip().split(";", 1)[0]
         if not job_id.isdigit():
             raise AllocationError(f"sbatch printed {one_line(done.stdout)!r}, not a job id; check sbatch")
-        logger.info(
-            "submitted Slurm job %s on %s: %d NodeGroup(s) on %d node(s)",
-            job_id, request.machine, request.n_tasks, request.n_nodes,
-        )  # fmt: skip
-        return Allocation(backend=self.name, job_id=job_id, request=request, submitted=time.time())
+        return Allocation.submitted_now(self.name, job_id, request, "Slurm job")
 
     def state(self, allocation: Allocation) -> JobState:
         job_id = allocation.job_id

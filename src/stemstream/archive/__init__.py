@@ -5,10 +5,10 @@ Library code, no Prefect: the session flow wraps these calls in tasks.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from stemstream.archive.base import Archiver, ArchiveResult, sha256_file
+from stemstream.backends import load_backend
 from stemstream.errors import ArchiveError
 
 __all__ = ["BACKENDS", "ArchiveResult", "Archiver", "get_archiver", "sha256_file"]
@@ -22,10 +22,5 @@ BACKENDS = {
 
 def get_archiver(name: str, **kwargs: Any) -> Archiver:
     """The archiver called ``name``, built with ``kwargs`` (see each backend's constructor)."""
-    target = BACKENDS.get(name)
-    if target is None:
-        raise ArchiveError(f"archive backend {name!r} unknown; choose one of {', '.join(BACKENDS)}")
-    module_name, class_name = target.split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    archiver: Archiver = cls(**kwargs)
+    archiver: Archiver = load_backend(BACKENDS, name, ArchiveError, "archive", **kwargs)
     return archiver

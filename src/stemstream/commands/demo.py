@@ -48,7 +48,9 @@ def _demo(args: argparse.Namespace) -> int:
     counting = counting_from(args)
     started = time.monotonic()
     print(f"stemstream demo: everything under {root}")
-    demo_settings = {"store_backup_host": None, "catalog_url": catalog_url}  # the demo's store has no backup
+    # The demo's store has no backup; its producers write raw files under root/fallback (LocalSite), the only
+    # place the fallback counter takes raw files from (wire.paths).
+    demo_settings = {"store_backup_host": None, "catalog_url": catalog_url, "fallback_dir": root / "fallback"}
     with LocalSite(root) as site, environment(**store_overrides(site.store), **demo_settings):
         print(f"  Prefect UI    {site.prefect_url}  (server on embedded SQLite)")
         print(f"  Clone store   {site.store};  4 simulated producers ready")

@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from stemstream.commands.options import subcommands
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("keys", help="make and manage the CURVE keys (docs/security.md)")
-    sub = parser.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    sub = subcommands(subparsers, "keys", "make and manage the CURVE keys (docs/security.md)")
 
     init = sub.add_parser(
         "init",

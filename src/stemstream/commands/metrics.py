@@ -9,10 +9,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from stemstream.commands.options import subcommands
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    m = subparsers.add_parser("metrics", help="Prometheus: the scrape targets of every process")
-    sub = m.add_subparsers(dest="metrics_command", metavar="ACTION", required=True)
+    sub = subcommands(subparsers, "metrics", "Prometheus: the scrape targets of every process")
     t = sub.add_parser(
         "targets",
         help="write a Prometheus file_sd JSON of every metrics endpoint in the registry",

@@ -41,7 +41,12 @@ def store_client(
     return StoreClient.from_settings(settings, timeout=timeout, subtrees=subtrees, role=role, name=name).start()
 
 
-_TYPES: dict[str, Any] = {"background_n_sigma": float, "xray_n_sigma": float, "threshold_samples": int}
+_TYPES: dict[str, Any] = {
+    "background_n_sigma": float,
+    "xray_n_sigma": float,
+    "threshold_samples": int,
+    "threshold_window": int,
+}
 
 
 def add_counting_arguments(parser: argparse.ArgumentParser | Any) -> None:
@@ -59,3 +64,9 @@ def counting_from(args: argparse.Namespace) -> Any:
     from stemstream.counting.params import FLAGS, counting_params
 
     return counting_params(**{name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None})
+
+
+def subcommands(subparsers: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
+    """``stemstream NAME ACTION ...``: the command's parser and its required ACTION subparsers."""
+    parser = subparsers.add_parser(name, help=help)
+    return parser.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)

@@ -290,24 +290,21 @@ def _cpu_list(text: str | None) -> list[int] | None:
 def _counting_service(args: argparse.Namespace) -> Any:
     """The rank's counting service (MPI when run under mpiexec); NodeGroup UIDs are filled in after."""
     from stemstream.config import get_settings
+    from stemstream.nodes.config import CountingConfig
     from stemstream.nodes.ranks import make_transport
-    from stemstream.nodes.service import CountingConfig, CountingService
+    from stemstream.nodes.service import CountingService
 
     s = get_settings()
     counting = counting_from(args)
     config = CountingConfig(
         output_dir=args.output_dir or s.output_dir,
-        engine=counting.engine,
-        background_n_sigma=counting.background_n_sigma,
-        xray_n_sigma=counting.xray_n_sigma,
-        threshold_frames=counting.threshold_samples,
-        dark=counting.load_dark(),
-        gain=counting.load_gain(),
+        params=counting,
         batch=args.batch,
         workers=args.workers,
         worker_cpus=_cpu_list(args.worker_cpus),
         max_buffered_frames=args.buffer_frames,
         scan_timeout_s=args.scan_timeout or s.scan_timeout_s,
+        preview_ttl_s=s.preview_ttl_s,
         **_analyses_config(args.analyses or s.analyses, s),
     )
     return CountingService(config, transport=make_transport(), uids=[])

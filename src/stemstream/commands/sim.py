@@ -6,12 +6,13 @@ import argparse
 import logging
 from pathlib import Path
 
+from stemstream.commands.options import subcommands
+
 logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("sim", help="simulate 4D Camera scans")
-    sub = parser.add_subparsers(dest="sim_command", metavar="ACTION", required=True)
+    sub = subcommands(subparsers, "sim", "simulate 4D Camera scans")
     write = sub.add_parser("write", help="write a simulated scan as 4D Camera raw files (stempy version 5)")
     add_sim_arguments(write, scan_shape=(16, 16))
     write.add_argument("--out", type=Path, required=True, help="directory for the raw files (created)")
@@ -46,6 +47,9 @@ def add_sim_arguments(parser: argparse.ArgumentParser, *, scan_shape: tuple[int,
 def make_sim(args: argparse.Namespace):
     """A ``FourDCameraSim`` from the options of :func:`add_sim_arguments`."""
     from stemstream.sim import FourDCameraSim
+    from stemstream.wire.protocol import check_scan_number
+
+    check_scan_number(args.scan_number, "--scan-number")
 
     return FourDCameraSim(
         tuple(args.scan_shape),

@@ -6,10 +6,11 @@ import argparse
 import json
 from typing import Any
 
+from stemstream.commands.options import subcommands
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("store", help="run the Clone store, or read keys from it")
-    sub = parser.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+    sub = subcommands(subparsers, "store", "run the Clone store, or read keys from it")
 
     serve = sub.add_parser(
         "serve",

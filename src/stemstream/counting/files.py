@@ -1,10 +1,11 @@
 """Count a scan from 4D Camera raw files (version 5) into a counted HDF5 file.
 
 stempy reads the files (``stempy.io.reader(..., backend="multi-pass")``; the "thread" backend segfaults
-in ``electron_count``). With ``engine="stempy"`` stempy also counts (``stempy.image.electron_count``,
-thresholds from its own random sample); with another engine, frames are assembled by the reader and
-counted by that engine with thresholds from :func:`compute_thresholds`. Either way the thresholds used
-are recorded, and the output layout is :func:`write_counted`'s.
+in ``electron_count``) and assembles the frames; the engine (stempy's ``electron_count_frame`` for
+``engine="stempy"``, or ours) counts them with thresholds from :func:`compute_thresholds` (stempy's
+``calculate_thresholds``) on the sample that streaming takes too (:func:`sample_candidates`, seeded: not
+stempy's unseeded draw). The thresholds used, the sample's frames and its stability figure are recorded,
+and the output layout is :func:`write_counted`'s.
 
 This module reads the 16-byte record headers itself (a strided memory map: 16 bytes per 166 kB record)
 to learn which sectors are missing, which stempy does not report. Like all of ``stemstream.counting`` it
@@ -27,9 +28,15 @@ import numpy as np
 from stemstream.counting.engines import CountingEngine, get_engine
 from stemstream.counting.output import write_counted
 from stemstream.counting.params import CountingParams
-from stemstream.counting.thresholds import Thresholds, compute_thresholds
+from stemstream.counting.thresholds import (
+    Thresholds,
+    choose_sample,
+    halves_array,
+    sample_candidates,
+    sample_thresholds,
+)
 from stemstream.errors import CountingError
-from stemstream.wire.rawfile import partial_sectors, read_sidecar, sector_of_path, sidecar_name
+from stemstream.wire.rawfile import find_acquisitions, partial_sectors, read_sidecar, sector_of_path, sidecar_name
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +56,10 @@ _HEADER = np.dtype(
 _RECORD_BYTES = _HEADER.itemsize + 2 * _SECTOR_PIXELS
 _MODULE_RE = re.compile(r".*module(\d+).*\.data")  # stempy's own pattern for the sector index
 _BATCH = 64  # frames per engine call
+_NAME_RE = re.compile(r"^data_scan(\d+)_module(\d+)_\d+\.data$")  # the receiving servers' names
+_ACQUISITION_DIR_RE = re.compile(r"^scan_(\d+)_[A-Za-z0-9._-]+$")  # a reused number's acquisition
+# More incomplete frames than this share is worth a warning, in the log and in the counted file.
+MANY_INCOMPLETE = 0.01
 
 
 @dataclass
@@ -95,11 +106,16 @@ def index_raw_files(paths: Sequence[Path]) -> RawScanIndex:
     sectors = np.concatenate([np.full(h.size, s, np.int64) for s, h in records])
     headers = np.concatenate([h for _, h in records])
     if (headers["scan_width"] != width).any() or (headers["scan_height"] != height).any():
-        raise CountingError(f"raw files disagree on the scan size (first record says {width}x{height})")
+        sizes = sorted({(int(w), int(h)) for w, h in zip(headers["scan_width"], headers["scan_height"], strict=True)})
+        shown = ", ".join(f"{h}x{w}" for w, h in sizes[:4])  # rows x cols, as scan_shape
+        raise CountingError(
+            f"the raw files mix scan sizes ({shown}): give one scan's files (or the directory and --scan N)"
+        )
     if (headers["x"] >= width).any() or (headers["y"] >= height).any():
         raise CountingError(f"raw files hold positions outside the {width}x{height} scan")
     if (headers["scan_number"] != scan_number).any():
-        logger.warning("raw files mix scan numbers %s", np.unique(headers["scan_number"]).tolist())
+        numbers = ", ".join(str(n) for n in np.unique(headers["scan_number"]).tolist())
+        raise CountingError(f"the raw files mix scans {numbers}: give one scan's files (or the directory and --scan N)")
     position = headers["y"].astype(np.int64) * width + headers["x"]
     # stempy keys a frame by (position, frame_number) and counts a position's frames in frame-number order.
     pairs = np.stack([position, headers["frame_number"].astype(np.int64)])
@@ -124,6 +140,48 @@ def index_raw_files(paths: Sequence[Path]) -> RawScanIndex:
     )
 
 
+def scans_in(directory: Path) -> list[int]:
+    """The scan numbers of the raw files in ``directory`` (by their names) and of its acquisition directories."""
+    found: set[int] = set()
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError as exc:
+        raise CountingError(f"cannot list {directory} ({exc.strerror or exc})") from None
+    for entry in entries:
+        match = _NAME_RE.match(entry.name) if entry.is_file() else _ACQUISITION_DIR_RE.match(entry.name)
+        if match is not None:
+            found.add(int(match.group(1)))
+    return sorted(found)
+
+
+def select_scan_files(directory: Path, scan_number: int, start: str | None = None) -> tuple[list[Path], str]:
+    """The raw files of one acquisition of ``scan_number`` in ``directory`` (a fallback directory holds many
+    scans): ``start``'s, or the newest. Refuses, in one line, a number or acquisition that is not there and a
+    scan with a module (sector) none of whose files are there, naming it."""
+    directory = Path(directory)
+    found = find_acquisitions(directory, scan_number)
+    if not found:
+        present = ", ".join(str(n) for n in scans_in(directory)) or "none"
+        raise CountingError(f"no raw files of scan {scan_number} in {directory} (scans there: {present})")
+    chosen = [a for a in found if start is None or a.start == start]
+    if not chosen:
+        have = ", ".join(a.start or "(no id)" for a in found)
+        raise CountingError(f"scan {scan_number}: no acquisition {start} in {directory} (there: {have})")
+    acquisition = chosen[-1]
+    if len(found) > 1:
+        logger.warning("scan %d was acquired %d times in %s; counting acquisition %s (--start to choose)",
+                       scan_number, len(found), directory, acquisition.start or "(no id)")  # fmt: skip
+    modules = {sector_of_path(p) for p in acquisition.paths}
+    missing = [m for m in range(N_SECTORS) if m not in modules]
+    if missing:
+        names = ", ".join(f"data_scan{scan_number:010d}_module{m}_*.data" for m in missing)
+        raise CountingError(
+            f"scan {scan_number}: no file of module {', '.join(map(str, missing))} in {acquisition.directory} "
+            f"({names}); copy it there, or give the files to count explicitly"
+        )
+    return list(acquisition.paths), acquisition.start
+
+
 def _as_paths(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[Path]:
     if isinstance(paths, (str, os.PathLike)):
         candidate = Path(paths)
@@ -142,14 +200,19 @@ def _frames_of(reader: Any, position: int) -> list[np.ndarray]:
     return [np.asarray(block.data).reshape(FRAME_SHAPE) for block in reader.read_frames(position)]
 
 
-def _sample_frames(reader: Any, index: RawScanIndex, n: int) -> np.ndarray:
-    """Up to ``n`` complete frames spread evenly over the scan (stempy samples only complete frames)."""
-    complete = np.flatnonzero(index.complete)
-    if complete.size == 0:
-        raise CountingError("no complete frame in the raw files: nothing to compute thresholds from")
-    chosen = complete[np.unique(np.linspace(0, complete.size - 1, min(n, complete.size)).round().astype(int))]
+def _sample_frames(reader: Any, index: RawScanIndex, params: CountingParams) -> tuple[list[int], np.ndarray]:
+    """The scan's threshold sample (the same frames as streaming takes: ``sample_candidates``), as
+    (frame numbers in candidate order, the frames in frame-number order)."""
+    samples = params.threshold_samples
+    candidates = sample_candidates(index.n_frames, samples, params.threshold_window)
+    chosen = choose_sample(candidates, lambda f: bool(index.complete[f]), samples)
+    if not chosen:
+        raise CountingError(
+            f"no complete frame among the {candidates.size} sample candidates of the raw files: "
+            "nothing to compute thresholds from"
+        )
     k = index.frames_per_position
-    return np.stack([_frames_of(reader, int(f) // k)[int(f) % k] for f in chosen])
+    return chosen, np.stack([_frames_of(reader, f // k)[f % k] for f in sorted(chosen)])
 
 
 def _open_reader(paths: list[Path], threads: int | None) -> Any:
@@ -162,47 +225,6 @@ def _open_reader(paths: list[Path], threads: int | None) -> Any:
         raise CountingError(f"stempy cannot open the raw files: {exc}") from None
 
 
-def _count_with_stempy(
-    reader: Any,
-    index: RawScanIndex,
-    dark32: np.ndarray | None,
-    gain32: np.ndarray | None,
-    background_n_sigma: float,
-    xray_n_sigma: float,
-    threshold_frames: int,
-) -> tuple[list[np.ndarray], Thresholds]:
-    import stempy.image as simage
-
-    # stempy waits for this many complete frames before it counts anything: never ask for more than exist.
-    n_blocks = min(threshold_frames, int(index.complete.sum()))
-    try:
-        sparse = simage.electron_count(
-            reader,
-            darkreference=dark32,
-            number_of_samples=threshold_frames,
-            background_threshold_n_sigma=background_n_sigma,
-            xray_threshold_n_sigma=xray_n_sigma,
-            threshold_num_blocks=n_blocks,
-            gain=gain32,
-        )
-    except Exception as exc:
-        raise CountingError(f"stempy electron_count failed: {exc}") from None
-    info = sparse.metadata.get("electron_counting", {})
-    thresholds = Thresholds(
-        background=float(info["background_threshold"]),
-        xray=float(info["x_ray_threshold"]),
-        mean=float(info["optimized_mean"]),
-        std_dev=float(info["optimized_std_dev"]),
-        n_sigma_background=float(background_n_sigma),
-        n_sigma_xray=float(xray_n_sigma),
-        n_samples=int(info["number_of_samples"]),
-    )
-    data = np.asarray(sparse.data)
-    if data.shape[1] < index.frames_per_position:
-        raise CountingError(f"stempy returned {data.shape[1]} frames per position, headers say more")
-    return [np.asarray(e, dtype=np.uint32) for e in data.ravel()], thresholds
-
-
 def _count_with_engine(
     reader: Any,
     index: RawScanIndex,
@@ -211,6 +233,7 @@ def _count_with_engine(
     dark32: np.ndarray | None,
     gain32: np.ndarray | None,
     progress: bool,
+    row_dark: str = "none",
 ) -> list[np.ndarray]:
     rows, cols = index.scan_shape
     k = index.frames_per_position
@@ -221,7 +244,7 @@ def _count_with_engine(
 
     def flush() -> None:
         if where:
-            counted = engine.count(batch[: len(where)], thresholds, dark=dark32, gain=gain32)
+            counted = engine.count(batch[: len(where)], thresholds, dark=dark32, gain=gain32, row_dark=row_dark)
             for f, e in zip(where, counted, strict=True):
                 events[f] = e
             where.clear()
@@ -265,9 +288,9 @@ def count_raw_files(
     """Count the raw files of one scan (a list of files, or their directory) into ``output``; return it.
 
     ``params`` (default: the site's settings) say how: thresholds, engine, dark and gain references.
-    ``threshold_samples``: with the stempy engine, stempy's sample (``number_of_samples`` random draws from
-    that many complete frames); otherwise that many complete frames spread over the scan, each used once by
-    :func:`compute_thresholds`. ``counter``: an engine already made, to reuse (its name replaces
+    The threshold sample is the first ``threshold_samples`` complete frames of :func:`sample_candidates`
+    (spread over the first ``threshold_window`` frames, seeded), each used once by :func:`compute_thresholds`,
+    for every engine. ``counter``: an engine already made, to reuse (its name replaces
     ``params.engine``). ``threads``: stempy reader threads (default: all cores) and cpu engine threads.
 
     ``start``: the acquisition the files hold (recorded in the file; default: what their sidecars say). Files
@@ -278,6 +301,14 @@ def count_raw_files(
     started = time.time()
     raw_paths = _as_paths(paths)
     index = index_raw_files(raw_paths)
+    modules = {int(m.group(1)) for m in (_MODULE_RE.match(p.name) for p in raw_paths) if m is not None}
+    if missing_modules := [m for m in range(N_SECTORS) if m not in modules]:
+        # No frame can be complete, so there are no thresholds: say which file is absent, not that.
+        names = ", ".join(f"data_scan{index.scan_number:010d}_module{m}_*.data" for m in missing_modules)
+        raise CountingError(
+            f"scan {scan_number}: no file of module {', '.join(map(str, missing_modules))} among the raw files "
+            f"({names}); every frame lacks its sectors"
+        )
     partial = partial_sectors(raw_paths)
     if partial:
         logger.warning(
@@ -291,28 +322,29 @@ def count_raw_files(
         logger.warning("raw files say scan %d, counting it as scan %d", index.scan_number, scan_number)
     dark, gain = params.load_dark(), params.load_gain()
     background_n_sigma, xray_n_sigma = params.background_n_sigma, params.xray_n_sigma
-    threshold_frames = params.threshold_samples
     # float32 before anything else: stempy's wrapper and our engines then invert the same gain values.
     dark32 = None if dark is None else np.asarray(dark, dtype=np.float32)
     gain32 = None if gain is None else np.asarray(gain, dtype=np.float32)
     reader = _open_reader(raw_paths, threads)
-    # Checked on our own sample even for stempy, which answers a bad sample with nonsense, not an error.
-    sample = _sample_frames(reader, index, threshold_frames)
-    thresholds = compute_thresholds(
-        sample, dark=dark32, gain=gain32, background_n_sigma=background_n_sigma, xray_n_sigma=xray_n_sigma
+    # One sample for every engine, stempy's too (not its electron_count's unseeded draw): the frames streaming
+    # would take, so that the same scan gives the same thresholds and events either way (docs/counting.md).
+    chosen, sample = _sample_frames(reader, index, params)
+    thresholds, halves = sample_thresholds(
+        sample, chosen, dark=dark32, gain=gain32, background_n_sigma=background_n_sigma, xray_n_sigma=xray_n_sigma
     )
     first_frame = time.time()
-    if counter is None and params.engine == "stempy":
-        engine_name = "stempy"
-        reader = _open_reader(raw_paths, threads)  # electron_count wants a reader nobody has read from
-        events, thresholds = _count_with_stempy(
-            reader, index, dark32, gain32, background_n_sigma, xray_n_sigma, threshold_frames
-        )
-    else:
-        counter = counter or get_engine(params.engine, threads=threads)
-        engine_name = counter.name
-        events = _count_with_engine(reader, index, counter, thresholds, dark32, gain32, progress)
+    counter = counter or get_engine(params.engine, threads=threads)
+    engine_name = counter.name
+    events = _count_with_engine(reader, index, counter, thresholds, dark32, gain32, progress, params.row_dark)
     last_frame = time.time()
+    incomplete = int((~index.complete).sum())
+    warnings = []
+    if incomplete > MANY_INCOMPLETE * index.n_frames:
+        warnings.append(
+            f"{incomplete} of {index.n_frames} frames ({100 * incomplete / index.n_frames:.1f}%) are incomplete: "
+            "their missing sectors count as zeros (missing_sectors lists them)"
+        )
+        logger.warning("scan %d: %s", scan_number, warnings[-1])
     metadata: dict[str, Any] = {
         "engine": engine_name,
         "source": "raw_files",
@@ -322,7 +354,14 @@ def count_raw_files(
         "partial_sectors": partial,
         "raw_files": [p.name for p in raw_paths],
         "thresholds": thresholds,
-        "frames_incomplete": int((~index.complete).sum()),
+        "background_n_sigma": background_n_sigma,
+        "xray_n_sigma": xray_n_sigma,
+        "threshold_sample_frames": chosen,
+        "threshold_halves": halves_array(halves),
+        "row_dark": params.row_dark,
+        **params.dark_record(),
+        "warnings": warnings,
+        "frames_incomplete": incomplete,
         "missing_sectors": index.missing,
         "messages": {"sectors_received": index.n_records, "sectors_expected": index.n_frames * N_SECTORS},
         "timings": {"started": started, "first_frame": first_frame, "last_frame": last_frame},

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,3 +259,77 @@ def compute_dark(frames: np.ndarray) -> np.ndarray:
     except Exception as exc:
         raise CountingError(f"dark reference: stempy's calculate_average failed: {exc}") from None
     return np.ascontiguousarray(np.asarray(average), dtype=np.float32)
+
+
+# ---- the threshold sample: which frames, and how stable the thresholds are (docs/counting.md)
+
+SAMPLE_SEED = 20240516  # fixed: the same scan gives the same sample on every path and every run
+
+
+def sample_candidates(n_frames: int, samples: int, window: int) -> np.ndarray:
+    """The frame numbers tried for a scan's threshold sample, in the order they are tried.
+
+    The first ``min(n_frames, max(window, samples))`` frames in an order drawn with :data:`SAMPLE_SEED`,
+    then the frames after them in frame-number order (stand-ins for incomplete ones), ``2 x samples`` in
+    all at most. The sample is the first ``samples`` *complete* frames of this list (:func:`choose_sample`):
+    with ``window == samples`` that is the first complete frames of the scan; with a larger window the sample
+    is spread at random over the first ``window`` frames. Streaming (rank 0's coordinator) and
+    ``stemstream count`` (every engine) both use it, so the same raw data gives the same sample.
+    """
+    if n_frames < 0 or samples < 1 or window < 1:
+        raise CountingError(f"threshold sample: bad sizes (frames {n_frames}, samples {samples}, window {window})")
+    pool = min(n_frames, max(window, samples))
+    # O(2 x samples), not O(pool): a window may span a whole scan of millions of frames.
+    drawn = np.random.default_rng(SAMPLE_SEED).choice(pool, size=min(pool, 2 * samples), replace=False, shuffle=True)
+    rest = np.arange(pool, min(n_frames, pool + 2 * samples))
+    return np.concatenate([drawn, rest]).astype(np.int64)[: min(n_frames, 2 * samples)]
+
+
+def choose_sample(candidates: np.ndarray, complete: Callable[[int], bool], samples: int) -> list[int]:
+    """The first ``samples`` frames of ``candidates`` that ``complete(frame)`` accepts, in candidate order."""
+    chosen: list[int] = []
+    for f in candidates.tolist():
+        if complete(f):
+            chosen.append(int(f))
+            if len(chosen) == samples:
+                break
+    return chosen
+
+
+def sample_halves(chosen: list[int]) -> tuple[list[int], list[int]]:
+    """The two disjoint halves of a sample (in its candidate order: every other frame), for the stability
+    figure; each sorted in frame-number order, as the sample is computed."""
+    return sorted(chosen[0::2]), sorted(chosen[1::2])
+
+
+def half_thresholds(frames: np.ndarray, chosen: list[int], **kwargs: Any) -> list[list[float]]:
+    """The stability figure: ``[[background, xray] of half A, [background, xray] of half B]`` computed by
+    :func:`compute_thresholds` on each half of the sample (:func:`sample_halves`); ``frames`` are the
+    sample frames in sorted frame-number order. A half too small or degenerate to give thresholds is
+    ``[nan, nan]``."""
+    order = {f: k for k, f in enumerate(sorted(chosen))}
+    out: list[list[float]] = []
+    for half in sample_halves(chosen):
+        try:
+            if not half:
+                raise CountingError("empty half")
+            t = compute_thresholds(frames[[order[f] for f in half]], **kwargs)
+            out.append([t.background, t.xray])
+        except CountingError:
+            out.append([math.nan, math.nan])
+    return out
+
+
+def sample_thresholds(frames: np.ndarray, chosen: list[int], **kwargs: Any) -> tuple[Thresholds, list[list[float]]]:
+    """The thresholds of a sample and their stability figure: ``frames`` are the frames ``chosen`` in
+    frame-number order; ``kwargs`` as :func:`compute_thresholds`."""
+    return compute_thresholds(frames, **kwargs), half_thresholds(frames, chosen, **kwargs)
+
+
+def halves_array(halves: list[list[float]] | None) -> np.ndarray:
+    """The stability figure as the file records it: float64 (2, 2), rows half A and B, columns (background,
+    x-ray); NaN where unknown."""
+    out = np.full((2, 2), np.nan)
+    if halves:
+        out[:] = np.asarray(halves, dtype=np.float64).reshape(2, 2)
+    return out

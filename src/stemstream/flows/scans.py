@@ -75,7 +75,9 @@ def process_scan(
         record: its ``/scans/<n>`` record when the caller has it (a session does); else from the store
     """
     params = session or SessionParams()
-    outcome = counted_outcome(counted if counted is not None else read_counted_record_task(scan_number))
+    outcome = counted_outcome(
+        counted if counted is not None else read_counted_record_task(scan_number), params.output_dir
+    )
     if outcome.path is None:
         catalog_scan(scan_number, params.uid, status="count_failed", error=outcome.error)
         raise CountingError(f"scan {scan_number} was not counted: {outcome.error}")

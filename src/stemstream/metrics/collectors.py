@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from dataclasses import KW_ONLY, dataclass
+from typing import Any, ClassVar, Protocol
 
 from prometheus_client.core import Metric
 
@@ -207,6 +208,7 @@ def scan_outcome(record: ScanRecord, raw: dict[str, Any], counted: CountedRecord
     return "open"
 
 
+@dataclass(eq=False)  # registered by identity in prometheus_client
 class ScanCollector:
     """Scans in the store by outcome, the age of the oldest open one, and the live registry: for the
     process that plans and closes every scan (the leader producer) and for a session (its scans only).
@@ -214,16 +216,14 @@ class ScanCollector:
     ``client``: a store client (``items(prefix)``); ``since``: only scans decided after this time.
     """
 
-    OUTCOMES = ("open", "received", "counted", "partial", "failed", "on_disk", "replayed")
+    OUTCOMES: ClassVar[tuple[str, ...]] = ("open", "received", "counted", "partial", "failed", "on_disk", "replayed")
 
-    def __init__(
-        self, client: Any, role: str, uid: str, *, since: float = 0.0, clock: Callable[[], float] = time.time
-    ) -> None:
-        self.client = client
-        self.role = role
-        self.uid = uid
-        self.since = since
-        self._clock = clock
+    client: Any
+    role: str
+    uid: str
+    _: KW_ONLY
+    since: float = 0.0
+    clock: Callable[[], float] = time.time
 
     def collect(self) -> Iterator[Metric]:
         base = [self.role, self.uid]
@@ -244,7 +244,7 @@ class ScanCollector:
                 oldest = record.decided_at if oldest is None else min(oldest, record.decided_at)
         for outcome, count in by_outcome.items():
             out.add("stemstream_scans", [*base, outcome], count)
-        age = 0.0 if oldest is None else max(0.0, self._clock() - oldest)
+        age = 0.0 if oldest is None else max(0.0, self.clock() - oldest)
         out.add("stemstream_scan_open_oldest_seconds", base, age)
         registry = Registry(self.client)
         for member in MEMBER_ROLES:

@@ -65,6 +65,9 @@ class ScanSummary:
     frames_complete: int
     frames_incomplete: int
     incomplete: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (frame, missing sectors)
+    # Frames no sector of which arrived, beyond as many as did arrive: counted in frames_incomplete, never handed
+    # over (plane.nodelife: work follows the data, not a declared scan shape).
+    absent: int = 0
     lost_upstream: int = 0  # sectors of this NodeGroup's frames that never entered the pipeline
     rejected: dict[str, int] = field(default_factory=dict)  # per kind, messages attributable to this scan
     first_ts: float | None = None  # time.time() of the first and last accepted data message

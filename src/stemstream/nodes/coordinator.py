@@ -1,10 +1,11 @@
 """Rank 0 of a counting job: one threshold decision per scan, then the gathered events written to one file.
 
 Every rank sends rank 0 (``nodes.ranks`` messages): ``hello`` (its NodeGroups), and per scan ``begin``,
-``sample`` (its complete frames among the first ``2 x threshold_frames``), ``progress``, ``ended`` (with
-its incomplete sample frames) and ``events``. The :class:`Coordinator` picks the sample (the first
-``threshold_frames`` complete frames in frame-number order, waiting ``sample_grace_s`` for a frame that
-later frames overtook), computes the thresholds as stempy does and sends them to the scan's ranks; once
+``sample`` (its complete frames among the scan's threshold-sample candidates), ``progress``, ``ended`` (with
+its incomplete candidate frames) and ``events``. The :class:`Coordinator` picks the sample (the first
+``threshold_samples`` complete frames in candidate order, :func:`sample_candidates`, waiting
+``sample_grace_s`` for a frame that later frames overtook), computes the thresholds as stempy does and their
+stability figure (:func:`sample_thresholds`) and sends them to the scan's ranks; once
 every rank's events are in (or the scan made no progress for ``scan_timeout_s``) it writes
 ``<output_dir>/scan_<n>_counted.h5`` and publishes ``/scans/<n>/counted``.
 """
@@ -22,8 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stemstream.counting import Thresholds, compute_thresholds, write_counted
+from stemstream.counting import Thresholds, write_counted
 from stemstream.counting.output import counted_path_for
+from stemstream.counting.thresholds import halves_array as _halves_array
+from stemstream.counting.thresholds import sample_candidates, sample_thresholds
 from stemstream.errors import CountingError, StemstreamError, WaitTimeout
 from stemstream.nodes.ranks import RankTransport
 from stemstream.nodes.workers import ProcessCounter, SharedBatch
@@ -32,7 +35,7 @@ from stemstream.scans.plan import KeyValue
 from stemstream.scans.records import CountedRecord
 
 if TYPE_CHECKING:
-    from stemstream.nodes.service import CountingConfig
+    from stemstream.nodes.config import CountingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +48,15 @@ class _CoordScan:
     start: str  # the acquisition of the scan number
     members: tuple[str, ...]
     scan_shape: tuple[int, int]
-    window: int
+    candidates: np.ndarray  # the frames tried for the threshold sample, in order (sample_candidates)
     samples: dict[int, bytes] = field(default_factory=dict)
     incomplete: set[int] = field(default_factory=set)
     ended_ranks: set[int] = field(default_factory=set)
     events: dict[int, dict[str, Any]] = field(default_factory=dict)
     thresholds: Thresholds | None = None
     thresholds_at: float | None = None
-    sample_frames: list[int] = field(default_factory=list)
+    sample_frames: list[int] = field(default_factory=list)  # in candidate order
+    halves: list[list[float]] | None = None  # the stability figure (half_thresholds)
     failed: str | None = None
     decided: bool = False
     first_sample_at: float | None = None
@@ -128,7 +132,7 @@ class Coordinator:
         cs = self._scans.get(key)
         if kind == "_decided":  # from our own thresholds worker
             if cs is not None:
-                self._decided(cs, message["thresholds"], message["error"])
+                self._decided(cs, message["thresholds"], message["error"], message["halves"])
             return
         if cs is None:
             if kind == "progress":
@@ -142,7 +146,9 @@ class Coordinator:
                 start=key[1],
                 members=tuple(message["members"]),
                 scan_shape=shape,
-                window=min(shape[0] * shape[1], 2 * self.config.threshold_frames),
+                candidates=sample_candidates(
+                    shape[0] * shape[1], self.config.threshold_samples, self.config.threshold_window
+                ),
             )
         cs.touched = time.monotonic()
         if kind == "sample":
@@ -199,10 +205,10 @@ class Coordinator:
             return
         if self._ranks_of(cs) is None:
             return
-        want = self.config.threshold_frames
+        want = self.config.threshold_samples
         highest = max(cs.samples, default=-1)
         chosen: list[int] = []
-        for f in range(cs.window):
+        for f in cs.candidates.tolist():
             if f in cs.samples:
                 chosen.append(f)
                 if len(chosen) == want:
@@ -223,46 +229,52 @@ class Coordinator:
         cs.decided = True
         cs.sample_frames = chosen
         if not chosen:
-            error = f"no complete frame among the first {cs.window} of the scan to compute thresholds from"
-            self._decided(cs, None, error)
+            error = f"no complete frame among the {cs.candidates.size} sample candidates to compute thresholds from"
+            self._decided(cs, None, error, None)
             return
         shape = self.config.frame_shape
         sigmas = (self.config.background_n_sigma, self.config.xray_n_sigma)
         if self.counter is not None:
             # On a counting core, not on this process's (which receives): ~0.1 s of CPU per scan.
             sample = SharedBatch(len(chosen), shape)
-            for k, f in enumerate(chosen):
+            for k, f in enumerate(sorted(chosen)):
                 sample.array[k] = np.frombuffer(cs.samples[f], np.uint16).reshape(shape)
             cs.samples.clear()
-            future = self.counter.thresholds(sample, *sigmas)
+            future = self.counter.thresholds(sample, chosen, *sigmas)
 
             def done(fut: Any, number: int = cs.number, start: str = cs.start, sample: SharedBatch = sample) -> None:
                 sample.release()
+                result = halves = None
                 try:
-                    result, error = Thresholds.from_dict(fut.result()), None
+                    answer = fut.result()
+                    result, halves, error = Thresholds.from_dict(answer["thresholds"]), answer["halves"], None
                 except CountingError as exc:
-                    result, error = None, str(exc)
+                    error = str(exc)
                 except Exception as exc:  # a worker that died
-                    result, error = None, f"thresholds: the counting worker failed: {exc}"
-                self._post({"kind": "_decided", "scan": number, "start": start, "thresholds": result, "error": error})
+                    error = f"thresholds: the counting worker failed: {exc}"
+                message = {"kind": "_decided", "scan": number, "start": start, "thresholds": result}
+                self._post({**message, "error": error, "halves": halves})
 
             future.add_done_callback(done)
             return
-        frames = np.stack([np.frombuffer(cs.samples[f], np.uint16).reshape(shape) for f in chosen])
+        frames = np.stack([np.frombuffer(cs.samples[f], np.uint16).reshape(shape) for f in sorted(chosen)])
         cs.samples.clear()
         try:
-            thresholds = compute_thresholds(
-                frames, dark=self.config.dark, gain=self.config.gain, background_n_sigma=sigmas[0],
+            thresholds, halves = sample_thresholds(
+                frames, chosen, dark=self.config.dark, gain=self.config.gain, background_n_sigma=sigmas[0],
                 xray_n_sigma=sigmas[1],
             )  # fmt: skip
         except CountingError as exc:
-            self._decided(cs, None, str(exc))
+            self._decided(cs, None, str(exc), None)
         else:
-            self._decided(cs, thresholds, None)
+            self._decided(cs, thresholds, None, halves)
 
-    def _decided(self, cs: _CoordScan, thresholds: Thresholds | None, error: str | None) -> None:
-        """The scan's thresholds (or why there are none): sent to every rank of the scan."""
-        cs.thresholds, cs.failed = thresholds, error
+    def _decided(
+        self, cs: _CoordScan, thresholds: Thresholds | None, error: str | None, halves: list[list[float]] | None
+    ) -> None:
+        """The scan's thresholds (or why there are none) and their stability figure: sent to every rank of the
+        scan."""
+        cs.thresholds, cs.failed, cs.halves = thresholds, error, halves
         cs.thresholds_at = time.time()
         if cs.failed:
             logger.error("scan %d: %s", cs.number, cs.failed)
@@ -281,6 +293,7 @@ class Coordinator:
             "scan": cs.number,
             "start": cs.start,
             "thresholds": cs.thresholds.to_dict() if cs.thresholds else None,
+            "halves": cs.halves,
             "error": cs.failed,
         }
         for r in sorted(self._ranks_of(cs) or ()):
@@ -311,10 +324,14 @@ class Coordinator:
             for key in ("expected", "received", "lost_upstream", "frames_complete", "frames_incomplete")
         }
         messages["rejected"] = sum(sum(s.get("rejected", {}).values()) for s in summaries.values())
+        # Frames no sector of which reached a NodeGroup, beyond what it hands over (plane.nodelife): not in the
+        # file's list of incomplete frames, so the file is partial (the producers replay the scan to disk).
+        absent = sum(int(s.get("absent", 0)) for s in summaries.values())
+        errors = [*gathered.failures, *([f"{absent} frames never arrived at all"] if absent else [])]
         record = CountedRecord(
             scan=cs.number,
-            status="failed" if gathered.failures else ("partial" if partial else "counted"),
-            error="; ".join(gathered.failures) or None,
+            status="failed" if gathered.failures else ("partial" if partial or absent else "counted"),
+            error="; ".join(errors) or None,
             frames=n_frames,
             frames_incomplete=len(incomplete_frames),
             events=n_events,
@@ -344,12 +361,16 @@ class Coordinator:
                 "counting_options": {
                     "dark_reference": self.config.dark is not None,
                     "gain": self.config.gain is not None,
-                    "apply_row_dark_subtraction": False,
+                    "apply_row_dark_subtraction": self.config.row_dark != "none",
+                    "apply_row_dark_use_mean": self.config.row_dark == "mean",
                 },
+                "row_dark": self.config.row_dark,
+                **self.config.params.dark_record(),
                 "thresholds": cs.thresholds,
                 "background_n_sigma": self.config.background_n_sigma,
                 "xray_n_sigma": self.config.xray_n_sigma,
                 "threshold_sample_frames": cs.sample_frames,
+                "threshold_halves": _halves_array(cs.halves),
                 "frames_incomplete": len(incomplete_frames),
                 "missing_sectors": np.asarray(sorted(gathered.missing), dtype=np.int64).reshape(-1, 2),
                 "members": list(cs.members),

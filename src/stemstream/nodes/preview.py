@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from stemstream.counting import Thresholds
 from stemstream.scans.records import PreviewRecord
 
 BF_RADIUS = 60.0  # pixels around the frame centre counted as bright field in the live preview
@@ -34,11 +35,21 @@ def binned(image: np.ndarray) -> np.ndarray:
 
 
 def preview_record(
-    rank: int, bf: np.ndarray, scan_shape: tuple[int, int], counted: int, share: int, final: bool
+    rank: int,
+    bf: np.ndarray,
+    scan_shape: tuple[int, int],
+    counted: int,
+    share: int,
+    final: bool,
+    thresholds: Thresholds | None = None,
+    halves: list[list[float]] | None = None,
 ) -> PreviewRecord:
-    """The record of one rank's preview: ``bf`` is the bright-field events per frame so far."""
+    """The record of one rank's preview: ``bf`` is the bright-field events per frame so far; the scan's
+    thresholds and their stability figure (``halves``: [background, x-ray] of each half of the sample)."""
     image = binned(bf.reshape(scan_shape)).astype(np.uint32)
     return PreviewRecord(
+        thresholds=(thresholds.background, thresholds.xray) if thresholds is not None else None,
+        threshold_halves=tuple((float(b), float(x)) for b, x in halves or ()),
         rank=rank,
         counted=counted,
         share=share,

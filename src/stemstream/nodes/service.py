@@ -2,7 +2,8 @@
 
 One :class:`CountingService` per NodeGroup process (per MPI rank) serves every NodeGroup of that process
 through :meth:`CountingService.consumer`, a :class:`~stemstream.nodes.consumer.FrameConsumer`. Its parts:
-the batch pool (``nodes.batches``), the count loop (here), rank 0's threshold decision and file
+the configuration (``nodes.config``), the batch pool (``nodes.batches``), the count loop (here), what a rank
+holds of a scan and sends to rank 0 (``nodes.localscan``), rank 0's threshold decision and file
 (``nodes.coordinator``), the live preview (``nodes.preview``), messages between ranks (``nodes.ranks``)
 and counting worker processes (``nodes.workers``).
 
@@ -12,13 +13,13 @@ Per scan:
    each sector straight into its slot, and the engine later reads runs of ready slots in place (no copy
    between assembly and counting). ``B`` is 1 for stempy (it counts frame by frame), 16 for the cpu engine
    and 64 for the gpu engine.
-2. **One threshold per scan.** The *sample* is the first ``threshold_frames`` complete frames of the scan
-   in frame-number order, whichever rank holds them: each rank sends its complete frames among the first
-   ``2 x threshold_frames`` to rank 0, which computes the thresholds as stempy does
-   (:func:`~stemstream.counting.compute_thresholds`) once and sends them to every rank of the scan.
-   A frame in that window that has not arrived is waited for until its rank reports the scan's end, or
-   for ``sample_grace_s`` once later frames are in (sectors lost upstream make it incomplete; it cannot
-   be in the sample). Frames wait in their slots until the thresholds are known.
+2. **One threshold per scan.** The *sample* is the first ``threshold_samples`` complete frames of the
+   scan's seeded candidates (:func:`~stemstream.counting.thresholds.sample_candidates`, docs/counting.md),
+   whichever rank holds them: each rank sends its complete candidate frames to rank 0, which computes the
+   thresholds as stempy does (:func:`~stemstream.counting.compute_thresholds`) and their stability figure
+   once and sends them to every rank of the scan. A candidate that has not arrived is waited for until its
+   rank reports the scan's end, or for ``sample_grace_s`` once later frames are in (sectors lost upstream
+   make it incomplete; it cannot be in the sample). Frames wait in their slots until the thresholds are known.
 3. **Counting** runs on one thread per rank, off the receiving threads; the cpu and gpu engines are
    parallel inside. Complete frames are counted as they arrive; incomplete ones (missing rows zeroed, as
    stempy's reader fills them) when the NodeGroup hands them over after every expected message is in;
@@ -37,9 +38,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -47,107 +46,25 @@ import numpy as np
 from stemstream.analyses.board import Board
 from stemstream.analyses.rank import RankAnalyses
 from stemstream.counting import CountingEngine, Thresholds, get_engine
+from stemstream.counting.thresholds import sample_candidates
 from stemstream.errors import CountingError, StemstreamError
 from stemstream.log import RateLimitedLog
 from stemstream.nodes.batches import COUNTING, DONE, READY, Batch, BatchPool
+from stemstream.nodes.config import DEFAULT_BATCH, CountingConfig
 from stemstream.nodes.consumer import ScanInfo, ScanSummary
 from stemstream.nodes.coordinator import Coordinator
+from stemstream.nodes.localscan import LocalScan, ScanKey, events_message, frames_and_events
 from stemstream.nodes.preview import bright_field_mask, preview_record
 from stemstream.nodes.ranks import RankTransport
 from stemstream.nodes.workers import ProcessCounter, unlink_orphaned_segments, unpack
 from stemstream.scans import keys
 from stemstream.scans.plan import KeyValue
 from stemstream.scans.records import AnalysesRecord
-from stemstream.wire.protocol import FRAME_SHAPE, N_SECTORS
 
 logger = logging.getLogger(__name__)
 _rlog = RateLimitedLog(logger)
 
-DEFAULT_BATCH = {"stempy": 4, "cpu": 16, "gpu": 64}
 _IDLE_FLUSH_S = 0.02  # a batch whose filling paused this long is counted as far as it is ready
-
-
-@dataclass
-class CountingConfig:
-    """How a NodeGroup process counts; identical on every rank of a job."""
-
-    output_dir: Path
-    engine: str = "stempy"
-    background_n_sigma: float = 4.0
-    xray_n_sigma: float = 10.0
-    threshold_frames: int = 40
-    dark: np.ndarray | None = None
-    gain: np.ndarray | None = None
-    batch: int | None = None  # frames per engine call (default by engine)
-    workers: int | None = None  # counting processes over shared memory (default: 1 for stempy, else 0)
-    worker_cpus: list[int] | None = None  # pin the counting processes to these cores
-    max_buffered_frames: int = 512  # frames in batch buffers before frame_buffer waits (soft: see above)
-    sample_grace_s: float = 2.0
-    scan_timeout_s: float = 60.0  # rank 0 writes what it has when a scan makes no progress this long
-    preview_interval_s: float = 1.0
-    analyses: dict[str, dict[str, Any]] | None = None  # name -> parameters (analyses.runner.specs_for); None: none
-    view: Any = None  # rank 0 serves the live view with this (analyses.page.ViewConfig); None: no view
-    frame_shape: tuple[int, int] = FRAME_SHAPE
-    n_sectors: int = N_SECTORS
-
-    def __post_init__(self) -> None:
-        if not (0.5 <= self.background_n_sigma <= 20):
-            raise CountingError(f"background n-sigma {self.background_n_sigma} is out of range; use 0.5 .. 20")
-        if self.threshold_frames < 1:
-            raise CountingError(f"threshold_frames must be >= 1, got {self.threshold_frames}")
-        if self.batch is not None and self.batch < 1:
-            raise CountingError(f"batch must be >= 1, got {self.batch}")
-        if self.workers is not None and not 0 <= self.workers <= 1024:
-            raise CountingError(f"workers must be 0 (count in this process) .. 1024, got {self.workers}")
-
-
-ScanKey = tuple[int, str]  # (scan number, acquisition id): a scan number may be acquired again
-
-
-@dataclass
-class _LocalScan:
-    """What one rank holds of a scan (one acquisition of a scan number)."""
-
-    number: int
-    start: str
-    members: tuple[str, ...]
-    scan_shape: tuple[int, int]
-    local_uids: set[str]
-    window: int
-    ended: set[str] = field(default_factory=set)
-    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
-    thresholds: Thresholds | None = None
-    failed: str | None = None
-    events: dict[int, np.ndarray] = field(default_factory=dict)
-    incomplete: dict[int, tuple[int, ...]] = field(default_factory=dict)
-    batches: set[Batch] = field(default_factory=set)  # holding slots of this scan
-    queue: deque[Batch] = field(default_factory=deque)  # batches with ready slots, oldest first
-    outstanding: int = 0  # slots handed out and not yet done
-    counted: int = 0
-    engine_s: float = 0.0  # seconds inside the engine
-    first_count: float | None = None  # time.time() of the first and last engine call
-    last_count: float | None = None
-    share: int = 0  # frames of this scan routed to this rank's NodeGroups
-    reported: bool = False
-    all_ended_at: float | None = None
-    bf: np.ndarray | None = None  # bright-field events per frame (uint16), for the preview
-    preview_dirty: bool = False
-
-    @property
-    def n_frames(self) -> int:
-        return self.scan_shape[0] * self.scan_shape[1]
-
-    @property
-    def key(self) -> ScanKey:
-        return (self.number, self.start)
-
-    def message(self, kind: str, rank: int, **fields: Any) -> dict[str, Any]:
-        """A message to rank 0 about this scan."""
-        return {"kind": kind, "rank": rank, "scan": self.number, "start": self.start, **fields}
-
-    @property
-    def all_ended(self) -> bool:
-        return self.local_uids <= self.ended
 
 
 class CountingService:
@@ -174,7 +91,7 @@ class CountingService:
         self._counter: ProcessCounter | None = None
         self._in_flight = 0
         self._cond = threading.Condition()
-        self._scans: dict[ScanKey, _LocalScan] = {}
+        self._scans: dict[ScanKey, LocalScan] = {}
         self._finished: set[ScanKey] = set()
         self._stop = threading.Event()
         self._pool = BatchPool(
@@ -206,6 +123,7 @@ class CountingService:
                 self.workers,
                 dark=self.config.dark,
                 gain=self.config.gain,
+                row_dark=self.config.row_dark,
                 frame_shape=self.config.frame_shape,
                 cpus=self.config.worker_cpus,
             )
@@ -299,13 +217,13 @@ class CountingService:
             ls = self._scans.get(key)
             if ls is None:
                 local = {u for u in info.members if u in self.uids}
-                ls = _LocalScan(
+                ls = LocalScan(
                     number=info.scan_number,
                     start=info.start,
                     members=tuple(info.members),
                     scan_shape=tuple(info.scan_shape),  # type: ignore[arg-type]
                     local_uids=local,
-                    window=min(info.n_frames, 2 * self.config.threshold_frames),
+                    candidates=frozenset(self._candidates(info.n_frames).tolist()),
                     share=sum(len(range(info.members.index(u), info.n_frames, len(info.members))) for u in local),
                     bf=np.zeros(info.n_frames, np.uint16),
                 )
@@ -315,6 +233,10 @@ class CountingService:
             self.analyses.begin(info.scan_number, tuple(info.scan_shape), self.config.frame_shape)  # type: ignore[arg-type]
             self.transport.send(0, announce)
         return key
+
+    def _candidates(self, n_frames: int) -> np.ndarray:
+        c = self.config
+        return sample_candidates(n_frames, c.threshold_samples, c.threshold_window)
 
     def _frame_buffer(self, key: ScanKey, frame: int) -> np.ndarray:
         with self._cond:
@@ -342,7 +264,7 @@ class CountingService:
                     b.queued = True
                     b.ready_since = time.monotonic()
                     ls.queue.append(b)
-                if not missing and ls.thresholds is None and ls.failed is None and frame < ls.window:
+                if not missing and ls.thresholds is None and ls.failed is None and frame in ls.candidates:
                     sample = b.data[k].tobytes()  # under the lock: the slot cannot be reused meanwhile
             self._cond.notify_all()
         if sample is not None:
@@ -356,7 +278,9 @@ class CountingService:
             ls.summaries[uid] = summary.to_dict()
             if ls.all_ended and ls.all_ended_at is None:
                 ls.all_ended_at = time.monotonic()
-                ended = ls.message("ended", self.rank, incomplete=sorted(f for f in ls.incomplete if f < ls.window))
+                ended = ls.message(
+                    "ended", self.rank, incomplete=sorted(f for f in ls.incomplete if f in ls.candidates)
+                )
             self._cond.notify_all()
         if ended is not None:
             self.transport.send(0, ended)
@@ -364,18 +288,18 @@ class CountingService:
 
     # ---- counting (one thread)
 
-    def _slots_done(self, ls: _LocalScan, b: Batch, n: int) -> None:
+    def _slots_done(self, ls: LocalScan, b: Batch, n: int) -> None:
         ls.outstanding -= n
         if b.finished() and b is not self._pool.filling:
             self._release(ls, b)
 
-    def _release(self, ls: _LocalScan, b: Batch) -> None:
+    def _release(self, ls: LocalScan, b: Batch) -> None:
         ls.batches.discard(b)
         if b.queued:
             ls.queue.remove(b)
         self._pool.release(b)
 
-    def _pick_work(self, now: float) -> tuple[_LocalScan, Batch, list[tuple[int, int]]] | None:
+    def _pick_work(self, now: float) -> tuple[LocalScan, Batch, list[tuple[int, int]]] | None:
         """The oldest batch with ready slots that is due: full, or no longer filling, or idle, or its
         scan has ended here. Its ready runs are marked as being counted."""
         for ls in self._scans.values():
@@ -427,13 +351,19 @@ class CountingService:
             error = None
             try:
                 for i, j in runs:
-                    ev = self.engine.count(b.data[i:j], ls.thresholds, dark=self.config.dark, gain=self.config.gain)
+                    ev = self.engine.count(
+                        b.data[i:j],
+                        ls.thresholds,
+                        dark=self.config.dark,
+                        gain=self.config.gain,
+                        row_dark=self.config.row_dark,
+                    )
                     results.append((i, ev))
             except StemstreamError as exc:
                 error = f"counting failed: {exc}"
             self._counted(ls, b, runs, results, error, time.perf_counter() - t0)
 
-    def _collect(self, future: Any, ls: _LocalScan, b: Batch, runs: list[tuple[int, int]], t0: float) -> None:
+    def _collect(self, future: Any, ls: LocalScan, b: Batch, runs: list[tuple[int, int]], t0: float) -> None:
         """A worker process's answer (called on the pool's result thread)."""
         try:
             results, error = unpack(future.result()), None
@@ -443,7 +373,7 @@ class CountingService:
 
     def _counted(
         self,
-        ls: _LocalScan,
+        ls: LocalScan,
         b: Batch,
         runs: list[tuple[int, int]],
         results: list[tuple[int, list[np.ndarray]]],
@@ -453,7 +383,7 @@ class CountingService:
         if error is not None and error != ls.failed:
             logger.error("scan %d: %s", ls.number, error)
         if error is None and results:  # before the slots are done, so before the scan can be reported
-            self.analyses.process(ls.number, *_frames_and_events(b, results))
+            self.analyses.process(ls.number, *frames_and_events(b, results))
         with self._cond:
             self._in_flight -= 1
             if error is None:
@@ -510,31 +440,9 @@ class CountingService:
             self._pool.stop_filling(key)
             for b in list(ls.batches):
                 self._release(ls, b)
-        frames = np.fromiter(sorted(ls.events), np.uint32, count=len(ls.events))
-        arrays = [ls.events[int(f)] for f in frames]
-        lengths = np.fromiter((a.size for a in arrays), np.uint32, count=len(arrays))
-        flat = np.concatenate(arrays).astype(np.uint32, copy=False) if arrays else np.zeros(0, np.uint32)
         self._publish_preview(ls, final=True)
         self._send_partials(ls, final=True)
-        self.transport.send(
-            0,
-            {
-                "kind": "events",
-                "rank": self.rank,
-                "scan": ls.number,
-                "start": ls.start,
-                "frames": frames.tobytes(),
-                "lengths": lengths.tobytes(),
-                "events": flat.tobytes(),
-                "incomplete": [[f, list(m)] for f, m in sorted(ls.incomplete.items())],
-                "summaries": ls.summaries,
-                "failed": ls.failed,
-                "counted_at": time.time(),
-                "engine_s": ls.engine_s,
-                "first_count": ls.first_count,
-                "last_count": ls.last_count,
-            },
-        )
+        self.transport.send(0, events_message(ls, self.rank))
         logger.info(
             "scan %d: rank %d counted %d frames (%d incomplete)%s",
             ls.number,
@@ -562,22 +470,24 @@ class CountingService:
             self._publish_preview(ls)
             self._send_partials(ls)
 
-    def _publish_preview(self, ls: _LocalScan, final: bool = False) -> None:
+    def _publish_preview(self, ls: LocalScan, final: bool = False) -> None:
         if self.store is None or ls.bf is None:
             return
         with self._cond:
             ls.preview_dirty = False
             gone = sum(1 for m in ls.incomplete.values() if len(m) >= self.config.n_sectors)
-            record = replace(preview_record(self.rank, ls.bf, ls.scan_shape, ls.counted + gone, ls.share, final),
-                             start=ls.start)  # fmt: skip
+            record = preview_record(
+                self.rank, ls.bf, ls.scan_shape, ls.counted + gone, ls.share, final, ls.thresholds, ls.halves
+            )
+            record = replace(record, start=ls.start)
         try:
-            self.store.set(keys.preview(ls.number, self.rank), record.to_record())
+            self.store.set(keys.preview(ls.number, self.rank), record.to_record(), ttl=self.config.preview_ttl_s)
         except StemstreamError as exc:
             _rlog.warning("preview", "scan %d: preview not published: %s", ls.number, exc)
 
     # ---- analyses (docs/analyses.md): partials to rank 0; rank 0 merges them and serves the live view
 
-    def _send_partials(self, ls: _LocalScan, final: bool = False) -> None:
+    def _send_partials(self, ls: LocalScan, final: bool = False) -> None:
         gone = sum(1 for m in ls.incomplete.values() if len(m) >= self.config.n_sectors)
         progress = {"counted": ls.counted + gone, "share": ls.share, "incomplete": len(ls.incomplete)}
         message = self.analyses.message(ls.number, final=final, **progress)
@@ -648,17 +558,9 @@ class CountingService:
                 ls.failed = str(message["error"])
             else:
                 ls.thresholds = Thresholds.from_dict(message["thresholds"])
+                ls.halves = message.get("halves")
             self._cond.notify_all()
         self._maybe_report(key)
-
-
-def _frames_and_events(b: Batch, results: list[tuple[int, list[np.ndarray]]]) -> tuple[list[int], list[np.ndarray]]:
-    frames, events = [], []
-    for i, ev in results:
-        for k, e in enumerate(ev, start=i):
-            frames.append(int(b.frames[k]))
-            events.append(e)
-    return frames, events
 
 
 class CountingConsumer:

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 # Worker-process globals, set once by _init.
 _engine: Any = None
 _dark: np.ndarray | None = None
+_row_dark = "none"
 _gain: np.ndarray | None = None
 _frame_shape: tuple[int, int] = (0, 0)
 _attached: dict[str, tuple[shared_memory.SharedMemory, np.ndarray]] = {}
@@ -122,8 +123,9 @@ def _init(
     gain: np.ndarray | None,
     frame_shape: tuple[int, int],
     cpus: list[int] | None,
+    row_dark: str = "none",
 ) -> None:
-    global _engine, _dark, _gain, _frame_shape
+    global _engine, _dark, _gain, _frame_shape, _row_dark
     from stemstream.counting import get_engine
 
     if cpus:
@@ -131,7 +133,7 @@ def _init(
     threading.Thread(target=_watch_parent, args=(os.getppid(),), name="watch-parent", daemon=True).start()
 
     _engine = get_engine(engine_name)
-    _dark, _gain, _frame_shape = dark, gain, frame_shape
+    _dark, _gain, _frame_shape, _row_dark = dark, gain, frame_shape, row_dark
 
 
 def _watch_parent(parent: int) -> None:
@@ -161,26 +163,26 @@ def _count(
     t = Thresholds.from_dict(thresholds)
     out = []
     for i, j in runs:
-        events = _engine.count(data[i:j], t, dark=_dark, gain=_gain)
+        events = _engine.count(data[i:j], t, dark=_dark, gain=_gain, row_dark=_row_dark)
         lengths = np.fromiter((e.size for e in events), np.uint32, count=len(events))
         flat = np.concatenate(events).astype(np.uint32, copy=False) if events else np.zeros(0, np.uint32)
         out.append((i, lengths.tobytes(), flat.tobytes()))
     return out
 
 
-def _thresholds(name: str, n: int, background_n_sigma: float, xray_n_sigma: float) -> dict[str, Any]:
-    from stemstream.counting import compute_thresholds
+def _thresholds(name: str, n: int, chosen: list[int], background_n_sigma: float, xray_n_sigma: float) -> dict[str, Any]:
+    from stemstream.counting.thresholds import sample_thresholds
 
     shm = shared_memory.SharedMemory(name=name)
     try:
         frames = np.ndarray((n, *_frame_shape), dtype=np.uint16, buffer=shm.buf)
-        t = compute_thresholds(
-            frames, dark=_dark, gain=_gain, background_n_sigma=background_n_sigma, xray_n_sigma=xray_n_sigma
+        t, halves = sample_thresholds(
+            frames, chosen, dark=_dark, gain=_gain, background_n_sigma=background_n_sigma, xray_n_sigma=xray_n_sigma
         )
         del frames
     finally:
         shm.close()
-    return t.to_dict()
+    return {"thresholds": t.to_dict(), "halves": halves}
 
 
 def unpack(result: list[tuple[int, bytes, bytes]]) -> list[tuple[int, list[np.ndarray]]]:
@@ -195,7 +197,7 @@ def unpack(result: list[tuple[int, bytes, bytes]]) -> list[tuple[int, list[np.nd
 
 
 class ProcessCounter:
-    """``workers`` processes, each with its own ``engine_name`` engine and the dark/gain of the session;
+    """``workers`` processes, each with its own ``engine_name`` engine and the dark/gain/row-dark of the session;
     ``cpus`` pins them (all to that set of cores), e.g. to keep them off the cores that receive."""
 
     def __init__(
@@ -207,13 +209,14 @@ class ProcessCounter:
         gain: np.ndarray | None,
         frame_shape: tuple[int, int],
         cpus: list[int] | None = None,
+        row_dark: str = "none",
     ) -> None:
         self.workers = workers
         self._pool = ProcessPoolExecutor(
             max_workers=workers,
             mp_context=mp.get_context("spawn"),  # never fork a process with threads and sockets
             initializer=_init,
-            initargs=(engine_name, dark, gain, frame_shape, cpus),
+            initargs=(engine_name, dark, gain, frame_shape, cpus, row_dark),
         )
         # Start them now, not at the first frame: spawning and importing stempy takes a second or two.
         for f in [self._pool.submit(_noop) for _ in range(workers)]:
@@ -223,11 +226,15 @@ class ProcessCounter:
     def submit(self, batch: SharedBatch, runs: list[tuple[int, int]], thresholds: Thresholds) -> Future[Any]:
         return self._pool.submit(_count, batch.name, batch.array.shape[0], runs, thresholds.to_dict())
 
-    def thresholds(self, sample: SharedBatch, background_n_sigma: float, xray_n_sigma: float) -> Future[Any]:
-        """:func:`~stemstream.counting.compute_thresholds` of the frames in ``sample``, in a worker; a Future
-        of its dict. Through shared memory: pickling 26 MB of frames through the pool's pipe took ~1 s on a
+    def thresholds(
+        self, sample: SharedBatch, chosen: list[int], background_n_sigma: float, xray_n_sigma: float
+    ) -> Future[Any]:
+        """:func:`~stemstream.counting.thresholds.sample_thresholds` of the frames in ``sample`` (the frames
+        ``chosen``, in frame-number order), in a worker; a Future of ``{"thresholds": dict, "halves": list}``.
+        Through shared memory: pickling 26 MB of frames through the pool's pipe took ~1 s on a
         busy receiving process (measured)."""
-        return self._pool.submit(_thresholds, sample.name, sample.array.shape[0], background_n_sigma, xray_n_sigma)
+        n = sample.array.shape[0]
+        return self._pool.submit(_thresholds, sample.name, n, chosen, background_n_sigma, xray_n_sigma)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -22,7 +22,11 @@ the slowest sector moves (its data may never come). Frames with sectors lost ups
 until the scan's end (about ``loss rate x 4 x frames``). A data message whose scan has no ``expect`` yet is
 held by its receiving thread (which stops reading meanwhile, so the sender blocks) until the expect comes
 or ``expect_timeout`` passes; that wait is counted from the first message of the scan number, so the
-other messages of a scan that never gets an expect (an unknown scan number) are rejected at once.
+other messages of a scan that never gets an expect (an unknown scan number) are rejected at once, and once
+such a wait ran out, new unknown numbers are rejected at once for ``expect_timeout`` (many cost one wait).
+
+The info thread's half (expects, ends, closing a scan, and what a declared scan may cost) is
+:mod:`stemstream.plane.nodelife`.
 
 Bad input (malformed, wrong size or shape, wrong sector, not this NodeGroup's frame, duplicate, late) is
 rejected, counted per kind (registry counts ``rejected.<kind>``) and logged, rate-limited (one line per kind
@@ -48,10 +52,9 @@ import zmq
 from stemstream.config import Settings
 from stemstream.errors import ProtocolError, WaitTimeout
 from stemstream.nodes.consumer import FrameConsumer, ScanSummary
+from stemstream.plane.nodelife import _FINISHED_KEPT, ScanLife
 from stemstream.plane.nodescan import Assembly, HeaderTemplate, NodeGroupScan, fast_check
-from stemstream.plane.receiver import Every, Receiver, decode_info_parts, drain
-from stemstream.scans import keys
-from stemstream.scans.records import NodeGroupScanRecord
+from stemstream.plane.receiver import Every, Receiver, drain
 from stemstream.transport.actor import POLL_MS
 from stemstream.wire.protocol import (
     DTYPE,
@@ -59,18 +62,13 @@ from stemstream.wire.protocol import (
     MAX_INFO_PART_BYTES,
     N_SECTORS,
     SECTOR_SHAPE,
-    EndMessage,
-    ExpectMessage,
     decode_data_message,
 )
 
 logger = logging.getLogger(__name__)
 
-_FINISHED_KEPT = 256
-_INCOMPLETE_IN_STORE = 1000  # at most this many (frame, missing) pairs in /scans/<n>/nodegroups/<uid>
 
-
-class NodeGroup(Receiver):
+class NodeGroup(ScanLife, Receiver):
     """Receives its share of every scan's frames and hands them, assembled, to ``consumer``."""
 
     role = "nodegroup"
@@ -90,6 +88,7 @@ class NodeGroup(Receiver):
         scan_timeout_s: float | None = None,
         max_lag: int = 64,
         lag_wait_s: float = 1.0,
+        max_scan_frames: int | None = None,
         publish_interval: float = 0.5,
         job: str | None = None,
         job_size: int | None = None,
@@ -114,6 +113,8 @@ class NodeGroup(Receiver):
         self._sector_nbytes = self.sector_shape[0] * self.sector_shape[1] * np.dtype(DTYPE).itemsize
         self._template = HeaderTemplate(n_sectors, list(self.sector_shape), self._sector_nbytes)
         self.scan_timeout_s = scan_timeout_s or self.settings.scan_timeout_s
+        self.max_scan_frames = max_scan_frames or self.settings.max_scan_frames
+        self.max_open_scans = self.settings.max_open_scans
         self.expect_timeout = expect_timeout or self.scan_timeout_s
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -125,6 +126,7 @@ class NodeGroup(Receiver):
         self._newest: OrderedDict[int, str] = OrderedDict()
         self._rejected: dict[str, int] = {}
         self._unknown: OrderedDict[tuple[int, str], float] = OrderedDict()  # unnamed scan -> its first data
+        self._no_expect_until = 0.0  # until then, data of a scan number no expect named is rejected at once
         self._totals = {
             "received": 0,
             "frames_complete": 0,
@@ -302,13 +304,13 @@ class NodeGroup(Receiver):
                                   self._uid, m, self.lag_wait_s)  # fmt: skip
                     break
                 self._cond.wait(min(POLL_MS / 1000, give_up - now))
-            bits = int(scan.mask[f])
+            bits = scan.bits(f)
             if scan.closing:
                 problem = "late"
             elif bits & bit:
                 problem = "duplicate"
             else:
-                scan.mask[f] = bits | bit
+                scan.claim(f, bits | bit)
                 scan.busy += 1  # in the consumer for this scan: closing it waits for us (_finalize)
                 asm = scan.assembling.get(f)
                 creator = asm is None
@@ -392,7 +394,12 @@ class NodeGroup(Receiver):
 
         For a scan that no expect has named, the wait is counted from the first data of that scan number
         (shared by its messages and sectors): a sender that sends an unknown scan number holds a socket for
-        ``expect_timeout`` once, not once per message. Once the expect is in, the wait starts over."""
+        ``expect_timeout`` once, not once per message. Once the expect is in, the wait starts over.
+
+        A wait that ran out (no expect came) starts a penalty of ``expect_timeout``: meanwhile data of a scan
+        number seen for the first time is rejected at once, so that a thousand unknown scan numbers cannot hold
+        a socket a thousand times ``expect_timeout``. Honest data never waits that long: the aggregator sends
+        a scan's expect before its data."""
         deadline: float | None = None
         known = False
         with self._cond:
@@ -408,7 +415,9 @@ class NodeGroup(Receiver):
                     return None
                 now = time.monotonic()
                 if not this:
-                    first = self._unknown.setdefault((scan_number, start), now)
+                    # Under penalty (an unknown scan number ran out lately), a new one has no time to wait.
+                    new_at = now if now >= self._no_expect_until else now - self.expect_timeout
+                    first = self._unknown.setdefault((scan_number, start), new_at)
                     while len(self._unknown) > _FINISHED_KEPT:
                         self._unknown.popitem(last=False)
                     deadline = first + self.expect_timeout
@@ -417,6 +426,8 @@ class NodeGroup(Receiver):
                 assert deadline is not None
                 if now >= deadline:
                     late = False
+                    if not this:
+                        self._no_expect_until = now + self.expect_timeout
                     break
                 self._cond.wait(min(deadline - now, POLL_MS / 1000))
         name = f"{scan_number} ({start})" if start else str(scan_number)
@@ -425,243 +436,6 @@ class NodeGroup(Receiver):
         else:
             self._reject(None, "no_expect", "data for scan %s, no expect in %.0f s", name, self.expect_timeout)
         return None
-
-    # ---- info
-
-    def _on_info(self, parts: list[zmq.Frame]) -> None:
-        try:
-            msg = decode_info_parts(parts)
-        except ProtocolError as exc:
-            self._reject(None, "info_malformed", "%s", exc)
-            return
-        if msg.sector >= self.n_sectors:
-            self._reject(None, "info_wrong_sector", "info for sector %d", msg.sector)
-        elif isinstance(msg, ExpectMessage):
-            self._on_expect(msg)
-        else:
-            self._on_end(msg)
-
-    def _on_expect(self, msg: ExpectMessage) -> None:
-        n, m = msg.scan_number, msg.sector
-        self._supersede(msg)
-        begin: NodeGroupScan | None = None
-        problem: tuple[str, str] | None = None
-        with self._cond:
-            start = msg.start or self._newest.get(n, "")
-            scan = self._scans.get(n)
-            if (n, start) in self._finished:
-                problem = ("info_late", f"expect for scan {n}, which is closed")
-            elif self._uid not in msg.members:
-                problem = (
-                    "info_not_member",
-                    f"expect for scan {n}, whose members do not include this NodeGroup",
-                )
-            elif scan is not None and scan.start != start:
-                problem = ("info_late", f"expect for scan {n} ({start}) while acquisition {scan.start} closes")
-                scan = None
-            elif scan is None:
-                scan = begin = self._scans[n] = NodeGroupScan(
-                    msg, self._uid, self.n_sectors, self.frame_shape, start=start
-                )
-                self._newest[n] = start
-                self._newest.move_to_end(n)
-                while len(self._newest) > _FINISHED_KEPT:
-                    self._newest.popitem(last=False)
-                self._unknown.pop((n, msg.start), None)
-                self._unknown.pop((n, ""), None)
-                self._last_scan = n
-            elif (scan.members, scan.scan_shape) != (msg.members, msg.scan_shape):
-                problem = (
-                    "info_inconsistent",
-                    f"scan {n}: sector {m}'s expect disagrees on members or shape",
-                )
-            if problem is None and scan is not None:
-                if scan.expected[m] is not None:
-                    problem = ("info_duplicate", f"scan {n}: a second expect for sector {m}")
-                else:
-                    scan.expected[m] = msg.expected.get(self._uid, 0)
-                    scan.touched = time.monotonic()
-                    self._cond.notify_all()
-        if problem is not None:
-            self._reject(scan if problem[0] != "info_late" else None, problem[0], "%s", problem[1])
-            return
-        if begin is not None:
-            self.consumer.begin_scan(begin.info)
-            with self._cond:
-                begin.begun = True
-                self._cond.notify_all()
-            logger.info(
-                "scan %d%s: %dx%d, NodeGroup %d of %d",
-                n,
-                f" (acquisition {start})" if start else "",
-                *begin.scan_shape,
-                begin.my_index + 1,
-                begin.n_members,
-            )
-        assert scan is not None
-        self._maybe_finish(scan)
-
-    def _supersede(self, msg: ExpectMessage) -> None:
-        """An expect of a new acquisition of a scan number this NodeGroup still has open (the DAQ restarted
-        and reused the number): the open one is over; it is closed as a timeout (what came is handed over,
-        the rest replayed by its producers) before the new one begins, so that the consumer never sees the
-        two at once."""
-        n = msg.scan_number
-        with self._cond:
-            start = msg.start or self._newest.get(n, "")
-            old = self._scans.get(n)
-            if old is None or old.start == start or (n, start) in self._finished or self._uid not in msg.members:
-                return
-            mine = not old.closing
-            old.closing = True
-        if mine:
-            logger.error("scan %d: a new acquisition (%s) began while acquisition %s was open; closing that one",
-                         n, start or "-", old.start or "-")  # fmt: skip
-            self._finalize(old, "timeout")
-        deadline = time.monotonic() + self.scan_timeout_s
-        with self._cond:  # closed by another thread (its last message, or the watchdog): wait until it is out
-            while self._scans.get(n) is old and time.monotonic() < deadline and not self._stop.is_set():
-                self._cond.wait(POLL_MS / 1000)
-
-    def _on_end(self, msg: EndMessage) -> None:
-        n, m = msg.scan_number, msg.sector
-        with self._lock:
-            start = msg.start or self._newest.get(n, "")
-            scan = self._scans.get(n)
-            if scan is None or scan.start != start:
-                closed = (n, start) in self._finished
-                problem = ("info_late", f"end for scan {n}, which is {'closed' if closed else 'unknown'}")
-                scan = None
-            elif scan.sent[m] is not None:
-                problem = ("info_duplicate", f"scan {n}: a second end for sector {m}")
-            else:
-                problem = None
-                scan.sent[m] = msg.sent.get(self._uid, 0)
-                scan.touched = time.monotonic()
-                if scan.expected[m] is not None and scan.sent[m] != scan.expected[m]:
-                    logger.warning(
-                        "scan %d sector %d: %d announced, %d sent",
-                        n,
-                        m,
-                        scan.expected[m],
-                        scan.sent[m],
-                    )
-        if problem is not None:
-            self._reject(scan, problem[0], "%s", problem[1])
-            return
-        assert scan is not None
-        self._maybe_finish(scan)
-
-    # ---- closing a scan
-
-    def _maybe_finish(self, scan: NodeGroupScan) -> None:
-        with self._lock:
-            if scan.closing or not scan.begun or scan.in_flight or not scan.all_in():
-                return
-            scan.closing = True
-        self._finalize(scan, "received")
-
-    def _finalize(self, scan: NodeGroupScan, status: str) -> None:
-        """Hand over the incomplete frames and the summary; called once per scan (``closing`` set)."""
-        n, rows = scan.number, self.sector_shape[0]
-        all_sectors = tuple(range(self.n_sectors))
-        deadline = time.monotonic() + self.scan_timeout_s
-        with self._cond:
-            # Receiving threads that claimed a sector of this scan before it was closed finish with the
-            # consumer first: after end_scan the consumer may begin a new acquisition of the same number.
-            while (scan.busy or scan.in_flight) and time.monotonic() < deadline and not self._stop.is_set():
-                self._cond.wait(POLL_MS / 1000)
-            leftovers = sorted(scan.assembling.items())
-            scan.assembling = {}
-        incomplete: list[tuple[int, tuple[int, ...]]] = []
-        for f, asm in leftovers:
-            if asm.buffer is None:
-                continue  # its first sector never got a buffer (consumer failure, or stopping)
-            bits = int(scan.mask[f])
-            missing = tuple(s for s in all_sectors if not bits >> s & 1)
-            for s in missing:
-                asm.buffer[s * rows : (s + 1) * rows] = 0
-            self.consumer.frame_ready(n, f, missing)
-            incomplete.append((f, missing))
-        mine = np.arange(scan.my_index, scan.n_frames, scan.n_members)
-        for f in mine[scan.mask[mine] == 0].tolist():
-            buf = self.consumer.frame_buffer(n, f)
-            buf[...] = 0
-            self.consumer.frame_ready(n, f, all_sectors)
-            incomplete.append((f, all_sectors))
-        incomplete.sort()
-        sent = [s if s is not None else (e or 0) for s, e in zip(scan.sent, scan.expected, strict=True)]
-        summary = ScanSummary(
-            expected=sum(e or 0 for e in scan.expected),
-            received=sum(scan.received),
-            frames_complete=scan.n_complete,
-            frames_incomplete=len(incomplete),
-            incomplete=incomplete,
-            lost_upstream=len(mine) * self.n_sectors - sum(sent),
-            rejected=dict(scan.rejected),
-            first_ts=scan.first_ts,
-            last_ts=scan.last_ts,
-            status=status,
-        )
-        self.consumer.end_scan(n, summary)
-        record = NodeGroupScanRecord(
-            uid=self._uid,
-            status=summary.status,
-            index=scan.my_index,
-            members=scan.members,
-            expected=summary.expected,
-            received=summary.received,
-            sent=sum(sent),
-            frames_complete=summary.frames_complete,
-            frames_incomplete=summary.frames_incomplete,
-            incomplete=tuple(summary.incomplete[:_INCOMPLETE_IN_STORE]),
-            lost_upstream=summary.lost_upstream,
-            rejected=dict(summary.rejected),
-            first_ts=summary.first_ts,
-            last_ts=summary.last_ts,
-            closed_at=time.time(),
-            start=scan.start,
-        )
-        self._publisher.put(keys.nodegroup(n, self._uid), record.to_record())
-        self._publisher.put("", None)
-        with self._cond:
-            self._totals["received"] += summary.received
-            self._totals["frames_complete"] += summary.frames_complete
-            self._totals["frames_incomplete"] += summary.frames_incomplete
-            self._totals["lost_upstream"] += summary.lost_upstream
-            self._totals["scans"] += 1
-            if self._scans.get(n) is scan:
-                del self._scans[n]
-            self._finished[(n, scan.start)] = summary
-            while len(self._finished) > _FINISHED_KEPT:
-                self._finished.popitem(last=False)
-            self._cond.notify_all()
-        log = logger.info if status == "received" else logger.error
-        log(
-            "scan %d %s: %d frames complete, %d incomplete, %d of %d messages, %d rejected",
-            n,
-            status,
-            summary.frames_complete,
-            summary.frames_incomplete,
-            summary.received,
-            sum(sent),
-            summary.n_rejected,
-        )
-
-    def _housekeeping(self, now: float) -> None:
-        stale: list[NodeGroupScan] = []
-        with self._lock:
-            for scan in self._scans.values():
-                if scan.begun and not scan.closing and now - scan.touched > self.scan_timeout_s:
-                    scan.closing = True
-                    stale.append(scan)
-        for scan in stale:
-            logger.error(
-                "scan %d: nothing for %.0f s; closing it with what came",
-                scan.number,
-                self.scan_timeout_s,
-            )
-            self._finalize(scan, "timeout")
 
     def _reject(self, scan: NodeGroupScan | None, kind: str, msg: str, *args: object) -> None:
         with self._lock:

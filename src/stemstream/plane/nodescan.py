@@ -74,10 +74,10 @@ class NodeGroupScan:
         self.sent: list[int | None] = [None] * n_sectors  # from the aggregator's end
         self.received = [0] * n_sectors
         self.rejected: dict[str, int] = {}
-        self.mask = np.zeros(
-            self.n_frames,
-            dtype=np.uint8 if n_sectors <= 8 else np.uint64,
-        )  # sectors claimed
+        self.share = len(range(self.my_index, self.n_frames, self.n_members))  # this NodeGroup's frames
+        # Sectors claimed, by local index (frame // members), grown to the highest frame that data arrived for:
+        # memory follows what came, not what the expect declared (a 65535 x 65535 scan costs nothing until then).
+        self.mask = np.zeros(0, dtype=np.uint8 if n_sectors <= 8 else np.uint64)
         self.assembling: dict[int, Assembly] = {}
         # Per sector: the slowest other sector's progress when a bounded-assembly wait of this sector last
         # timed out (-1: none did). While the others have not moved past it, waiting again cannot help.
@@ -90,6 +90,33 @@ class NodeGroupScan:
         self.first_ts: float | None = None
         self.last_ts: float | None = None
         self.touched = time.monotonic()
+
+    def bits(self, f: int) -> int:
+        """The sectors of frame ``f`` claimed so far. Caller holds the lock."""
+        k = f // self.n_members
+        return int(self.mask[k]) if k < len(self.mask) else 0
+
+    def claim(self, f: int, bits: int) -> None:
+        """Set frame ``f``'s claimed sectors (growing the mask, doubling, up to the share). Caller holds the lock."""
+        k = f // self.n_members
+        if k >= len(self.mask):
+            grown = np.zeros(min(self.share, max(k + 1, 2 * len(self.mask), 1024)), dtype=self.mask.dtype)
+            grown[: len(self.mask)] = self.mask
+            self.mask = grown
+        self.mask[k] = bits
+
+    def never_seen(self, limit: int) -> list[int]:
+        """Up to ``limit`` frames of this NodeGroup's share that no sector arrived for, in order."""
+        if limit <= 0:
+            return []
+        local = np.flatnonzero(self.mask == 0)[:limit].tolist()
+        local += range(len(self.mask), min(self.share, len(self.mask) + limit - len(local)))
+        return [self.my_index + k * self.n_members for k in local]
+
+    @property
+    def n_seen(self) -> int:
+        """Frames of the share that at least one sector arrived for. Caller holds the lock."""
+        return int(np.count_nonzero(self.mask))
 
     def all_in(self) -> bool:
         for m, sent in enumerate(self.sent):

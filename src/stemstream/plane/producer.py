@@ -46,12 +46,14 @@ from stemstream.plane.retention import ScanKeeper, SectorSource
 from stemstream.plane.session import ProducerScanResult, ScanSession
 from stemstream.scans import keys
 from stemstream.scans.plan import ScanPlanError, close_scan_record, decide_plan, new_acquisition, wait_plan
-from stemstream.scans.records import ROUTE_STREAM, scan_metadata
+from stemstream.scans.records import ROUTE_STREAM, ScanPlan, scan_metadata
 from stemstream.transport.actor import SendMeter, Worker
 from stemstream.transport.sockets import make_socket
+from stemstream.wire.paths import UnsafePath, under_roots
 from stemstream.wire.protocol import (
     N_SECTORS,
     SECTOR_SHAPE,
+    check_scan_number,
 )
 
 logger = logging.getLogger(__name__)
@@ -133,6 +135,8 @@ class Producer:
         self.sector_shape = sector_shape
         self.leader = (sector == 0) if leader is None else leader
         self.fallback_dir = Path(fallback_dir or self.settings.fallback_dir)
+        # The only directories a scan request or plan may send raw files to (wire.paths).
+        self.fallback_roots = (self.settings.fallback_root or self.fallback_dir, self.fallback_dir)
         self.plan_timeout = plan_timeout
         self.max_skew = max_skew
         self.skew_wait_s = skew_wait_s
@@ -159,6 +163,7 @@ class Producer:
             "scans_streamed": 0,
             "scans_on_disk": 0,
             "skew_timeouts": 0,
+            "refused_paths": 0,
         }
 
     @property
@@ -225,8 +230,11 @@ class Producer:
         """
         if self._registry is None:
             raise RuntimeError("Producer.start() first")
+        check_scan_number(scan_number, "begin_scan: scan number")
         scan_shape = (int(scan_shape[0]), int(scan_shape[1]))
         if self.leader:
+            if fallback_dir:
+                fallback_dir = self._checked(fallback_dir, f"scan {scan_number}: fallback_dir of the request")
             start, raw_dir = new_acquisition(self.store, scan_number, start)
             plan = decide_plan(
                 self._registry,
@@ -308,6 +316,27 @@ class Producer:
         self._update(counts=self.counts())
         if self._on_release is not None:
             self._on_release(scan_number)
+
+    def raw_directory(self, plan: ScanPlan) -> Path:
+        """Where this producer writes ``plan``'s raw files: the plan's directory if it lies under this producer's
+        fallback roots, else (refused, counted, logged) this producer's own fallback directory."""
+        what = f"scan {plan.scan_number}: fallback directory of the plan"
+        base = self._checked(plan.fallback_dir, what) if plan.fallback_dir else None
+        base = Path(base) if base else self.fallback_dir
+        if plan.raw_dir and self._checked(base / plan.raw_dir, what, roots=(base,)) is not None:
+            return base / plan.raw_dir
+        return base
+
+    def _checked(self, path: str | Path, what: str, roots: tuple[Path, ...] | None = None) -> str | None:
+        """``path`` if it lies under ``roots`` (default: the fallback roots), else None: refused and counted."""
+        try:
+            return str(under_roots(path, roots or self.fallback_roots, what))
+        except UnsafePath as exc:
+            self._counts["refused_paths"] += 1
+            _rlog.error(
+                "refused_path", "producer %s: refused %s; raw files go to %s", self._uid, exc, self.fallback_dir
+            )
+            return None
 
     def counts(self) -> dict[str, int]:
         """Sent, written, lost upstream, scans, and the keeper's: held_bytes, acked, replayed, spilled, ..."""

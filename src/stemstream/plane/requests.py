@@ -14,6 +14,7 @@ from stemstream.errors import ProtocolError
 from stemstream.scans import keys
 from stemstream.scans.plan import KeyValue
 from stemstream.scans.records import ScanRequest, scan_metadata
+from stemstream.wire.protocol import check_scan_number
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ def request_scan(
 ) -> ScanRequest:
     """Ask every watching producer to acquire a scan (writes ``/control/scan``); ``metadata`` is the DAQ's
     (beam energy, step size...: ``scans.records.scan_metadata``), for the counted file and the catalog."""
+    check_scan_number(scan_number, "scan request: scan")  # the producers would refuse it: refuse it here
     shape = (int(scan_shape[0]), int(scan_shape[1]))
     req = ScanRequest(scan_number, shape, fallback_dir, extra, time.time(), scan_metadata(metadata))
     store.set(keys.CONTROL_SCAN, req.to_record())

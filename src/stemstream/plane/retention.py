@@ -41,9 +41,8 @@ import hashlib
 import logging
 import threading
 import time
-import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,8 @@ import msgpack
 from stemstream.errors import FallbackError, StemstreamError, WaitTimeout
 from stemstream.log import RateLimitedLog
 from stemstream.plane.diskwriter import SectorDiskWriter
+from stemstream.plane.heldscan import HeldScan, SectorSource
+from stemstream.plane.replaymark import ReplayMarker, scan_items, store_set
 from stemstream.scans import keys
 from stemstream.scans.ack import ACK, REPLAY, ack_verdict
 from stemstream.scans.plan import KeyValue, Members
@@ -62,48 +63,11 @@ from stemstream.scans.records import (
     ProducerScanRecord,
     ReplayRecord,
     ScanPlan,
-    replayed_scan_record,
 )
 from stemstream.transport.actor import Worker
 
 logger = logging.getLogger(__name__)
 _rlog = RateLimitedLog(logger)
-
-SectorSource = Callable[[int], Any]  # frame number -> the sector's buffer (the DAQ's RAM)
-
-
-class HeldScan:
-    """One scan's sector as this producer holds it. Fields are guarded by the keeper's lock; disk writes
-    by ``io``."""
-
-    def __init__(self, plan: ScanPlan, directory: Path, source: SectorSource | None) -> None:
-        self.plan = plan
-        self.number = plan.scan_number
-        self.start = plan.start
-        self.key = (plan.scan_number, plan.start)  # a scan number may be held twice: acquisitions differ
-        self.directory = directory
-        self.source = source
-        self.generation: Callable[[int], int] | None = getattr(source, "generation", None)
-        self.ram: dict[int, Any] = {}  # frame -> buffer, or (with a source) its generation or CRC-32 when sent
-        self.nbytes = 0
-        self.on_disk = 0
-        self.writer: SectorDiskWriter | None = None
-        self.paths: list[Path] = []
-        self.must_write = plan.route == ROUTE_DISK  # everything goes to disk: disk route, degraded, replay
-        self.spilled = False
-        self.sending = True
-        self.state = "sending"
-        self.reason = ""
-        self.error: str | None = None
-        self.failed_at = 0.0  # last disk failure (monotonic)
-        self.record: ProducerScanRecord | None = None  # this producer's /scans/<n>/producers/<uid> record
-        self.unprotected = 0
-        self.wrapped = 0  # sectors whose ring slot changed before they could be written
-        self.progress = b""
-        self.progress_at = time.monotonic()
-        self.gone_since: float | None = None
-        self.io = threading.Lock()
-        self.settled = threading.Event()
 
 
 class ScanKeeper:
@@ -146,7 +110,7 @@ class ScanKeeper:
         # acquisition not yet acknowledged when the DAQ begins it again).
         self._scans: OrderedDict[tuple[int, str], HeldScan] = OrderedDict()
         self._settled: OrderedDict[tuple[int, str], str] = OrderedDict()  # recently settled scans: final state
-        self._to_mark: dict[tuple[int, str], tuple[ScanPlan, str, float]] = {}  # leader: replayed scans to mark
+        self._to_mark = ReplayMarker(store, n_sectors, ack_timeout_s)  # leader: replayed scans to mark
         self._bytes = 0
         self._stop = threading.Event()
         self._disk_failed_at = 0.0
@@ -211,7 +175,7 @@ class ScanKeeper:
         marking = time.monotonic()
         while self._to_mark and time.monotonic() - marking < 3.0:
             with contextlib.suppress(StemstreamError):
-                self._mark_replayed(shutting_down=True)
+                self._to_mark.run(shutting_down=True)
             if self._to_mark:
                 time.sleep(self.poll_s)
         self._stop.set()
@@ -294,7 +258,7 @@ class ScanKeeper:
             self.write(held, frame, buffer)
             return
         if not held.spilled:
-            check = self._check(held, frame, buffer)
+            check = held.check(frame, buffer)
             with self._lock:
                 if self._fits():
                     self._hold(held, frame, buffer, check)
@@ -306,7 +270,7 @@ class ScanKeeper:
                     return
         if self._write_through(held, frame, buffer):
             return
-        check = self._check(held, frame, buffer)
+        check = held.check(frame, buffer)
         with self._lock:  # the disk refused it: RAM while the bound allows, retried from there
             if self._fits():
                 self._hold(held, frame, buffer, check)
@@ -333,7 +297,7 @@ class ScanKeeper:
             return
         except FallbackError as exc:
             self._disk_failed(held, exc)
-        check = self._check(held, frame, buffer)
+        check = held.check(frame, buffer)
         with self._lock:
             if self._fits():
                 self._hold(held, frame, buffer, check)
@@ -384,41 +348,29 @@ class ScanKeeper:
         """Caller holds the lock."""
         return self._bytes + self.sector_nbytes <= self.hold_bytes
 
-    def _check(self, held: HeldScan, frame: int, buffer: Any) -> int | None:
-        """With a source: what tells, when the sector is read from the DAQ's ring again, whether its slot
-        still holds it (the ring's generation of the frame, else a CRC-32 of the pixels as sent)."""
-        if held.source is None:
-            return None
-        if held.generation is not None:
-            return int(held.generation(frame))
-        return zlib.crc32(memoryview(buffer).cast("B"))
-
     def _hold(self, held: HeldScan, frame: int, buffer: Any, check: int | None = None) -> None:
         """Caller holds the lock."""
         held.ram[frame] = buffer if held.source is None else check
         held.nbytes += self.sector_nbytes
         self._bytes += self.sector_nbytes
 
+    def _drop(self, held: HeldScan, frame: int) -> None:
+        """Let go of ``frame``'s RAM (written, or lost to the ring). Caller holds the lock."""
+        if frame in held.ram:
+            del held.ram[frame]
+            held.nbytes -= self.sector_nbytes
+            self._bytes -= self.sector_nbytes
+
     def _from_ram(self, held: HeldScan, frame: int) -> Any:
-        """A held sector's pixels to write: the buffer itself, or a copy from the DAQ's ring that is checked
-        against what was sent; None (and reported) when the ring slot holds something else by now."""
+        """A held sector's pixels to write (see :meth:`HeldScan.read_back`); None, and reported, when the
+        DAQ's ring slot holds something else by now."""
         with self._lock:
             entry = held.ram.get(frame)
-        if held.source is None:
-            return entry
-        before = int(held.generation(frame)) if held.generation is not None else None
-        data = bytes(memoryview(held.source(frame)).cast("B"))  # a copy: the slot may change under us
-        if held.generation is not None:
-            ok = before == entry == int(held.generation(frame))
-        else:
-            ok = zlib.crc32(data) == entry
-        if ok:
+        data = held.read_back(frame, entry)
+        if data is not None or held.source is None:
             return data
         with self._lock:
-            if frame in held.ram:
-                del held.ram[frame]
-                held.nbytes -= self.sector_nbytes
-                self._bytes -= self.sector_nbytes
+            self._drop(held, frame)
             held.wrapped += 1
             self.counts["wrapped"] += 1
         logger.error(
@@ -500,10 +452,7 @@ class ScanKeeper:
                     self._disk_failed(held, exc)
                     return False
                 with self._lock:
-                    if frame in held.ram:
-                        del held.ram[frame]
-                        held.nbytes -= self.sector_nbytes
-                        self._bytes -= self.sector_nbytes
+                    self._drop(held, frame)
                     held.on_disk += 1
                     self.counts["sectors_on_disk"] += 1
         with self._lock:
@@ -574,67 +523,22 @@ class ScanKeeper:
                 start=held.start,
                 wrapped=held.wrapped,
             )
-            self._set(keys.replay(held.number, self.sector), replay.to_record())
+            store_set(self.store, keys.replay(held.number, self.sector), replay.to_record())
             if self.leader:
-                with self._lock:
-                    self._to_mark[held.key] = (plan, held.reason, time.monotonic())
+                self._to_mark.add(plan, held.reason)
         if held.record is not None and (held.record.status == "held" or plan.route == ROUTE_STREAM):
             record = self._with_holding(held, held.record)
             if record.status == "held":
                 record = replace(record, status="done")
             held.record = record
-            self._set(keys.producer(held.number, self.producer_uid), record.to_record())
+            store_set(self.store, keys.producer(held.number, self.producer_uid), record.to_record())
         logger.warning("scan %d sector %d: %d sectors on disk in %s", held.number, self.sector, held.on_disk,
                        held.directory)  # fmt: skip
         if self.on_release is not None:
             self.on_release(held.number)
 
-    def _mark_replayed(self, shutting_down: bool = False) -> None:
-        """Leader: once every sector's replay record and the scan's closing record are in, mark the scan
-        ``on_disk`` (replayed) so that the session counts it from its files. ``shutting_down``: without the
-        closing record (the closer thread goes with the process)."""
-        with self._lock:
-            todo = dict(self._to_mark)
-        for mark, (plan, reason, since) in todo.items():
-            n = plan.scan_number
-            items = self._scan_items(n)
-            replays = [ReplayRecord.parse(items.get(keys.replay(n, m))) for m in range(self.n_sectors)]
-            replays = [r if r is not None and r.start == plan.start else None for r in replays]
-            key = keys.scan(n)
-            record = items.get(key)
-            if not isinstance(record, Mapping) or (record.get("start") or "") != plan.start:
-                # A newer acquisition of the number took /scans/<n> over: this one's record is kept apart.
-                key = keys.acquisition(n, plan.start or "earlier")
-                record = self.store.get(key)
-            closed = shutting_down or (isinstance(record, Mapping) and "closed_at" in record)
-            late = time.monotonic() - since > self.ack_timeout_s
-            if not (all(r is not None for r in replays) and closed) and not late:
-                continue
-            paths = sorted(p for r in replays if r is not None for p in r.paths)
-            current = record if isinstance(record, Mapping) else plan.to_record()
-            if self._set(key, replayed_scan_record(current, reason, paths, time.time())):
-                with self._lock:
-                    self._to_mark.pop(mark, None)
-                logger.warning("scan %d replayed to disk (%s): %d files", n, reason, len(paths))
-
-    def _set(self, key: str, value: Any) -> bool:
-        try:
-            self.store.set(key, value)
-            return True
-        except StemstreamError as exc:
-            logger.warning("store write of %s failed (retrying): %s", key, exc)
-            return False
-
-    def _scan_items(self, n: int) -> dict[str, Any]:
-        """``/scans/<n>`` and its sub-records (a prefix of ``/scans/<n>`` alone would match scan n0 too)."""
-        items = self.store.items(keys.scan(n) + "/")
-        record = self.store.get(keys.scan(n))
-        if record is not None:
-            items[keys.scan(n)] = record
-        return items
-
     def _judge(self, held: HeldScan, live: dict[str, float], now: float) -> None:
-        items = self._scan_items(held.number)
+        items = scan_items(self.store, held.number)
         token = hashlib.blake2b(msgpack.packb(sorted(items.items()), default=str), digest_size=8).digest()
         if token != held.progress:
             held.progress, held.progress_at = token, now
@@ -671,6 +575,6 @@ class ScanKeeper:
                     _rlog.warning("keeper", "scan %d sector %d: %s", held.number, self.sector, exc)
             if self._to_mark:
                 try:
-                    self._mark_replayed()
+                    self._to_mark.run()
                 except StemstreamError as exc:
                     _rlog.warning("keeper-mark", "marking replayed scans: %s", exc)

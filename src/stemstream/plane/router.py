@@ -8,7 +8,6 @@ forwards the combined ``expect``; routes each data message to ``members[frame % 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -19,10 +18,10 @@ from typing import TYPE_CHECKING
 import zmq
 
 from stemstream.errors import ProtocolError
+from stemstream.plane.admission import MemberResolver, OpenScans, admit_expect, make_room
 from stemstream.plane.receiver import Every, decode_info_parts, drain
 from stemstream.scans import keys
 from stemstream.scans.records import AggregatorScanRecord
-from stemstream.store.registry import record_key, role_prefix
 from stemstream.transport.actor import POLL_MS, SendAborted, SendMeter, send_parts
 from stemstream.transport.sockets import make_socket
 from stemstream.wire.protocol import (
@@ -124,6 +123,9 @@ class Router:
         self.rejected: dict[str, int] = {}
         self.received_bytes = 0  # payload bytes of every data message read (metrics)
         self.meter = SendMeter()  # routed data: messages, payload bytes, time blocked on a NodeGroup
+        # What one message may cost this thread (plane.admission): no wait on the registry, bounded open scans.
+        self.resolver = MemberResolver(self._registered, agg.resolve_timeout)
+        self.open = OpenScans(agg.settings.max_open_scans, agg.settings.max_expect_bytes)
         self.worker = agg._add_worker(f"router-{sector}", self._run)
 
     # ---- loop
@@ -149,7 +151,9 @@ class Router:
                     drain(info, self._on_info)
                 if data in events:
                     drain(data, self._on_data, room=self._room)
-                want = len(self.pending) < agg.pending_limit
+                if len(self.resolver):
+                    self._resolved()
+                want = self._room()
                 if want != reading:
                     poller.modify(data, zmq.POLLIN if want else 0)
                     reading = want
@@ -163,10 +167,21 @@ class Router:
                 peer.close()
 
     def _room(self) -> bool:
-        """Whether data may be read: the buffer of data waiting for its expect is not full."""
-        return len(self.pending) < self.agg.pending_limit
+        """Whether data may be read (plane.admission.make_room: room is made by dropping unnamed scans' data)."""
+        return make_room(self)
+
+    def _registered(self) -> set[str]:
+        return {r.uid for r in self.agg._registry.members("nodegroup")}
+
+    def _resolved(self) -> None:
+        """Activate the scans whose members are registered now, or that waited ``resolve_timeout`` for them."""
+        for key in self.resolver.ready():
+            scan = self.scans.get(key)
+            if scan is not None and not scan.active:
+                self._activate(scan, resolved=True)
 
     def _on_info(self, parts: list[zmq.Frame]) -> None:
+        size = sum(len(p) for p in parts)
         try:
             msg = decode_info_parts(parts)
         except ProtocolError as exc:
@@ -175,7 +190,7 @@ class Router:
         if msg.sector != self.m:
             self._reject(None, "info_wrong_sector", "info for sector %d on sector %d's socket", msg.sector, self.m)
         elif isinstance(msg, ExpectMessage):
-            self._on_expect(msg)
+            self._on_expect(msg, size)
         else:
             self._on_end(msg)
 
@@ -282,13 +297,16 @@ class Router:
 
     # ---- info
 
-    def _on_expect(self, msg: ExpectMessage) -> None:
+    def _on_expect(self, msg: ExpectMessage, size: int = 0) -> None:
         n = msg.scan_number
         key = self._key(n, msg.start)
         if key in self.finished:
             self._reject(None, "info_late", "expect for scan %s, which is closed", _name(key))
             return
         scan = self.scans.get(key)
+        if (why := admit_expect(self, msg, key, size, new=scan is None)) is not None:
+            self._reject(scan, why[0], "scan %s: %s", _name(key), why[1])
+            return
         if scan is None:
             for other in [s for s in self.scans.values() if s.number == n]:
                 self._supersede(other, key[1])
@@ -322,8 +340,14 @@ class Router:
         if len(scan.expects) == msg.threads:
             self._activate(scan)
 
-    def _activate(self, scan: _Scan) -> None:
+    def _activate(self, scan: _Scan, resolved: bool = False) -> None:
         first = next(iter(scan.expects.values()))
+        key = (scan.number, scan.start)
+        if not resolved and not self.resolver.known(first.members):
+            # Some member is not in the registry (yet): the scan waits, its data in the pending buffer, while
+            # this thread goes on routing the others (_resolved, on each turn of the loop).
+            self.resolver.wait(key, first.members)
+            return
         scan.threads = first.threads
         scan.members = first.members
         scan.scan_shape = first.scan_shape
@@ -413,6 +437,8 @@ class Router:
         self.agg._sector_done(scan.number, scan.start, self.m)
 
     def _finished(self, scan: _Scan) -> None:
+        self.open.close((scan.number, scan.start))
+        self.resolver.forget((scan.number, scan.start))
         self.finished[(scan.number, scan.start)] = None
         while len(self.finished) > FINISHED_KEPT:
             self.finished.popitem(last=False)
@@ -420,8 +446,9 @@ class Router:
     def _supersede(self, old: _Scan, start: str) -> None:
         """A new acquisition of ``old``'s scan number began (a DAQ restart reset the counter): ``old`` is
         over. Closed with what was routed, as a scan that timed out."""
-        logger.error("sector %d scan %s: a new acquisition of the number (%s) began; closing this one with %d of "
-                     "%s routed", self.m, _name((old.number, old.start)), start or "-", old.routed_total,
+        self.agg._rlog.error(f"superseded.{self.m}", "sector %d scan %s: a new acquisition of the number (%s) "
+                             "began; closing this one with %d of %s routed",
+                             self.m, _name((old.number, old.start)), start or "-", old.routed_total,
                      old.sent_total if old.sent_total is not None else "?")  # fmt: skip
         if old.active:
             self._close_timed_out(old)
@@ -456,17 +483,7 @@ class Router:
     def _connect(self, members: tuple[str, ...]) -> list[_Peer | None]:
         """PUSH sockets to each member's ``data_<m>`` and ``info``, from its registry record."""
         agg = self.agg
-        records = {r.uid: r for r in agg._registry.members("nodegroup")}
-        missing = [u for u in members if u not in records]
-        if missing:
-            wanted = [record_key("nodegroup", u) for u in missing]
-            with contextlib.suppress(TimeoutError):
-                agg.store.wait_for(
-                    lambda items: all(k in items for k in wanted),
-                    role_prefix("nodegroup"),
-                    agg.resolve_timeout,
-                )
-            records = {r.uid: r for r in agg._registry.members("nodegroup")}
+        records = {r.uid: r for r in agg._registry.members("nodegroup")}  # the local replica: no waiting here
         peers: list[_Peer | None] = []
         for uid in members:
             rec = records.get(uid)
@@ -479,12 +496,8 @@ class Router:
                 else (None, None)
             )
             if eps[0] is None or eps[1] is None:
-                logger.error(
-                    "sector %d: NodeGroup %s is not in the registry (or has no data_%d)",
-                    self.m,
-                    uid,
-                    self.m,
-                )
+                agg._rlog.error(f"no_member.{self.m}", "sector %d: NodeGroup %s is not in the registry (or has no "
+                                "data_%d)", self.m, uid, self.m)  # fmt: skip
                 peers.append(None)
                 continue
             peer = self.peers.get(uid)
@@ -523,7 +536,8 @@ class Router:
             if now - scan.touched <= timeout:
                 continue
             if scan.active:
-                logger.error(
+                self.agg._rlog.error(
+                    f"timeout.{self.m}",
                     "sector %d scan %s: nothing for %.0f s; closing with %d of %s routed",
                     self.m,
                     _name((scan.number, scan.start)),
@@ -533,7 +547,8 @@ class Router:
                 )
                 self._close_timed_out(scan)
             else:
-                logger.error(
+                self.agg._rlog.error(
+                    f"dropped.{self.m}",
                     "sector %d scan %d: %d of %s expect messages after %.0f s; dropping the scan",
                     self.m,
                     scan.number,
@@ -555,7 +570,8 @@ class Router:
         self.rejected[kind] = self.rejected.get(kind, 0) + 1
         if scan is not None:
             scan.rejected += 1
-        self.agg._rlog.warning(kind, "aggregator sector %d: rejected (%s): " + msg, self.m, kind, *args)
+        # Rate-limited per kind and sector: one sector's flood does not hide another's.
+        self.agg._rlog.warning(f"{kind}.{self.m}", "aggregator sector %d: rejected (%s): " + msg, self.m, kind, *args)
 
     def _publish(self, scan: _Scan, status: str) -> None:
         record = AggregatorScanRecord(

@@ -67,7 +67,7 @@ class ScanSession:
         self._at: dict[int, int] = {}  # slot -> frame it is sending, while it is sending
         self._result: ProducerScanResult | None = None
         self.degraded: str | None = None  # why the rest of this scan goes to disk
-        directory = plan.raw_directory(producer.fallback_dir)
+        directory = producer.raw_directory(plan)  # checked: the plan's directory may be anyone's choice
         self.keeper = producer.keeper
         self.held = producer.keeper.open(plan, directory, source)
 

@@ -29,7 +29,8 @@ import re
 
 SCANS = "/scans/"
 SESSIONS = "/sessions/"
-CONTROL_SCAN = "/control/scan"
+CONTROL = "/control/"
+CONTROL_SCAN = f"{CONTROL}scan"
 
 _SCAN = re.compile(r"^/scans/(\d+)$")
 _SUB = re.compile(r"^/scans/(\d+)/([a-z]+)/([^/]+)$")
@@ -46,26 +47,32 @@ def scan_prefix(number: int) -> str:
 
 
 def producer(number: int, uid: str) -> str:
+    """One producer's record of the scan: what it sent, holds, wrote to disk."""
     return f"{scan_prefix(number)}producers/{uid}"
 
 
 def aggregator(number: int, sector: int) -> str:
+    """The aggregator's per-sector record: what it routed of the scan."""
     return f"{scan_prefix(number)}aggregator/{int(sector)}"
 
 
 def nodegroup(number: int, uid: str) -> str:
+    """What one NodeGroup received of its share."""
     return f"{scan_prefix(number)}nodegroups/{uid}"
 
 
 def counted(number: int) -> str:
+    """The counted file's record, written by rank 0 of the counting job."""
     return f"{scan_prefix(number)}counted"
 
 
 def analyses(number: int) -> str:
+    """The live analyses' results and settings, written by rank 0."""
     return f"{scan_prefix(number)}analyses"
 
 
 def preview(number: int, rank: int) -> str:
+    """One rank's partial preview of the scan."""
     return f"{scan_prefix(number)}preview/{int(rank)}"
 
 
@@ -74,6 +81,7 @@ def preview_prefix(number: int) -> str:
 
 
 def replay(number: int, sector: int) -> str:
+    """A producer's replay of its sector to disk: where the raw files are."""
     return f"{scan_prefix(number)}replay/{int(sector)}"
 
 
@@ -88,7 +96,7 @@ def session(uid: str) -> str:
 
 
 def session_stop(uid: str) -> str:
-    return f"/control/session/{uid}/stop"
+    return f"{CONTROL}session/{uid}/stop"
 
 
 def scan_number_of(key: str) -> int | None:

@@ -17,7 +17,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from functools import cache
-from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
@@ -25,7 +24,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from stemstream.errors import ProtocolError
 from stemstream.scans import keys
-from stemstream.wire.protocol import N_SECTORS, START_RE, check_start
+from stemstream.wire.protocol import N_SECTORS, START_RE, check_scan_number, check_start
 
 ROUTE_STREAM = "stream"
 ROUTE_DISK = "disk"
@@ -159,11 +158,6 @@ class ScanPlan(Record):
     @property
     def n_frames(self) -> int:
         return self.scan_shape[0] * self.scan_shape[1]
-
-    def raw_directory(self, default: Path) -> Path:
-        """The directory this acquisition's raw files go to, given the producer's own fallback directory."""
-        base = Path(self.fallback_dir) if self.fallback_dir else Path(default)
-        return base / self.raw_dir if self.raw_dir else base
 
     def to_record(self) -> dict[str, Any]:
         record = super().to_record()
@@ -382,6 +376,10 @@ class PreviewRecord(Record):
     final: bool = False
     at: float = 0.0
     start: str = ""  # the acquisition (see ScanPlan.start): records of another one are not this scan's
+    # The scan's (background, x-ray) thresholds once known, and the stability figure: the same from each
+    # half of the threshold sample (docs/counting.md, Threshold sampling); NaN for a half without thresholds.
+    thresholds: tuple[float, float] | None = None
+    threshold_halves: tuple[tuple[float, float], ...] = ()
 
     def image(self) -> np.ndarray | None:
         part = np.frombuffer(self.bf, np.uint32)
@@ -494,7 +492,8 @@ class ScanRequest(Record):
                 "metadata": scan_metadata(value.get("metadata")),
             }
         )
+        check_scan_number(request.scan_number, "scan request: scan")
         h, w = request.scan_shape
-        if request.scan_number < 0 or h < 1 or w < 1:
+        if h < 1 or w < 1:
             raise ProtocolError(f"scan request: scan={request.scan_number} scan_shape={h}x{w} is not a scan")
         return request

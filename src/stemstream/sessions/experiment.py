@@ -66,12 +66,13 @@ class Experiment:
     """The store and catalogue an experiment works with; use as a context manager."""
 
     def __init__(self, settings: Settings | None = None) -> None:
+        from stemstream.sessions.watcher import SESSION_SUBTREES
         from stemstream.store import Registry, StoreClient
 
         self.settings = settings or get_settings()
         self.catalog = Catalog(self.settings.catalog_url)
         try:
-            self.client = StoreClient.from_settings(self.settings, timeout=10).start()
+            self.client = StoreClient.from_settings(self.settings, subtrees=SESSION_SUBTREES, timeout=10).start()
         except BaseException:
             self.catalog.close()
             raise

@@ -254,7 +254,7 @@ def check_store(settings: Settings | None = None, timeout: float = 5.0) -> None:
 
     settings = settings or get_settings()
     try:
-        with StoreClient.from_settings(settings, timeout=timeout) as client:
+        with StoreClient.from_settings(settings, subtree=keys.SESSIONS, timeout=timeout) as client:
             client.items(keys.SESSIONS)
     except StoreUnavailable:
         raise StoreUnavailable(

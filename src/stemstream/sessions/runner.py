@@ -39,7 +39,7 @@ from stemstream.scans.records import SessionRecord
 from stemstream.sessions.metrics import session_metrics
 from stemstream.sessions.params import SessionParams, check_store, make_allocator
 from stemstream.sessions.supervise import JobWatch, Supervisor, aggregator_spec, event_lines
-from stemstream.sessions.watcher import ScanView, ScanWatcher, live_view_url
+from stemstream.sessions.watcher import SESSION_SUBTREES, ScanView, ScanWatcher, live_view_url
 
 POLL_S = 0.5
 _log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class SessionRunner:
         if self.allocator is None:
             self.check()
         assert self.allocator is not None  # for mypy: check() made it
-        self._client = StoreClient.from_settings(self.settings, timeout=10).start()
+        self._client = StoreClient.from_settings(self.settings, subtrees=SESSION_SUBTREES, timeout=10).start()
         with self._catalog() as catalog:
             catalog.start_session(self.params.uid, self.params.machine, self.params.n_nodes, self.params.counting)
         self._catalog_open = True

@@ -4,6 +4,7 @@ of the counted file for the numbers and the picture, the catalogue fields."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,8 +16,12 @@ import numpy as np
 from stemstream.config import Settings, get_settings
 from stemstream.counting.params import CountingParams
 from stemstream.errors import CatalogError
+from stemstream.log import RateLimitedLog
 from stemstream.scans import keys
 from stemstream.scans.records import CountedRecord, ScanRecord, scan_metadata
+from stemstream.wire.paths import UnsafePath, under_roots
+
+_rlog = RateLimitedLog(logging.getLogger(__name__))
 
 
 def counted_file(output_dir: str | Path, scan_number: int) -> Path:
@@ -59,15 +64,26 @@ class Counted:
     turnaround_s: float | None  # seconds from the scan's last frame to its counted file
 
 
-def counted_outcome(record: Mapping[str, Any]) -> Counted:
-    """Read a ``/scans/<n>/counted`` record (as ``to_record`` gives it); a malformed one is a ProtocolError."""
+def counted_outcome(record: Mapping[str, Any], output_dir: str | Path | None = None) -> Counted:
+    """Read a ``/scans/<n>/counted`` record (as ``to_record`` gives it); a malformed one is a ProtocolError.
+    Its file must lie under ``output_dir`` (default STEMSTREAM_OUTPUT_DIR): a path from the store is never
+    archived or catalogued otherwise (no file then, and the error says why)."""
     counted = CountedRecord.from_record(record)
     path = None if counted.status == "failed" or not counted.path else counted.path
+    if path is not None:
+        try:
+            path = str(under_roots(path, (output_dir or get_settings().output_dir,), "the counted record's path"))
+        except UnsafePath as exc:
+            _rlog.error("refused_path", "scan %d: refused %s", counted.scan, exc)
+            return Counted(None, str(exc), counted.seconds_after_last_frame)
     return Counted(path, counted.error, counted.seconds_after_last_frame)
 
 
-def raw_paths_of(scan_number: int, record: Mapping[str, Any], raw_paths: list[str] | None = None) -> list[str]:
-    """The raw files of a scan on disk: ``raw_paths``, else those the producers reported in ``/scans/<n>``."""
+def raw_paths_of(
+    scan_number: int, record: Mapping[str, Any], raw_paths: list[str] | None = None, settings: Settings | None = None
+) -> list[str]:
+    """The raw files of a scan on disk: ``raw_paths``, else those the producers reported in ``/scans/<n>``,
+    which must lie under the fallback directories (STEMSTREAM_FALLBACK_ROOT, STEMSTREAM_FALLBACK_DIR)."""
     if raw_paths is None:
         scan = ScanRecord.parse(record)
         raw_paths = list(scan.fallback_paths) if scan is not None else []
@@ -75,6 +91,12 @@ def raw_paths_of(scan_number: int, record: Mapping[str, Any], raw_paths: list[st
             raise CatalogError(
                 f"scan {scan_number}: the store knows no raw files for it; pass raw_paths, or check the scan number"
             )
+        s = settings or get_settings()
+        try:
+            roots = (s.fallback_root or s.fallback_dir, s.fallback_dir)
+            raw_paths = [str(under_roots(p, roots, f"scan {scan_number}: raw file")) for p in raw_paths]
+        except UnsafePath as exc:
+            raise CatalogError(f"{exc} (STEMSTREAM_FALLBACK_ROOT)") from None
     missing = [p for p in raw_paths if not Path(p).exists()]
     if missing:
         raise CatalogError(f"scan {scan_number}: raw file {missing[0]} is gone; pass raw_paths where they are now")

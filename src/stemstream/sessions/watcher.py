@@ -11,6 +11,17 @@ import numpy as np
 
 from stemstream.scans import keys
 from stemstream.scans.records import ROUTE_STREAM, CountedRecord, ScanRecord, preview_image
+from stemstream.store.registry import role_prefix
+
+# What a session (and an experiment) reads in the store: the scans, the sessions, the control requests and the
+# data plane's registry records (NodeGroups' readiness and live view; the members its metrics report). A client
+# mirrors only these, not "/" (docs/store.md).
+SESSION_SUBTREES = (
+    keys.SCANS,
+    keys.SESSIONS,
+    keys.CONTROL,
+    *(role_prefix(role) for role in ("nodegroup", "producer", "aggregator")),
+)
 
 
 @dataclass

@@ -87,10 +87,8 @@ class Agent:
         timeout: float,
         declared: dict[str, str] | None = None,
     ) -> None:
-        self.replica = replica
-        self.commands = commands
-        self.ctx = ctx
-        self.pipe = pipe
+        self.replica, self.commands = replica, commands
+        self.ctx, self.pipe = ctx, pipe  # the pipe: commands from the application thread
         self.settings = settings
         self.servers = servers
         self.subtrees = subtrees

@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import zmq
 
@@ -51,6 +51,16 @@ def store_addresses(settings: Settings) -> tuple[str, str | None]:
     """The store's address and its backup's (None without STEMSTREAM_STORE_BACKUP_HOST) from settings."""
     host, port = settings.store_backup_host, settings.store_backup_port
     return settings.store_address, (endpoint(host, port) if host else None)
+
+
+class ClientOptions(TypedDict, total=False):
+    """What :meth:`StoreClient.from_settings` passes on to the client (see its constructor)."""
+
+    subtree: str
+    subtrees: Sequence[str] | None
+    timeout: float
+    role: str | None
+    name: str | None
 
 
 class StoreClient:
@@ -101,29 +111,11 @@ class StoreClient:
         self._closed = False
 
     @classmethod
-    def from_settings(
-        cls,
-        settings: Settings | None = None,
-        *,
-        subtree: str = "/",
-        subtrees: Sequence[str] | None = None,
-        timeout: float = 5.0,
-        role: str | None = None,
-        name: str | None = None,
-    ) -> StoreClient:
+    def from_settings(cls, settings: Settings | None = None, **options: Unpack[ClientOptions]) -> StoreClient:
         """A client of the store named by STEMSTREAM_STORE_HOST/PORT (and STORE_BACKUP_HOST/PORT, if set)."""
         settings = settings or get_settings()
         address, backup = store_addresses(settings)
-        return cls(
-            address,
-            backup=backup,
-            subtree=subtree,
-            subtrees=subtrees,
-            timeout=timeout,
-            settings=settings,
-            role=role,
-            name=name,
-        )
+        return cls(address, backup=backup, settings=settings, **options)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -70,6 +70,25 @@ def _unpack_map(raw: bytes | memoryview, limit: int, what: str) -> dict[str, Any
     return obj
 
 
+SCAN_NUMBER_MAX = _UINT32_MAX  # the raw files' header holds it as a uint32
+
+
+def check_scan_number(value: Any, what: str = "scan number") -> int:
+    """The one check of a scan number, wherever one comes from (wire, control request, command line): an
+    integer in 0 .. 2**32-1; anything else is a one-line ProtocolError."""
+    if type(value) is not int:
+        raise ProtocolError(f"{what} must be an integer, got {type(value).__name__}")
+    if not 0 <= value <= SCAN_NUMBER_MAX:
+        raise ProtocolError(f"{what} {value} is outside 0..{SCAN_NUMBER_MAX}")
+    return value
+
+
+def _scan(obj: dict[str, Any], what: str) -> int:
+    if "scan" not in obj:
+        raise ProtocolError(f"{what}: missing field 'scan'")
+    return check_scan_number(obj["scan"], f"{what}: field 'scan'")
+
+
 def _int(obj: dict[str, Any], key: str, what: str, lo: int = 0, hi: int = _UINT32_MAX) -> int:
     if key not in obj:
         raise ProtocolError(f"{what}: missing field {key!r}")
@@ -182,7 +201,7 @@ class SectorHeader:
         n_sectors = _int(obj, "nsec", what, 1, 64)
         scan_shape = _pair(obj, "scan_shape", what)
         header = cls(
-            scan_number=_int(obj, "scan", what),
+            scan_number=_scan(obj, what),
             frame_number=_int(obj, "frame", what),
             sector=_int(obj, "sector", what, 0, n_sectors - 1),
             scan_shape=scan_shape,
@@ -248,20 +267,14 @@ class ExpectMessage:
     start: str = ""  # the acquisition of ``scan_number`` ("": the newest one; on the wire only when set)
 
     def encode(self) -> bytes:
-        obj: dict[str, Any] = {
-            "v": PROTOCOL_VERSION,
-            "type": "expect",
-            "producer": self.producer,
-            "scan": self.scan_number,
-            "sector": self.sector,
-            "threads": self.threads,
-            "scan_shape": list(self.scan_shape),
-            "members": list(self.members),
-            "expected": dict(self.expected),
-        }
-        if self.start:
-            obj["start"] = self.start
-        return msgpack.packb(obj)
+        return _info(
+            self,
+            "expect",
+            threads=self.threads,
+            scan_shape=list(self.scan_shape),
+            members=list(self.members),
+            expected=dict(self.expected),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,21 +290,25 @@ class EndMessage:
     start: str = ""  # the acquisition of ``scan_number`` ("": the newest one; on the wire only when set)
 
     def encode(self) -> bytes:
-        obj: dict[str, Any] = {
-            "v": PROTOCOL_VERSION,
-            "type": "end",
-            "producer": self.producer,
-            "scan": self.scan_number,
-            "sector": self.sector,
-            "sent": dict(self.sent),
-            "lost": self.lost_upstream,
-        }
-        if self.start:
-            obj["start"] = self.start
-        return msgpack.packb(obj)
+        return _info(self, "end", sent=dict(self.sent), lost=self.lost_upstream)
 
 
 InfoMessage = ExpectMessage | EndMessage
+
+
+def _info(msg: ExpectMessage | EndMessage, kind: str, **fields: Any) -> bytes:
+    """An info message's msgpack map: the fields every kind has, then ``fields`` (the order as documented)."""
+    obj: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "type": kind,
+        "producer": msg.producer,
+        "scan": msg.scan_number,
+        "sector": msg.sector,
+        **fields,
+    }
+    if msg.start:
+        obj["start"] = msg.start  # on the wire only when set
+    return msgpack.packb(obj)
 
 
 def _count_map(obj: dict[str, Any], key: str, what: str) -> dict[str, int]:
@@ -324,7 +341,7 @@ def decode_info(raw: bytes | memoryview) -> InfoMessage:
             raise ProtocolError(f"{what}: 'expected' names NodeGroups that are not in 'members'")
         return ExpectMessage(
             producer=_str(obj, "producer", what),
-            scan_number=_int(obj, "scan", what),
+            scan_number=_scan(obj, what),
             sector=_int(obj, "sector", what, 0, 63),
             threads=_int(obj, "threads", what, 1, 1024),
             scan_shape=_pair(obj, "scan_shape", what),
@@ -336,7 +353,7 @@ def decode_info(raw: bytes | memoryview) -> InfoMessage:
         what = "info end"
         return EndMessage(
             producer=_str(obj, "producer", what),
-            scan_number=_int(obj, "scan", what),
+            scan_number=_scan(obj, what),
             sector=_int(obj, "sector", what, 0, 63),
             sent=_count_map(obj, "sent", what),
             lost_upstream=_int(obj, "lost", what),

@@ -25,7 +25,7 @@ def gpu_available() -> bool:
     return _available()
 
 
-def get_engine(name: str = "stempy", *, threads: int | None = None) -> CountingEngine:
+def get_engine(name: str = "auto", *, threads: int | None = None) -> CountingEngine:
     """The engine called ``name``: "stempy" | "cpu" | "gpu" | "auto" (gpu when usable, else cpu).
 
     ``threads`` is the number of cores the cpu engine uses per batch (default: all numba threads).

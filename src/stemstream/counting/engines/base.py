@@ -5,12 +5,17 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, get_args, runtime_checkable
 
 import numpy as np
 
+from stemstream.config import RowDark
 from stemstream.counting.thresholds import Thresholds, dark_as_uint16, prepare_dark, prepare_gain
 from stemstream.errors import CountingError
+
+# Row-dark correction, as stempy's whole-scan ``electron_count(..., apply_row_dark=True,
+# apply_row_dark_use_mean=...)`` offers it: none, or each half-row scaled by optimized_mean / its mean or median.
+ROW_DARK_MODES: tuple[str, ...] = get_args(RowDark)
 
 
 @runtime_checkable
@@ -26,9 +31,11 @@ class CountingEngine(Protocol):
         *,
         dark: np.ndarray | None = None,
         gain: np.ndarray | None = None,
+        row_dark: RowDark = "none",
     ) -> list[np.ndarray]:
         """frames: (B, rows, cols) uint16 C-contiguous batch (read-only for the engine); returns one uint32
-        array of flat event indices (row * cols + col, ascending, as stempy gives) per frame."""
+        array of flat event indices (row * cols + col, ascending, as stempy gives) per frame. ``row_dark``
+        "mean"/"median": stempy's row-dark correction with ``thresholds.mean`` as its optimized mean."""
         ...
 
 
@@ -141,14 +148,29 @@ class EngineBase:
         *,
         dark: np.ndarray | None = None,
         gain: np.ndarray | None = None,
+        row_dark: RowDark = "none",
     ) -> list[np.ndarray]:
         batch = as_batch(frames)
         background, xray = check_thresholds(thresholds)
+        if row_dark not in ROW_DARK_MODES:
+            raise CountingError(f"row_dark must be one of {', '.join(ROW_DARK_MODES)}, got {row_dark!r}")
         if batch.shape[0] == 0:
             return []
         corr = self._cache.get(dark, gain, (batch.shape[1], batch.shape[2]))
-        return self._count(batch, background, xray, corr)
+        if row_dark == "none":
+            return self._count(batch, background, xray, corr)
+        if batch.shape[1] < 2:  # a half-row of no value: stempy's median reads past it (and crashes)
+            raise CountingError(f"row dark needs frames of at least 2 rows, got {batch.shape[1:]}")
+        # stempy hands its C++ the optimized mean as a float: round it once here for every engine.
+        mean32 = np.float32(thresholds.mean)
+        return self._count_row_dark(batch, background, xray, corr, mean32, row_dark == "mean")
 
     def _count(self, batch: np.ndarray, background: float, xray: float, corr: Corrections) -> list[np.ndarray]:
         """Events of each frame of a checked, non-empty, C-contiguous batch."""
+        raise NotImplementedError
+
+    def _count_row_dark(
+        self, batch: np.ndarray, background: float, xray: float, corr: Corrections, mean32: np.float32, use_mean: bool
+    ) -> list[np.ndarray]:
+        """As :meth:`_count`, with stempy's row-dark correction (docs/counting.md, Row-dark)."""
         raise NotImplementedError

@@ -190,6 +190,105 @@ def _frame_f32(frames, dark32, gain32, b, background, xray, skip, out, counts): 
     counts[b] = n
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _to_u16(x):  # pragma: no cover - compiled by numba
+    """float32 -> uint16 as stempy's x86-64 build converts: truncate to int32 (cvttss2si), keep the low 16 bits;
+    NaN or out of int32 range gives 0 (the "integer indefinite" 0x80000000)."""
+    d = np.float64(x)
+    d = d if (d > -2147483649.0) & (d < 2147483648.0) else 0.0  # a select, not a branch: vectorises
+    return np.uint16(np.int64(d) & 0xFFFF)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _half_row_stat(flat, start, stop, use_mean, tmp):  # pragma: no cover - compiled by numba
+    """stempy's row-dark statistic of the raw values flat[start:stop]: the mean summed one value at a time in
+    float32, or the median (the two middle values averaged in float32 when the count is even)."""
+    n = stop - start
+    if use_mean:
+        acc = np.float32(0.0)
+        for i in range(start, stop):
+            acc = np.float32(acc + np.float32(flat[i]))
+        return np.float32(acc / np.float32(n))
+    for i in range(n):
+        tmp[i] = flat[start + i]
+    m = n // 2
+    v = np.partition(tmp[:n], m)  # as std::nth_element: v[m] in place, v[:m] all <= it
+    if n & 1:
+        return np.float32(v[m])
+    return np.float32(np.float32(np.int64(v[:m].max()) + np.int64(v[m])) / np.float32(2.0))
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _frame_row_dark(
+    frames, dark32, gain32, use_gain, b, mean32, background, xray, use_mean, out, counts
+):  # pragma: no cover
+    """Count frame b with stempy's applyRowDark preprocessing (docs/counting.md, Row-dark) into out[b], counts[b].
+
+    stempy walks the frame as ``cols`` runs of ``rows`` values (its frame dimensions are (cols, rows); for the
+    square 4D Camera frame these are the rows), each split into a left half of rows // 2 and the rest. Each
+    half is scaled by ``mean32 / stat`` (stat of its raw values), after the dark and before the gain; the
+    integer path (no gain) converts to uint16 after each step, as stempy's uint16 frame does.
+    """
+    _, rows, cols = frames.shape
+    if rows * cols == 1:  # no neighbour at all: always an event (stempy)
+        out[b, 0] = 0
+        counts[b] = 1
+        return
+    flat = frames[b].reshape(rows * cols)
+    dark = dark32.reshape(rows * cols)
+    gain = gain32.reshape(rows * cols)
+    pad = np.full((rows + 2, cols + 2), -np.inf, np.float32)
+    pre = np.empty(rows * cols, np.float32)  # the preprocessed frame, flat (stempy's own walk)
+    tmp = np.empty(rows, np.uint16)
+    left = rows // 2
+    for run in range(cols):
+        base = run * rows
+        for h in range(2):
+            start = base if h == 0 else base + left
+            stop = base + left if h == 0 else base + rows
+            if stop == start:
+                continue
+            ratio = np.float32(mean32 / _half_row_stat(flat, start, stop, use_mean, tmp))
+            # Contiguous and branch-free per path (the path chosen outside the loop), so the loop vectorises.
+            if use_gain:
+                for i in range(start, stop):
+                    v = np.float32(np.float32(np.float32(flat[i]) - dark[i]) * ratio)
+                    v = np.float32(v * gain[i])
+                    x = np.float64(v)
+                    pre[i] = np.float32(0.0) if (x <= background) | (x >= xray) else v
+            else:
+                for i in range(start, stop):
+                    u = _to_u16(np.float32(np.float32(flat[i]) - dark[i]))
+                    v = np.float32(_to_u16(np.float32(np.float32(u) * ratio)))
+                    x = np.float64(v)
+                    pre[i] = np.float32(0.0) if (x <= background) | (x >= xray) else v
+    for r in range(rows):
+        pad[r + 1, 1 : cols + 1] = pre[r * cols : (r + 1) * cols]
+    flags = np.zeros(cols, np.uint8)
+    slots = np.empty(cols, np.uint32)
+    n = 0
+    for r in range(rows):
+        if _maxima_f32(pad[r], pad[r + 1], pad[r + 2], cols, flags):
+            n = _append(flags, cols, np.uint32(r * cols), out, b, n, slots)
+    counts[b] = n
+
+
+@njit(nogil=True, cache=True)
+def _batch_row_dark_serial(
+    frames, dark32, gain32, use_gain, mean32, background, xray, use_mean, out, counts
+):  # pragma: no cover
+    for b in range(frames.shape[0]):
+        _frame_row_dark(frames, dark32, gain32, use_gain, b, mean32, background, xray, use_mean, out, counts)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _batch_row_dark_parallel(
+    frames, dark32, gain32, use_gain, mean32, background, xray, use_mean, out, counts
+):  # pragma: no cover
+    for b in prange(frames.shape[0]):
+        _frame_row_dark(frames, dark32, gain32, use_gain, b, mean32, background, xray, use_mean, out, counts)
+
+
 @njit(nogil=True, cache=True)
 def _batch_u16_serial(frames, dark16, lo, span, out, counts):  # pragma: no cover - compiled by numba
     for b in range(frames.shape[0]):
@@ -229,6 +328,8 @@ _KERNELS = {
     ("u16", True): _batch_u16_parallel,
     ("f32", False): _batch_f32_serial,
     ("f32", True): _batch_f32_parallel,
+    ("row_dark", False): _batch_row_dark_serial,
+    ("row_dark", True): _batch_row_dark_parallel,
 }
 # numba's portable "workqueue" threading layer must not be entered from two threads at once.
 _PARALLEL_LOCK = threading.Lock()
@@ -246,14 +347,31 @@ class CpuEngine(EngineBase):
         self.threads = min(threads or available, available)
         super().__init__()
 
-    def _run(self, chunk: np.ndarray, corr: Corrections, background: float, xray: float, out: np.ndarray) -> np.ndarray:
-        """Count ``chunk`` into ``out[:len(chunk)]``; returns the events per frame."""
+    def _run(
+        self,
+        chunk: np.ndarray,
+        corr: Corrections,
+        background: float,
+        xray: float,
+        out: np.ndarray,
+        row_dark: tuple[np.float32, bool] | None = None,
+    ) -> np.ndarray:
+        """Count ``chunk`` into ``out[:len(chunk)]``; returns the events per frame. ``row_dark``: (optimized
+        mean, use the mean) for stempy's row-dark correction."""
         n_frames, rows, cols = chunk.shape
         counts = np.zeros(n_frames, np.int64)
         parallel = self.threads > 1 and n_frames > 1
         # Inputs go in as read-only views: one numba specialisation whether or not the caller's are writable.
         frames = _readonly(chunk)
-        if corr.gain32 is None:
+        if row_dark is not None:
+            # A zero dark subtracts nothing (stempy skips it); the gain of ones is never read (use_gain false).
+            dark32 = _readonly(corr.dark32 if corr.dark32 is not None else np.zeros((rows, cols), np.float32))
+            use_gain = corr.gain32 is not None
+            gain32 = _readonly(corr.gain32 if use_gain else np.ones((rows, cols), np.float32))
+            mean32, use_mean = row_dark
+            args = (frames, dark32, gain32, use_gain, np.float32(mean32), background, xray, use_mean, out, counts)
+            kind = "row_dark"
+        elif corr.gain32 is None:
             lo, hi = integer_window(background, xray)
             if lo > hi:  # no value survives: every pixel is 0, an event only where it has no neighbour
                 counts[:] = 1 if rows * cols == 1 else 0
@@ -275,13 +393,28 @@ class CpuEngine(EngineBase):
         return counts
 
     def _count(self, batch: np.ndarray, background: float, xray: float, corr: Corrections) -> list[np.ndarray]:
+        return self._count_chunks(batch, background, xray, corr, None)
+
+    def _count_row_dark(
+        self, batch: np.ndarray, background: float, xray: float, corr: Corrections, mean32: np.float32, use_mean: bool
+    ) -> list[np.ndarray]:
+        return self._count_chunks(batch, background, xray, corr, (mean32, use_mean))
+
+    def _count_chunks(
+        self,
+        batch: np.ndarray,
+        background: float,
+        xray: float,
+        corr: Corrections,
+        row_dark: tuple[np.float32, bool] | None,
+    ) -> list[np.ndarray]:
         n_frames, rows, cols = batch.shape
         # Room for every event a frame can hold: nothing is ever counted twice, however dense the frame.
         out = np.empty((min(n_frames, _CHUNK), max_events(rows, cols)), np.uint32)
         parts: list[tuple[np.ndarray, np.ndarray]] = []
         for start in range(0, n_frames, _CHUNK):
             chunk = batch[start : start + _CHUNK]
-            counts = self._run(chunk, corr, background, xray, out)
+            counts = self._run(chunk, corr, background, xray, out, row_dark)
             flat = np.empty(int(counts.sum()), np.uint32)
             _compact(out[: len(chunk)], counts, flat, 0)
             parts.append((flat, counts))

@@ -114,6 +114,99 @@ extern "C" __global__ void count_f32(
         if (slot < capacity) keys[slot] = (unsigned int)f * npix + (unsigned int)(r * cols + c);
     }
 }
+
+/* Row dark (stempy's applyRowDark; docs/counting.md, Row-dark). rowdark_pre: one thread per half-run of a
+   frame (stempy walks a frame as cols runs of rows values, each split at rows / 2) writes the preprocessed
+   values as float32 (exact for the integer path's uint16 values); maxima_f32 then finds the events. */
+__device__ __forceinline__ unsigned int to_u16(const float x)
+{
+    /* float -> uint16 as stempy's x86-64 build converts (cvttss2si, low 16 bits); CUDA's own cast saturates */
+    const double d = (double)x;
+    if (!(d > -2147483649.0 && d < 2147483648.0)) return 0u;
+    return ((unsigned int)(int)d) & 0xFFFFu;
+}
+
+extern "C" __global__ void rowdark_pre(
+    const unsigned short* __restrict__ frames, const float* __restrict__ dark32,
+    const float* __restrict__ gain32, const int n_frames, const int rows, const int cols,
+    const float mean32, const double background, const double xray, const int use_mean, const int use_gain,
+    float* __restrict__ pre)
+{
+    const int h = blockIdx.x * blockDim.x + threadIdx.x;  /* half-run: run h / 2, left (0) or right (1) */
+    const int f = blockIdx.z;
+    if (h >= 2 * cols || f >= n_frames) return;
+    const unsigned int npix = (unsigned int)rows * (unsigned int)cols;
+    const unsigned short* frame = frames + (size_t)f * npix;
+    float* out = pre + (size_t)f * npix;
+    const int left = rows / 2;
+    const int start = (h / 2) * rows + ((h & 1) ? left : 0);
+    const int stop = (h / 2) * rows + ((h & 1) ? rows : left);
+    const int n = stop - start;
+    if (n <= 0) return;
+    float stat;
+    if (use_mean) {
+        float acc = 0.0f;
+        for (int i = start; i < stop; ++i) acc = acc + (float)frame[i];  /* in order, as std::accumulate */
+        stat = acc / (float)n;
+    } else {
+        /* the order statistics m - 1 and m (m = n / 2) by rank, without a scratch copy */
+        const int m = n / 2;
+        int lower = 0, upper = 0;
+        for (int i = start; i < stop; ++i) {
+            const int v = frame[i];
+            int lt = 0, le = 0;
+            for (int j = start; j < stop; ++j) {
+                lt += (int)frame[j] < v;
+                le += (int)frame[j] <= v;
+            }
+            if (lt <= m && m < le) upper = v;
+            if (lt <= m - 1 && m - 1 < le) lower = v;
+        }
+        stat = (n & 1) ? (float)upper : (float)(lower + upper) / 2.0f;
+    }
+    const float ratio = mean32 / stat;
+    for (int i = start; i < stop; ++i) {
+        float v;
+        if (use_gain) {
+            v = ((float)frame[i] - dark32[i]) * ratio;
+            v = v * gain32[i];
+        } else {
+            const unsigned int u = to_u16((float)frame[i] - dark32[i]);
+            v = (float)to_u16((float)u * ratio);
+        }
+        const double x = (double)v;
+        out[i] = (x <= background || x >= xray) ? 0.0f : v;
+    }
+}
+
+extern "C" __global__ void maxima_f32(
+    const float* __restrict__ pre, const int n_frames, const int rows, const int cols,
+    unsigned int* __restrict__ keys, unsigned int* __restrict__ n_keys, const unsigned int capacity)
+{
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    const int r = blockIdx.y * blockDim.y + threadIdx.y;
+    const int f = blockIdx.z;
+    if (c >= cols || r >= rows || f >= n_frames) return;
+    const unsigned int npix = (unsigned int)rows * (unsigned int)cols;
+    const float* frame = pre + (size_t)f * npix;
+    const float v = frame[r * cols + c];
+    bool event = true;
+    if (npix > 1) {
+        for (int dr = -1; dr <= 1 && event; ++dr) {
+            const int rr = r + dr;
+            if (rr < 0 || rr >= rows) continue;
+            for (int dc = -1; dc <= 1; ++dc) {
+                const int cc = c + dc;
+                if ((dr == 0 && dc == 0) || cc < 0 || cc >= cols) continue;
+                if (!(v > frame[rr * cols + cc])) { event = false; break; }
+            }
+        }
+    }
+    if (event) {
+        const unsigned int slot = atomicAdd(n_keys, 1u);
+        if (slot < capacity) keys[slot] = (unsigned int)f * npix + (unsigned int)(r * cols + c);
+    }
+}
 """
 
 
@@ -155,6 +248,7 @@ class _Slot:
     d_count: Any
     h_count: np.ndarray  # (1,) uint32, page-locked
     d_keys: Any
+    d_pre: Any = None  # (chunk * rows * cols,) float32: row-dark preprocessed frames, made on first use
 
 
 class GpuEngine(EngineBase):
@@ -186,6 +280,8 @@ class GpuEngine(EngineBase):
                 module = cupy.RawModule(code=_KERNEL_SOURCE, options=_NVCC_OPTIONS)
                 self._k_u16 = module.get_function("count_u16")  # compiles (NVRTC) on first access
                 self._k_f32 = module.get_function("count_f32")
+                self._k_rowdark = module.get_function("rowdark_pre")
+                self._k_maxima = module.get_function("maxima_f32")
         except Exception as exc:  # CUDA driver, NVRTC or compile errors, all of cupy's own types
             raise CountingError(f"gpu engine unavailable: cannot build the CUDA kernels ({exc})") from None
 
@@ -242,7 +338,18 @@ class GpuEngine(EngineBase):
         i32, u32 = np.int32, np.uint32
         with slot.stream:
             slot.d_count.fill(0)
-            if params["gain32"] is None:
+            if params.get("row_dark") is not None:
+                mean32, use_mean = params["row_dark"]
+                use_gain = params["gain32"] is not None
+                gain32 = params["gain32"] if use_gain else params["dark32"]  # never read without use_gain
+                halves = ((2 * cols + 127) // 128, 1, n)
+                args = (slot.d_frames, params["dark32"], gain32, i32(n), i32(rows), i32(cols), np.float32(mean32))
+                args += (np.float64(params["background"]), np.float64(params["xray"]), i32(use_mean))
+                args += (i32(use_gain), slot.d_pre)
+                self._k_rowdark(halves, (128, 1, 1), args)
+                args = (slot.d_pre, i32(n), i32(rows), i32(cols), slot.d_keys, slot.d_count, u32(cap))
+                self._k_maxima(grid, _BLOCK, args)
+            elif params["gain32"] is None:
                 args = (slot.d_frames, params["dark16"], i32(n), i32(rows), i32(cols), i32(params["lo"]))
                 args += (i32(params["hi"]), slot.d_keys, slot.d_count, u32(cap))
                 self._k_u16(grid, _BLOCK, args)
@@ -275,6 +382,21 @@ class GpuEngine(EngineBase):
         return np.split(pixels, np.cumsum(counts)[:-1])
 
     def _count(self, batch: np.ndarray, background: float, xray: float, corr: Corrections) -> list[np.ndarray]:
+        return self._count_chunks(batch, background, xray, corr, None)
+
+    def _count_row_dark(
+        self, batch: np.ndarray, background: float, xray: float, corr: Corrections, mean32: np.float32, use_mean: bool
+    ) -> list[np.ndarray]:
+        return self._count_chunks(batch, background, xray, corr, (mean32, use_mean))
+
+    def _count_chunks(
+        self,
+        batch: np.ndarray,
+        background: float,
+        xray: float,
+        corr: Corrections,
+        row_dark: tuple[np.float32, bool] | None,
+    ) -> list[np.ndarray]:
         n_frames, rows, cols = batch.shape
         if rows * cols * self.chunk_frames >= 2**32:
             raise CountingError(f"gpu engine: {self.chunk_frames} frames of {rows}x{cols} overflow the keys")
@@ -292,7 +414,12 @@ class GpuEngine(EngineBase):
                 "background": background,
                 "xray": xray,
                 "skip": int(not (background < 0.0) and background == background),
+                "row_dark": row_dark,
             }
+            if row_dark is not None:
+                for slot in self._slots:
+                    if slot.d_pre is None:
+                        slot.d_pre = self._cp.empty(self.chunk_frames * rows * cols, dtype=self._cp.float32)
             pending: list[tuple[_Slot, int]] = []
             for k, start in enumerate(range(0, n_frames, self.chunk_frames)):
                 chunk = batch[start : start + self.chunk_frames]

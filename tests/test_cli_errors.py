@@ -43,7 +43,8 @@ def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path):
     raw = tmp_path / "raw"
     made = _cli("sim", "write", "--scan-shape", 4, 4, "--scan-number", 3, "--out", raw)
     assert made.returncode == 0, made.stderr
-    done = _cli("count", raw, "--scan", 3, env={"STEMSTREAM_OUTPUT_DIR": "/proc/nope"}, cwd=tmp_path)
+    env = {"STEMSTREAM_OUTPUT_DIR": "/proc/nope"}
+    done = _cli("--log-level", "WARNING", "count", raw, "--scan", 3, "--no-progress", env=env, cwd=tmp_path)
     assert _one_line(done, 1, "/proc/nope", "check the path") == done.stderr.strip()
 
 

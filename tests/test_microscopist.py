@@ -51,7 +51,10 @@ def plane(tmp_path: Path) -> Iterator[tuple[str, ProcessTree]]:
                        "--fallback-dir", tmp_path / "fallback")  # fmt: skip
         with store_client(address) as client:
             Registry(client).wait_for_members("producer", 4, status="ready", timeout=60)
-        with environment(**store_overrides(address), catalog_url=_catalog(tmp_path)):
+        # dark references must lie under STEMSTREAM_DARK_DIR (the NodeGroups inherit this environment)
+        # (and the flows count raw files only under the producers' fallback directory)
+        site = {"catalog_url": _catalog(tmp_path), "dark_dir": tmp_path, "fallback_dir": tmp_path / "fallback"}
+        with environment(**store_overrides(address), **site):
             yield address, tree
 
 
@@ -114,7 +117,8 @@ def test_a_session_with_a_dark_reference_and_notes_counts_as_stempy_and_lists_th
     store, _tree = plane
     scan, uid = 6, "session-microscopist"
     dark_path = _dark_file(tmp_path, scan)
-    params = _session(tmp_path, minutes=5, uid=uid, notes=NOTES, counting={"dark": str(dark_path), "engine": "cpu"})
+    # the site's default engine (auto: the cpu engine here), the microscopist's dark reference
+    params = _session(tmp_path, minutes=5, uid=uid, notes=NOTES, counting={"dark": dark_path.name})
     result: dict[str, Any] = {}
 
     def run() -> None:
@@ -149,7 +153,8 @@ def test_a_session_with_a_dark_reference_and_notes_counts_as_stempy_and_lists_th
 
     # The file: stempy's count with that dark, frame by frame; the DAQ's metadata.
     sparse, meta = read_counted(row.counted_path)
-    assert meta["counting_options"]["dark_reference"]
+    assert meta["counting_options"]["dark_reference"] and meta["dark"] == str(dark_path.resolve())
+    assert meta["row_dark"] == "none" and meta["engine"] in ("cpu", "gpu")
     ours = [np.asarray(e, dtype=np.uint32) for e in np.asarray(sparse.data).ravel()]
     theirs = _stempy_events(scan, meta["thresholds"], np.load(dark_path))
     differ = [f for f, (a, b) in enumerate(zip(ours, theirs, strict=True)) if not np.array_equal(a, b)]

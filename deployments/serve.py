@@ -8,7 +8,7 @@ Then from the UI (Deployments -> Run) or the CLI:
 
     prefect deployment run 'streaming-session/local' --params '{"session": {"minutes": 30}}'
     prefect deployment run 'streaming-session/perlmutter' \
-        --params '{"session": {"n_nodes": 2, "counting": {"background_n_sigma": 4.5}}}'
+        --params '{"session": {"machine": "perlmutter", "n_nodes": 2, "counting": {"background_n_sigma": 4.5}}}'
     prefect deployment run 'multi-scan-experiment/stability-series'
     prefect deployment run 'count-fallback-scan/on-demand' -p scan_number=42
     prefect flow-run logs <run id>            # or watch the run page in the UI
@@ -17,7 +17,8 @@ Then from the UI (Deployments -> Run) or the CLI:
 
 Site values come from the settings (``stemstream.config.Settings``: the environment of the process that runs
 the flows), never from this file: STEMSTREAM_STORE_HOST/PORT (and STORE_BACKUP_HOST/PORT), STEMSTREAM_OUTPUT_DIR,
-STEMSTREAM_CATALOG_URL, STEMSTREAM_ARCHIVE_DIR, STEMSTREAM_ACCOUNT (NERSC project), the counting defaults
+STEMSTREAM_CATALOG_URL, STEMSTREAM_ARCHIVE_DIR, STEMSTREAM_ACCOUNT (NERSC project), STEMSTREAM_SITES (each
+machine's backend, QOS, aggregator, archive and allocator options: not on the session form), the counting defaults
 (STEMSTREAM_BACKGROUND_N_SIGMA, ...), STEMSTREAM_SFAPI_CLIENT_ID/SECRET (Superfacility API),
 STEMSTREAM_GLOBUS_CLIENT_ID/SECRET (Globus), and STEMSTREAM_EXPERIMENT_CRON (the stability series' schedule,
 default: every day at 08:00, paused).
@@ -31,6 +32,7 @@ from prefect import serve
 from prefect.schedules import Cron
 
 from stemstream.config import get_settings
+from stemstream.counting import CountingParams
 from stemstream.flows import count_fallback_scan, multi_scan_experiment, process_scan, streaming_session
 
 TAGS = ["stemstream"]
@@ -38,15 +40,11 @@ TAGS = ["stemstream"]
 
 def deployments() -> list[Any]:
     """The deployments, built but not yet registered (``serve`` registers them)."""
-    local = {"machine": "local", "backend": "local", "n_nodes": 1, "nodegroups_per_node": 2}
-    perlmutter = {
-        "machine": "perlmutter",
-        "backend": "sfapi",
-        "n_nodes": 1,
-        "nodegroups_per_node": 4,
-        "counting": {"engine": "cpu"},
-        "aggregator": "external",
-    }
+    # Only what the microscopist's form holds (SessionParams); a machine's infrastructure (backend, QOS,
+    # aggregator, archive, directories) is the site's, STEMSTREAM_SITES. The counting defaults are the settings'.
+    counting = CountingParams().model_dump(mode="json", exclude_none=True)
+    local = {"machine": "local", "n_nodes": 1, "nodegroups_per_node": 2, "counting": counting}
+    perlmutter = {"machine": "perlmutter", "n_nodes": 1, "nodegroups_per_node": 4, "counting": counting}
     cron = get_settings().experiment_cron
     return [
         streaming_session.to_deployment(

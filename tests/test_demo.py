@@ -29,6 +29,12 @@ def test_demo_runs_a_whole_session_and_prints_the_summary(tmp_path: Path):
     assert [row[:3] for row in table] == [["1", "stream", "archived"], ["2", "stream", "archived"],
                                           ["3", "disk", "archived"]]  # fmt: skip
     assert "Prefect UI" in out and "Where to look" in out
+    # the default engine (no --engine given), and the median last-frame-to-file time of the streamed scans
+    from stemstream.config import Settings
+
+    assert f"counting engine: {Settings().engine}" in out
+    median = next(line.split() for line in out.splitlines() if "median of the streamed scans" in line)
+    assert median[-1].endswith("s") and float(median[-1][:-1]) >= 0
     catalog = Catalog(f"sqlite:///{tmp_path / 'demo' / 'catalog.sqlite'}")
     rows = catalog.list_scans()
     catalog.close()

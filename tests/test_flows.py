@@ -318,7 +318,7 @@ def test_process_scan_with_a_failed_transfer_marks_the_scan_and_keeps_the_file(
     [
         ({"minutes": 0}, ConfigError, ["minutes", "session length"]),
         ({"background_n_sigma": 50}, ConfigError, ["background_n_sigma", "4 or 4.5"]),
-        ({"machine": "nowhere"}, AllocationError, ["nowhere", "machine"]),
+        ({"machine": "nowhere"}, ConfigError, ["nowhere", "machine", "STEMSTREAM_SITES"]),
         ({"store": "tcp://127.0.0.1:9"}, StoreUnavailable, ["stemstream store serve", "STEMSTREAM_STORE_HOST"]),
     ],
 )
@@ -356,6 +356,11 @@ def test_deployments_register_with_parameters_and_a_schedule():
         "count-fallback-scan/on-demand",
         "multi-scan-experiment/stability-series",
     }
-    assert found["streaming-session/perlmutter"].parameters["session"]["backend"] == "sfapi"
+    perlmutter = found["streaming-session/perlmutter"]
+    assert perlmutter.parameters["session"]["machine"] == "perlmutter"
+    # The form the UI renders: the microscopist's fields only (the infrastructure is the site's).
+    form = perlmutter.parameter_openapi_schema["definitions"]["SessionParams"]["properties"]
+    assert set(form) == {"machine", "minutes", "n_nodes", "nodegroups_per_node", "counting", "notes", "uid"}
+    assert all(f.get("title") and f.get("description") for f in form.values())
     series = found["multi-scan-experiment/stability-series"]
     assert series.parameters["n_scans"] == 60 and series.schedules and series.schedules[0].schedule.cron

@@ -72,25 +72,48 @@ class ScanRow(Base):
     turnaround_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     notes: Mapped[str] = mapped_column(Text, default="")
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)  # the DAQ's
+    thumbnail_path: Mapped[str | None] = mapped_column(Text, nullable=True)  # small PNG of the scan's image
 
     @property
     def location(self) -> str:
         return self.archive_location or self.counted_path or (self.raw_paths[0] if self.raw_paths else "")
 
     def as_dict(self) -> dict[str, Any]:
-        return {c.name: getattr(self, c.name) for c in self.__table__.columns}
+        """By column name (``metadata``, not the attribute's ``metadata_``)."""
+        return {name: getattr(self, attr) for name, attr in _SCAN_ATTRS.items()}
 
 
-_SCAN_FIELDS = {c.name for c in ScanRow.__table__.columns} - {"id", "scan_number"}
+# Attributes by column name (``metadata`` is ``metadata_`` on the row: SQLAlchemy keeps ``metadata`` for itself).
+_SCAN_ATTRS = {a.columns[0].name: a.key for a in inspect(ScanRow).column_attrs}
+_SCAN_FIELDS = {name: attr for name, attr in _SCAN_ATTRS.items() if name not in ("id", "scan_number")}
+NOTES_MAX = 4000  # characters of a scan's notes
+
+
+class NoCatalog(CatalogError):
+    """The catalog does not exist (yet): readers say so instead of making an empty one."""
 
 
 class Catalog:
-    """The scan catalog. ``url`` is any SQLAlchemy URL; SQLite files get their directory created."""
+    """The scan catalog. ``url`` is any SQLAlchemy URL; SQLite files get their directory created, unless
+    ``create`` is false (readers): then a missing SQLite file is a one-line :class:`NoCatalog`."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = True) -> None:
         self.url = url
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(url.removeprefix("sqlite:///"))
+            if not create and not path.is_file():
+                raise NoCatalog(
+                    f"no scan catalog at {path} (STEMSTREAM_CATALOG_URL); one is made by the first session or "
+                    "`stemstream count`, or give --url"
+                )
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CatalogError(
+                    f"cannot make the scan catalog's directory {path.parent} ({exc.strerror}); "
+                    "set STEMSTREAM_CATALOG_URL to a writable place"
+                ) from None
         try:
             self._engine = create_engine(url)
             Base.metadata.create_all(self._engine)
@@ -149,7 +172,8 @@ class Catalog:
             return row.id if row else None
 
     def upsert_scan(self, scan_number: int, **fields: Any) -> ScanRow:
-        unknown = set(fields) - _SCAN_FIELDS
+        """Insert or update the scan's row; fields by column name (``metadata`` included)."""
+        unknown = set(fields) - set(_SCAN_FIELDS)
         if unknown:
             raise CatalogError(f"unknown scan fields {sorted(unknown)}; known: {sorted(_SCAN_FIELDS)}")
         with self._session() as db:
@@ -158,7 +182,23 @@ class Catalog:
                 row = ScanRow(scan_number=scan_number)
                 db.add(row)
             for key, value in fields.items():
-                setattr(row, key, value)
+                setattr(row, _SCAN_FIELDS[key], value)
+            db.flush()
+            return row
+
+    def note(self, scan_number: int, text: str, *, append: bool = True) -> ScanRow:
+        """Add ``text`` to the scan's notes (a new line), or replace them (``append=False``)."""
+        text = text.strip()
+        if not text or len(text) > NOTES_MAX:
+            raise CatalogError(f"a note is 1 to {NOTES_MAX} characters; got {len(text)}")
+        with self._session() as db:
+            row = db.scalar(select(ScanRow).where(ScanRow.scan_number == scan_number))
+            if row is None:
+                raise CatalogError(f"unknown scan {scan_number}; `stemstream catalog list` shows the known scans")
+            notes = f"{row.notes}\n{text}" if append and row.notes else text
+            if len(notes) > NOTES_MAX:
+                raise CatalogError(f"scan {scan_number}'s notes would pass {NOTES_MAX} characters; replace them")
+            row.notes = notes
             db.flush()
             return row
 

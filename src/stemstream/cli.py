@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from pydantic import ValidationError
+
 from stemstream.errors import StemstreamError
 from stemstream.log import configure_logging, name_native_threads
 
@@ -30,6 +32,22 @@ COMMAND_MODULES = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def one_line_os_error(exc: OSError) -> str:
+    """``<path>: <why>; ...`` for an OSError that reached the command line."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    why = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
+    return f"{where}{why}; check the path and its permissions (or the STEMSTREAM_ setting that names it)"
+
+
+def one_line_validation_error(exc: ValidationError) -> str:
+    """``<model> <field>=<value>: <why>`` for a ValidationError that reached the command line."""
+    first = exc.errors()[0]
+    name = ".".join(str(x) for x in first["loc"]) or "?"
+    shown = "<hidden>" if "secret" in name else repr(first.get("input"))
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{exc.title} {name}={shown}: {first['msg']}{more}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     except StemstreamError as exc:
         # A user's mistake or an environment problem: one line that says what to do.
         print(f"stemstream: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # A path the user gave (or a setting names) that cannot be made, read or written: one line, the
+        # traceback only at DEBUG.
+        logger.debug("%s", exc, exc_info=True)
+        print(f"stemstream: error: {one_line_os_error(exc)}", file=sys.stderr)
+        return 1
+    except ValidationError as exc:
+        logger.debug("%s", exc, exc_info=True)
+        print(f"stemstream: error: {one_line_validation_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("stemstream: interrupted", file=sys.stderr)

@@ -27,10 +27,20 @@ EngineName = Literal["stempy", "cpu", "gpu", "auto"]
 # stempy's whole-scan row-dark correction: none, or each half-row scaled by its mean or median (docs/counting.md).
 RowDark = Literal["none", "mean", "median"]
 BackgroundNSigma = Annotated[
-    float, Field(ge=0.5, le=20, description="background threshold, sigmas above the noise mean (usually 4 or 4.5)")
+    float,
+    Field(
+        ge=0.5,
+        le=20,
+        title="Background threshold (sigmas)",
+        description="background threshold, sigmas above the noise mean (usually 4 or 4.5)",
+    ),
 ]
-XrayNSigma = Annotated[float, Field(ge=1, le=100, description="x-ray threshold, sigmas above the mean")]
-ThresholdSamples = Annotated[int, Field(ge=1, le=10_000, description="frames sampled for the thresholds")]
+XrayNSigma = Annotated[
+    float, Field(ge=1, le=100, title="X-ray threshold (sigmas)", description="x-ray threshold, sigmas above the mean")
+]
+ThresholdSamples = Annotated[
+    int, Field(ge=1, le=10_000, title="Threshold sample frames", description="frames sampled for the thresholds")
+]
 ThresholdWindow = Annotated[
     int, Field(ge=1, le=1 << 30, description="the threshold sample is spread over the first this many frames")
 ]
@@ -144,6 +154,15 @@ class Settings(BaseSettings):
 
     # Sessions, archive, catalog.
     catalog_url: str = "sqlite:///./data/catalog.sqlite"
+    # The machines a session may run on, each with its infrastructure (stemstream.sessions.SiteParams' fields:
+    # backend, qos, constraint, aggregator, archive, allocator_options...): the deployment's, not on the form.
+    sites: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {
+            "local": {"backend": "local", "aggregator": "local"},
+            "perlmutter": {"backend": "sfapi", "aggregator": "external", "qos": "realtime", "constraint": "cpu"},
+        },
+        description='JSON by machine, e.g. {"perlmutter": {"backend": "slurm", "qos": "realtime"}}',
+    )
     archive_dir: Path = Field(Path("./data/archive"), description="the local archive's destination")
     account: str | None = Field(None, description="NERSC project charged for sessions (slurm, sfapi)")
     experiment_cron: str = Field("0 8 * * *", description="schedule of the stability series (registered paused)")

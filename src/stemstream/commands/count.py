@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_counting_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="reader and engine threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--notes", default="", help="notes for the scan's catalog row")
     p.set_defaults(func=_count)
 
     d = subparsers.add_parser("dark", help="make a dark reference (.npy) from a dark scan's raw files")
@@ -76,7 +77,20 @@ def _count(args: argparse.Namespace) -> int:
         start=start,
     )
     print(path)
+    _catalog(path, args.scan, [str(p) for p in ([raw] if isinstance(raw, Path) else raw)], args.notes)
     return 0
+
+
+def _catalog(path: Path, scan_number: int, raw_paths: list[str], notes: str) -> None:
+    """The counted scan in the scan catalog (STEMSTREAM_CATALOG_URL): the file is made whatever happens here."""
+    from stemstream.errors import StemstreamError
+    from stemstream.sessions.scanwork import catalog_counted
+
+    extra = {"raw_paths": raw_paths, **({"notes": notes} if notes else {})}
+    try:
+        catalog_counted(path, scan_number, "cli", **extra)
+    except StemstreamError as exc:
+        logger.warning("scan %d is counted but not catalogued: %s", scan_number, exc)
 
 
 def _dark(args: argparse.Namespace) -> int:

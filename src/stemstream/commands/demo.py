@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def _demo(args: argparse.Namespace) -> int:
         catalog = Catalog(catalog_url)
         rows = catalog.list_scans()
         catalog.close()
-        _summary(rows, root, site.prefect_url, time.monotonic() - started)
+        _summary(rows, root, site.prefect_url, time.monotonic() - started, counting.engine)
         _flush_prefect_logs()
         if args.keep_ui:
             print(f"\nThe Prefect UI stays up at {site.prefect_url}; Ctrl-C to stop everything.")
@@ -115,8 +116,22 @@ def _one_scan_to_disk(scan_number: int, shape: tuple[int, int]) -> int:
     return scan_number
 
 
-def _summary(rows: list, root: Path, prefect_url: str, seconds: float) -> None:
+def _engine_of(path: str) -> str:
+    """The engine that counted a file (its /stemstream attribute; "" if unreadable)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return str(f["stemstream"].attrs.get("engine", ""))
+    except (OSError, KeyError):
+        return ""
+
+
+def _summary(rows: list, root: Path, prefect_url: str, seconds: float, engine: str = "") -> None:
     print()
+    if engine:
+        used = sorted({_engine_of(r.counted_path) for r in rows if r.counted_path} - {""})
+        print(f"counting engine: {engine}" + (f" (counted by: {', '.join(used)})" if used else ""))
     print(f"{'scan':>4}  {'went':6}  {'status':9}  {'frames':>6}  {'incompl.':>8}  {'events':>8}  {'to file':>8}")
     for r in rows:
         turnaround = f"{r.turnaround_s:7.2f}s" if r.turnaround_s is not None else "       -"
@@ -125,6 +140,9 @@ def _summary(rows: list, root: Path, prefect_url: str, seconds: float) -> None:
             f"{r.scan_number:>4}  {went:6}  {r.status:9}  {r.frames:>6}  {r.frames_incomplete:>8}  "
             f"{r.events:>8}  {turnaround}"
         )
+    streamed = sorted(r.turnaround_s for r in rows if r.route == "stream" and r.turnaround_s is not None)
+    if streamed:
+        print(f"{'median of the streamed scans':>49}  {statistics.median(streamed):7.2f}s")
     print("('to file': seconds from the scan's last frame to its counted HDF5 file)")
     print()
     print("Where to look:")

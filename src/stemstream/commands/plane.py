@@ -30,9 +30,14 @@ SUBTREES = {
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from stemstream.wire.protocol import N_SECTORS
+
     p = subparsers.add_parser("producer", help="a detector-sector producer fed by the simulator")
     add_store_arguments(p)
-    p.add_argument("--sector", type=int, required=True, help="detector sector / receiving server, 0..3")
+    p.add_argument(
+        "--sector", type=int, required=True, choices=range(N_SECTORS), metavar="0..3",
+        help="detector sector / receiving server, 0..3",
+    )  # fmt: skip
     p.add_argument(
         "--threads",
         type=int,

@@ -42,28 +42,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--machine", default="local")
-    p.add_argument("--backend", default="local", help="local | slurm | sfapi")
+    p.add_argument("--backend", default=None, help="local | slurm | sfapi (default: the machine's, STEMSTREAM_SITES)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--nodegroups-per-node", type=int, default=2)
     add_counting_arguments(p.add_argument_group("counting"))
-    p.add_argument("--output-dir", default="", help="counted files (default STEMSTREAM_OUTPUT_DIR)")
+    p.add_argument("--output-dir", default="", help="counted files (default: the machine's, STEMSTREAM_OUTPUT_DIR)")
     p.add_argument("--archive-dir", default="", help="local archive (default STEMSTREAM_ARCHIVE_DIR)")
     p.add_argument("--account", default=None, help="NERSC project, for slurm/sfapi (default STEMSTREAM_ACCOUNT)")
+    p.add_argument("--notes", default="", help="notes kept with every scan of the session in the catalog")
     add_store_arguments(p)
 
 
 def _params(args: argparse.Namespace, **more: Any) -> Any:
     from stemstream.sessions import session_params
 
+    # The site's (STEMSTREAM_SITES) unless given here: only what was given goes over the machine's.
+    site = {"backend": args.backend, "output_dir": args.output_dir, "archive_dir": args.archive_dir}
+    site["account"] = args.account
     return session_params(
         machine=args.machine,
-        backend=args.backend,
         n_nodes=args.nodes,
         nodegroups_per_node=args.nodegroups_per_node,
         counting=counting_from(args),
-        output_dir=args.output_dir,
-        archive_dir=args.archive_dir,
-        account=args.account,
+        site={k: v for k, v in site.items() if v},
         **more,
     )
 
@@ -81,11 +82,36 @@ def _store_of(args: argparse.Namespace) -> Iterator[None]:
         yield
 
 
+def check_prefect_api(timeout: float = 5.0) -> None:
+    """A one-line ConfigError when PREFECT_API_URL is set and nothing answers there (instead of Prefect's
+    traceback after its retries). Without PREFECT_API_URL, Prefect runs the flow on a temporary server."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    from stemstream.errors import ConfigError
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=timeout)
+    except httpx.TransportError as exc:  # an HTTP answer (even 401/404) means a server is there
+        raise ConfigError(
+            f"no Prefect API answers at PREFECT_API_URL={url} ({type(exc).__name__}); start one with "
+            "`prefect server start`, or unset PREFECT_API_URL to run the flow on a temporary server"
+        ) from None
+
+
 def _start(args: argparse.Namespace) -> int:
+    params = _params(args, minutes=args.minutes, notes=args.notes)
+    check_prefect_api()
     with _store_of(args):
+        from stemstream.sessions import check_store
+
+        check_store()  # here, in one line: inside the flow Prefect would log the traceback first
         from stemstream.flows import streaming_session
 
-        result = streaming_session(_params(args, minutes=args.minutes))
+        result = streaming_session(params)
     print(f"session {result['uid']} {result['status']}: {len(result['scans'])} scan(s) processed")
     return 0
 
@@ -94,7 +120,8 @@ def _stop(args: argparse.Namespace) -> int:
     from stemstream.errors import ConfigError
     from stemstream.scans.records import SessionRecord
 
-    with store_client(args) as client:
+    # store_client() hands back a started client: close it, do not start it again (``with`` would)
+    with contextlib.closing(store_client(args, role="operator")) as client:
         if SessionRecord.parse(client.get(keys.session(args.uid))) is None:
             raise ConfigError(f"no session {args.uid!r} in the store; `stemstream session list` shows them")
         client.set(keys.session_stop(args.uid), True)
@@ -105,7 +132,7 @@ def _stop(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from stemstream.scans.records import SessionRecord
 
-    with store_client(args) as client:
+    with contextlib.closing(store_client(args, subtrees=(keys.SESSIONS,))) as client:
         items = client.items(keys.SESSIONS)
     sessions = {key.removeprefix(keys.SESSIONS): SessionRecord.parse(value) for key, value in items.items()}
     print(f"{'session':45s} {'status':10s} until / ended")
@@ -119,6 +146,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
+    params = _params(args, notes=args.notes)
+    check_prefect_api()
     with _store_of(args):
         from stemstream.flows import multi_scan_experiment
 
@@ -126,7 +155,7 @@ def _experiment(args: argparse.Namespace) -> int:
             n_scans=args.scans,
             interval_s=args.interval,
             scan_shape=tuple(args.scan_shape),
-            session=_params(args),
+            session=params,
             timeout_s=args.timeout,
         )
     for row in table:

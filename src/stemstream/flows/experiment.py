@@ -29,7 +29,20 @@ def multi_scan_experiment(
 ) -> list[dict[str, Any]]:
     """Make sure a streaming session is up (start one with ``session`` parameters if not, and ``start_session``),
     acquire ``n_scans`` scans ``interval_s`` apart, wait until each is counted, archived and catalogued, and report
-    per-scan turnaround (an artifact ``experiment-turnaround``)."""
+    per-scan turnaround (an artifact ``experiment-turnaround``).
+
+    Args:
+        n_scans: how many scans to take (at least 1)
+        interval_s: seconds from one scan's start to the next's
+        scan_shape: probe positions of each scan, rows and columns
+        session: the streaming session to start when none is up (the session form)
+        start_session: start a session when no NodeGroups are live (else fail)
+        end_session: end the session this experiment started, when done
+        first_scan: the first scan's number (empty: the next free number in the store)
+        seed: the simulated detector's seed (a real DAQ ignores it)
+        loss_rate: the simulated detector's share of sectors lost upstream (a real DAQ ignores it)
+        timeout_s: seconds to wait for the scans to be counted, archived and catalogued
+    """
     from stemstream.flows.session import streaming_session
 
     logger = get_run_logger()

@@ -22,7 +22,7 @@ class _Scans:
 
     def counted(self, view: ScanView) -> dict[str, Any]:
         counted = view.counted.to_record() if view.counted is not None else None
-        return process_scan(view.number, session=self.params, counted=counted)
+        return process_scan(view.number, session=self.params, counted=counted, record=view.record.to_record())
 
     def on_disk(self, view: ScanView) -> dict[str, Any]:
         return count_fallback_scan(view.number, session=self.params, record=view.record.to_record())

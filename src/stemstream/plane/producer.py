@@ -46,7 +46,7 @@ from stemstream.plane.retention import ScanKeeper, SectorSource
 from stemstream.plane.session import ProducerScanResult, ScanSession
 from stemstream.scans import keys
 from stemstream.scans.plan import ScanPlanError, close_scan_record, decide_plan, new_acquisition, wait_plan
-from stemstream.scans.records import ROUTE_STREAM, ScanPlan
+from stemstream.scans.records import ROUTE_STREAM, ScanPlan, scan_metadata
 from stemstream.transport.actor import SendMeter, Worker
 from stemstream.transport.sockets import make_socket
 from stemstream.wire.paths import UnsafePath, under_roots
@@ -210,6 +210,7 @@ class Producer:
         fallback_dir: str | Path | None = None,
         source: SectorSource | None = None,
         start: str | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> ScanSession:
         """Plan the scan (the leader decides, the others read its decision) and open a session.
 
@@ -224,6 +225,8 @@ class Producer:
         the DAQ's RAM ring), by frame number only. A ring can wrap before a replay reads it: give the source
         a ``generation(frame) -> int`` method (how often the slot of that frame was written) and a changed
         slot is detected from it; without one, the keeper keeps a CRC-32 of each sector as it was sent.
+        ``metadata`` (the leader's; ``scans.records.scan_metadata``) goes into the plan, the counted file and
+        the catalog.
         """
         if self._registry is None:
             raise RuntimeError("Producer.start() first")
@@ -242,6 +245,7 @@ class Producer:
                 n_sectors=self.n_sectors,
                 start=start,
                 raw_dir=raw_dir,
+                metadata=scan_metadata(metadata),
             )
             self.store.set(keys.scan(scan_number), plan.to_record())
         else:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from stemstream.errors import ProtocolError
 from stemstream.scans import keys
 from stemstream.scans.plan import KeyValue
-from stemstream.scans.records import ScanRequest
+from stemstream.scans.records import ScanRequest, scan_metadata
 from stemstream.wire.protocol import check_scan_number
 
 logger = logging.getLogger(__name__)
@@ -25,11 +25,14 @@ def request_scan(
     scan_shape: tuple[int, int],
     *,
     fallback_dir: str | None = None,
+    metadata: dict[str, Any] | None = None,
     **extra: Any,
 ) -> ScanRequest:
-    """Ask every watching producer to acquire a scan (writes ``/control/scan``)."""
+    """Ask every watching producer to acquire a scan (writes ``/control/scan``); ``metadata`` is the DAQ's
+    (beam energy, step size...: ``scans.records.scan_metadata``), for the counted file and the catalog."""
     check_scan_number(scan_number, "scan request: scan")  # the producers would refuse it: refuse it here
-    req = ScanRequest(scan_number, (int(scan_shape[0]), int(scan_shape[1])), fallback_dir, extra, time.time())
+    shape = (int(scan_shape[0]), int(scan_shape[1]))
+    req = ScanRequest(scan_number, shape, fallback_dir, extra, time.time(), scan_metadata(metadata))
     store.set(keys.CONTROL_SCAN, req.to_record())
     return req
 

@@ -71,6 +71,7 @@ def decide_plan(
     n_sectors: int = N_SECTORS,
     start: str = "",
     raw_dir: str = "",
+    metadata: dict[str, Any] | None = None,
 ) -> ScanPlan:
     """The leader's decision: stream to the ready NodeGroups (sorted by UID), each sector through the first ready
     aggregator that has an endpoint pair for it (one aggregator for every sector when one has them all; else
@@ -93,6 +94,7 @@ def decide_plan(
         "decided_at": time.time(),
         "start": start,
         "raw_dir": raw_dir,
+        "metadata": dict(metadata or {}),
     }
     if nodegroups and aggregators:
         agg = aggregators[0]

@@ -12,6 +12,8 @@ docs/dataplane.md ("Scan records") and docs/counting.md list the fields.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from functools import cache
@@ -83,6 +85,46 @@ class Record:
 
 # ------------------------------------------------------------------------------------------ /scans/<n>
 
+# The DAQ's metadata of a scan (beam energy, step size, camera length...): a bounded flat map, since it comes
+# from the wire and goes into every counted file and the catalog.
+METADATA_KEYS = 32
+METADATA_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+METADATA_STR = 256
+
+
+def _metadata_value_ok(item: Any) -> bool:
+    if isinstance(item, bool):
+        return True
+    if isinstance(item, int):
+        return -(2**63) <= item < 2**63
+    if isinstance(item, float):
+        return math.isfinite(item)
+    return isinstance(item, str) and len(item) <= METADATA_STR
+
+
+def scan_metadata(value: Any) -> dict[str, Any]:
+    """``value`` checked as scan metadata (docs/dataplane.md, Scan requests): at most 32 entries, keys of 1 to 64
+    letters, digits, ``_.-`` (a letter first), values a bool, an integer of 64 bits, a finite float or a string of
+    at most 256 characters. Anything else is a one-line :class:`ProtocolError`."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ProtocolError(f"metadata: expected a map, got {type(value).__name__}")
+    if len(value) > METADATA_KEYS:
+        raise ProtocolError(f"metadata: {len(value)} entries, at most {METADATA_KEYS}")
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not METADATA_KEY_RE.fullmatch(key):
+            raise ProtocolError(f"metadata: key {str(key)[:70]!r} is not 1-64 of A-Z a-z 0-9 _ . - (a letter first)")
+        if _metadata_value_ok(item):
+            out[key] = item
+        else:
+            raise ProtocolError(
+                f"metadata {key}: {type(item).__name__} {repr(item)[:40]} is not a bool, an int64, a finite float "
+                f"or a string of at most {METADATA_STR} characters"
+            )
+    return out
+
 
 @dataclass(frozen=True)
 class ScanPlan(Record):
@@ -115,6 +157,7 @@ class ScanPlan(Record):
     # Where the acquisition's raw files go, relative to the fallback directory: "" (the directory itself)
     # for a scan number seen for the first time, its own directory (rawfile.acquisition_dir) when reused.
     raw_dir: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)  # the DAQ's, from the request (scan_metadata)
 
     @property
     def n_frames(self) -> int:
@@ -150,6 +193,7 @@ class ScanPlan(Record):
         check_start(plan.start)
         if plan.raw_dir and (plan.raw_dir.startswith(".") or not START_RE.fullmatch(plan.raw_dir)):
             raise ProtocolError(f"scan record: raw_dir {plan.raw_dir!r} is not a directory name")
+        scan_metadata(plan.metadata)
         return plan
 
 
@@ -193,6 +237,7 @@ class ScanRecord(Record):
     replay_reason: str | None = None
     replayed_at: float | None = None
     start: str = ""  # the acquisition (see ScanPlan.start)
+    metadata: dict[str, Any] = field(default_factory=dict)  # the DAQ's (see ScanPlan.metadata)
 
     @property
     def closed(self) -> bool:
@@ -434,6 +479,7 @@ class ScanRequest(Record):
     fallback_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     requested_at: float = 0.0
+    metadata: dict[str, Any] = field(default_factory=dict)  # the DAQ's (scan_metadata): into the file, catalog
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -442,13 +488,14 @@ class ScanRequest(Record):
             "scan_shape": list(self.scan_shape),
             "fallback_dir": self.fallback_dir,
             "requested_at": self.requested_at,
+            "metadata": dict(self.metadata),
         }
 
     @classmethod
     def from_record(cls, value: Any) -> Self:
         if not isinstance(value, Mapping):
             raise ProtocolError(f"scan request: expected a map, got {type(value).__name__}")
-        named = ("scan", "scan_shape", "fallback_dir", "requested_at")
+        named = ("scan", "scan_shape", "fallback_dir", "requested_at", "metadata")
         extra = {k: v for k, v in value.items() if k not in named}
         request = super().from_record(
             {
@@ -457,6 +504,7 @@ class ScanRequest(Record):
                 "fallback_dir": value.get("fallback_dir") or None,
                 "requested_at": value.get("requested_at") or 0.0,
                 "extra": extra,
+                "metadata": scan_metadata(value.get("metadata")),
             }
         )
         check_scan_number(request.scan_number, "scan request: scan")

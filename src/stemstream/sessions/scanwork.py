@@ -7,16 +7,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from stemstream.config import Settings, get_settings
 from stemstream.counting.params import CountingParams
 from stemstream.errors import CatalogError
 from stemstream.log import RateLimitedLog
 from stemstream.scans import keys
-from stemstream.scans.records import CountedRecord, ScanRecord
+from stemstream.scans.records import CountedRecord, ScanRecord, scan_metadata
 from stemstream.wire.paths import UnsafePath, under_roots
 
 _rlog = RateLimitedLog(logging.getLogger(__name__))
@@ -115,6 +117,25 @@ def count_raw(raw_paths: list[str], output: str | Path, scan_number: int, params
     return str(count_raw_files([Path(p) for p in raw_paths], output, scan_number=scan_number, params=params))
 
 
+def daq_metadata_of(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The DAQ's metadata in a ``/scans/<n>`` record ({} without any; checked as ``scan_metadata``)."""
+    scan = ScanRecord.parse(record)
+    return scan_metadata(scan.metadata) if scan is not None else {}
+
+
+def add_daq_metadata(path: str | Path, metadata: Mapping[str, Any]) -> None:
+    """Write the DAQ's metadata into a counted file as ``/stemstream/daq`` attributes, as the NodeGroups do for a
+    streamed scan (docs/counting.md): for a scan counted from its raw files, which do not carry it."""
+    import h5py
+
+    from stemstream.counting.output import GROUP
+
+    with h5py.File(path, "a") as f:
+        daq = f.require_group(GROUP).require_group("daq")
+        for key, value in scan_metadata(metadata).items():
+            daq.attrs[key] = value
+
+
 @dataclass
 class CountedScan:
     """What a counted file says, read once: the numbers for the catalogue and the picture beside it."""
@@ -131,6 +152,8 @@ class CountedScan:
     first_frame: float | None
     last_frame: float | None
     file_written: float | None
+    thumbnail: str | None = None  # a small PNG of the virtual bright field (the scan list's picture)
+    daq: dict[str, Any] = field(default_factory=dict)  # the DAQ's metadata, as the file has it
 
     def catalog_fields(self, route: str, **extra: Any) -> dict[str, Any]:
         """The catalogue row's fields (``extra`` wins), turnaround from the file's timings if none is given."""
@@ -149,6 +172,8 @@ class CountedScan:
             "last_frame": self.last_frame,
             "counted_at": self.file_written,
             "progress": 1.0,
+            "thumbnail_path": self.thumbnail,
+            "metadata": self.daq,
             **extra,
         }
         if fields.get("turnaround_s") is None and self.last_frame and self.file_written:
@@ -165,7 +190,9 @@ def read_counted_scan(path: str | Path, scan_number: int) -> CountedScan:
     thresholds = meta.get("thresholds")
     timings = meta.get("timings") or {}
     png = Path(path).with_name(f"scan_{scan_number}_vbf.png")
-    save_png(virtual_bright_field(sparse), png, title=f"scan {scan_number}: virtual bright field (electrons)")
+    image = virtual_bright_field(sparse)
+    save_png(image, png, title=f"scan {scan_number}: virtual bright field (electrons)")
+    thumbnail = save_thumbnail(image, Path(path).with_name(f"scan_{scan_number}_thumb.png"))
     return CountedScan(
         scan_number=scan_number,
         path=str(path),
@@ -179,4 +206,49 @@ def read_counted_scan(path: str | Path, scan_number: int) -> CountedScan:
         first_frame=timings.get("first_frame"),
         last_frame=timings.get("last_frame"),
         file_written=timings.get("file_written"),
+        thumbnail=str(thumbnail),
+        daq=dict(meta.get("daq") or {}),
     )
+
+
+THUMBNAIL_PX = 64  # the longer side of a scan's thumbnail, at most
+
+
+def save_thumbnail(image: np.ndarray, path: Path, size: int = THUMBNAIL_PX) -> Path:
+    """A small grey PNG of ``image`` (block means down to at most ``size`` pixels a side; small scans are shown
+    pixel for pixel, enlarged by whole pixels): the scan list's picture."""
+    from stemstream.analyses.png import image_png
+
+    image = np.asarray(image, dtype=np.float64)
+    step = max(1, -(-max(image.shape) // size))
+    if step > 1:
+        rows, cols = (n // step * step for n in image.shape)
+        image = image[:rows, :cols].reshape(rows // step, step, cols // step, step).mean(axis=(1, 3))
+    scale = max(1, size // max(image.shape))
+    image = np.kron(image, np.ones((scale, scale)))
+    path.write_bytes(image_png(image))
+    return path
+
+
+def catalog_counted(
+    path: str | Path,
+    scan_number: int,
+    route: str,
+    *,
+    url: str | None = None,
+    session_uid: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Read a counted file once (numbers, picture, thumbnail, the DAQ's metadata) and put it in the catalog
+    (``url``, default STEMSTREAM_CATALOG_URL); the row. For counts made outside a session (``stemstream count``)."""
+    from stemstream.catalog import Catalog
+
+    scan = read_counted_scan(path, scan_number)
+    catalog = Catalog(url or get_settings().catalog_url)
+    try:
+        fields = scan.catalog_fields(route, status="counted", **extra)
+        if session_uid:
+            fields["session_id"] = catalog.session_id(session_uid)
+        return catalog.upsert_scan(scan_number, **fields).as_dict()
+    finally:
+        catalog.close()

@@ -14,7 +14,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from stemstream.errors import StemstreamError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stemstream.errors import ProtocolError, StemstreamError
 from stemstream.plane.producer import Producer
 from stemstream.plane.requests import ScanRequests
 from stemstream.plane.session import ProducerScanResult
@@ -23,6 +25,30 @@ from stemstream.scans.records import ProducerScanRecord, ScanRequest
 from stemstream.transport.actor import Worker, run_workers
 
 logger = logging.getLogger(__name__)
+
+
+class SimOptions(BaseModel):
+    """What a scan request may ask of the simulated DAQ (its ``extra``), bounded: a request is hostile."""
+
+    model_config = ConfigDict(extra="ignore")  # the rest of ``extra`` (e.g. ``metadata``) is not the simulator's
+
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    loss_rate: float = Field(0.001, ge=0.0, le=1.0)
+    dwell_s: float = Field(0.0, ge=0.0, le=10.0)  # a microscope's time per probe position (0: none)
+    electrons_per_frame: float = Field(20.0, ge=0.0, le=10_000.0)  # a few: frames without events
+
+    @classmethod
+    def of(cls, request: ScanRequest, **defaults: Any) -> SimOptions:
+        """The request's options over ``defaults``; a bad one is a one-line ProtocolError (the scan is refused)."""
+        try:
+            return cls(**{**defaults, **request.extra})
+        except ValidationError as err:
+            first = err.errors()[0]
+            name = ".".join(str(x) for x in first["loc"])
+            raise ProtocolError(
+                f"scan request {request.scan_number}: {name}={repr(first.get('input'))[:80]}: {first['msg']}; "
+                "the scan is refused"
+            ) from None
 
 
 def run_scan(
@@ -42,11 +68,9 @@ def run_scan(
     """
     from stemstream.sim import FourDCameraSim
 
-    seed = int(request.extra.get("seed", seed))
-    loss_rate = float(request.extra.get("loss_rate", loss_rate))
-    dwell_s = float(request.extra.get("dwell_s", 0.0))  # a microscope's time per probe position (0: none)
+    options = SimOptions.of(request, seed=seed, loss_rate=loss_rate)
+    seed, loss_rate, dwell_s, electrons = options.seed, options.loss_rate, options.dwell_s, options.electrons_per_frame
     m = producer.sector
-    electrons = float(request.extra.get("electrons_per_frame", 20.0))  # a few: frames without events
     sim = FourDCameraSim(
         request.scan_shape,
         scan_number=request.scan_number,
@@ -68,7 +92,11 @@ def run_scan(
             return sim.sector(f, m)
 
     session = producer.begin_scan(
-        request.scan_number, request.scan_shape, fallback_dir=request.fallback_dir, source=source
+        request.scan_number,
+        request.scan_shape,
+        fallback_dir=request.fallback_dir,
+        source=source,
+        metadata=request.metadata,
     )
 
     def send(t: int) -> None:

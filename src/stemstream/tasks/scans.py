@@ -4,6 +4,7 @@ the Prefect UI (and the live preview while it streams)."""
 from __future__ import annotations
 
 import base64
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +26,7 @@ from stemstream.counting import CountingParams
 from stemstream.sessions import ScanView, SessionParams, make_archiver
 from stemstream.sessions.scanwork import (
     CountedScan,
+    add_daq_metadata,
     count_raw,
     read_counted_record,
     read_counted_scan,
@@ -45,9 +47,20 @@ def read_scan_record_task(scan_number: int) -> dict[str, Any]:
 
 
 @task(cache_policy=NO_CACHE)
-def count_raw_scan(raw_paths: list[str], output: str, scan_number: int, counting: CountingParams) -> str:
-    """Count a scan's raw files (stempy's reader) into ``output``; its path."""
-    return count_raw(raw_paths, output, scan_number, counting)
+def count_raw_scan(
+    raw_paths: list[str], output: str, scan_number: int, counting: CountingParams, daq: dict[str, Any] | None = None
+) -> str:
+    """Count a scan's raw files (stempy's reader) into ``output``, with the DAQ's metadata ``daq``; its path."""
+    path = count_raw(raw_paths, output, scan_number, counting)
+    if daq:
+        add_daq_metadata(path, daq)
+    return path
+
+
+@task(cache_policy=NO_CACHE)
+def add_daq_metadata_task(path: str, daq: dict[str, Any]) -> None:
+    """The DAQ's metadata (beam energy, step size...) into the counted file, ``/stemstream/daq``."""
+    add_daq_metadata(path, daq)
 
 
 @task(cache_policy=NO_CACHE)
@@ -79,6 +92,44 @@ def catalog_scan(scan_number: int, session_uid: str | None, **fields: Any) -> di
 def _png_markdown(png: str, title: str) -> str:
     data = base64.b64encode(Path(png).read_bytes()).decode()
     return f"### {title}\n\n![{title}](data:image/png;base64,{data})\n"
+
+
+def session_artifact_key(session_uid: str) -> str:
+    """The key of a session's scan list artifact (Prefect keys: lower-case letters, digits and dashes)."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", session_uid.lower()).strip("-")[:80]
+    return f"scans-{slug or 'session'}"
+
+
+def _scan_list_row(row: dict[str, Any]) -> dict[str, Any]:
+    daq = row.get("metadata") or {}
+    return {
+        "scan": row.get("scan_number"),
+        "shape": f"{row.get('scan_rows')}x{row.get('scan_cols')}",
+        "route": row.get("route"),
+        "status": row.get("status"),
+        "events": row.get("events"),
+        "incomplete frames": row.get("frames_incomplete"),
+        "seconds to file": round(row["turnaround_s"], 2) if row.get("turnaround_s") is not None else None,
+        "metadata": ", ".join(f"{k}={v}" for k, v in daq.items()),
+        "notes": row.get("notes") or "",
+        "thumbnail": row.get("thumbnail_path"),
+        "location": row.get("archive_location") or row.get("counted_path"),
+    }
+
+
+@task(cache_policy=NO_CACHE)
+def publish_session_scans(session_uid: str) -> list[dict[str, Any]]:
+    """The session's scan list (from the catalog) as its table artifact, a new version each time a scan
+    finishes (key ``scans-<session uid>``); the table."""
+    catalog = Catalog(get_settings().catalog_url)
+    try:
+        table = [_scan_list_row(r.as_dict()) for r in catalog.list_scans(session_uid)]
+    finally:
+        catalog.close()
+    create_table_artifact(
+        table=table, key=session_artifact_key(session_uid), description=f"session {session_uid}: its scans so far"
+    )
+    return table
 
 
 @task(cache_policy=NO_CACHE)

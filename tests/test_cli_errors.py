@@ -50,7 +50,7 @@ def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path):
 
 def test_a_sector_out_of_range_is_one_line(tmp_path):
     done = _cli("producer", "--sector", 7, "--store", "tcp://127.0.0.1:9", cwd=tmp_path)
-    _one_line(done, 2, "--sector", "7", "0, 1, 2, 3")
+    assert _one_line(done, 2, "--sector", "7", "0, 1, 2, 3", "--help") == done.stderr.strip()  # no usage block
 
 
 def test_session_start_without_a_prefect_api_is_one_line(tmp_path):

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 from pydantic import ValidationError
 
@@ -50,8 +51,15 @@ def one_line_validation_error(exc: ValidationError) -> str:
     return f"{exc.title} {name}={shown}: {first['msg']}{more}"
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line that says where to look, not the whole usage (subparsers inherit this)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stemstream", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="stemstream", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ...")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the Superfacility API mock (``sfapi``, ``rsa_key``) and the Globus mock
-(``mocked_responses`` and the ``stemstream.get_task`` response set) live in their own modules."""
+"""Shared fixtures: the Superfacility API mock (``sfapi``, ``rsa_key``), the Globus mock (``mocked_responses``
+and the ``stemstream.get_task`` response set) and the in-process plane's (``client``: a store server and one
+client of it; ``ctx``: a ZeroMQ context) live in their own modules."""
 
-pytest_plugins = ["sfapi_mock", "globus_mock"]
+pytest_plugins = ["sfapi_mock", "globus_mock", "plane_fixtures"]

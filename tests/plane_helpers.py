@@ -208,3 +208,25 @@ def expected_frame(sim: Any, i: int) -> np.ndarray:
 
 def crc(frame: np.ndarray) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(frame)).cast("B"))
+
+
+def push_socket(ctx: Any, endpoint: str, linger: int = 0, timeout_ms: int = 5000) -> Any:
+    """A PUSH socket connected to ``endpoint`` that gives up a send after ``timeout_ms``."""
+    import zmq
+
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, linger)
+    sock.setsockopt(zmq.SNDTIMEO, timeout_ms)
+    sock.connect(endpoint)
+    return sock
+
+
+def pull_socket(ctx: Any, timeout_ms: int = 5000) -> tuple[Any, str]:
+    """A PULL socket bound to a free loopback port, and its endpoint; a receive gives up after ``timeout_ms``."""
+    import zmq
+
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    return sock, f"tcp://127.0.0.1:{port}"

@@ -4,29 +4,16 @@ template only in their encoding are still routed (through the full decoder)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import msgpack
 import numpy as np
-import pytest
 import zmq
 
 from stemstream.plane.aggregator import Aggregator
-from stemstream.store import Registry, StoreClient, StoreServer
+from stemstream.store import Registry, StoreClient
 from stemstream.wire.protocol import EndMessage, ExpectMessage, SectorHeader, decode_data_message
 
 SHAPE = (4, 4)
 START = "acq-1"
-
-
-@pytest.fixture
-def client() -> Iterator[StoreClient]:
-    server = StoreServer(host="127.0.0.1", port=None).start()
-    try:
-        with StoreClient(server.address, timeout=5.0) as c:
-            yield c
-    finally:
-        server.stop()
 
 
 def _sock(ctx: zmq.Context, kind: int) -> zmq.Socket:

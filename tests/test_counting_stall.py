@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import zmq
 
+from plane_helpers import push_socket
 from stemstream.counting.params import CountingParams
 from stemstream.nodes import batches
 from stemstream.nodes.config import CountingConfig
@@ -25,36 +25,11 @@ from stemstream.nodes.consumer import ScanInfo, ScanSummary
 from stemstream.nodes.ranks import LocalTransport
 from stemstream.nodes.service import CountingService
 from stemstream.plane.nodegroup import NodeGroup
-from stemstream.store import StoreClient, StoreServer
+from stemstream.store import StoreClient
 from stemstream.wire.protocol import EndMessage, ExpectMessage, SectorHeader
 
 SECTOR = (4, 16)  # small sectors: the mechanics are those of (144, 576), the test is fast
 FRAME = (4 * SECTOR[0], SECTOR[1])
-
-
-@pytest.fixture
-def client() -> Iterator[StoreClient]:
-    server = StoreServer(host="127.0.0.1", port=None).start()
-    try:
-        with StoreClient(server.address, timeout=5.0) as c:
-            yield c
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context]:
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-def _push(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDTIMEO, 5000)
-    sock.connect(endpoint)
-    return sock
 
 
 class _Frames:
@@ -93,8 +68,8 @@ def test_a_sector_whose_data_stopped_does_not_hold_up_the_other_sectors_or_the_n
         consumer, client, uid=uid, sector_shape=SECTOR, max_lag=4, lag_wait_s=1.0, scan_timeout_s=3.0
     ).start()
     try:
-        info = _push(ctx, ng.endpoints["info"])
-        data = [_push(ctx, ng.endpoints[f"data_{m}"]) for m in range(4)]
+        info = push_socket(ctx, ng.endpoints["info"])
+        data = [push_socket(ctx, ng.endpoints[f"data_{m}"]) for m in range(4)]
 
         def send(scan: int, f: int, m: int) -> None:
             payload = np.full(SECTOR, scan * 1000 + f * 4 + m, np.uint16)

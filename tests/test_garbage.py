@@ -47,13 +47,6 @@ N_FRAMES = SHAPE[0] * SHAPE[1]
 SECTOR_BYTES = 144 * 576 * 2
 
 
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context]:
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
 def _connect(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)

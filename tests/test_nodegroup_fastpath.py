@@ -3,29 +3,16 @@ of the wrong size, duplicated or of another scan is still rejected as on the ful
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
-import pytest
 import zmq
 
 from stemstream.nodes.consumer import CollectingConsumer
 from stemstream.plane.nodegroup import NodeGroup
-from stemstream.store import StoreClient, StoreServer
+from stemstream.store import StoreClient
 from stemstream.wire.protocol import EndMessage, ExpectMessage, SectorHeader
 
 SHAPE = (2, 4)  # 8 frames; this NodeGroup (index 0 of 2) gets the even ones
 MINE = [0, 2, 4, 6]
-
-
-@pytest.fixture
-def client() -> Iterator[StoreClient]:
-    server = StoreServer(host="127.0.0.1", port=None).start()
-    try:
-        with StoreClient(server.address, timeout=5.0) as c:
-            yield c
-    finally:
-        server.stop()
 
 
 def _data(f: int, m: int, scan: int = 9) -> list[object]:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import zmq
 
-from plane_helpers import ProcessTree, read_results, start_store, store_client, wait_until
+from plane_helpers import ProcessTree, push_socket, read_results, start_store, store_client, wait_until
 
 DECLARED = (1024, 1024)
 MB = 1 << 20
@@ -31,14 +31,6 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def _push(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 5000)
-    sock.setsockopt(zmq.SNDTIMEO, 5000)
-    sock.connect(endpoint)
-    return sock
-
-
 @pytest.mark.slow
 def test_eight_info_messages_declaring_a_megaframe_scan_cost_a_nodegroup_nothing(tmp_path: Path):
     from stemstream.store import Registry
@@ -55,7 +47,7 @@ def test_eight_info_messages_declaring_a_megaframe_scan_cost_a_nodegroup_nothing
                 ng = registry.wait_for_members("nodegroup", 1, status="ready", timeout=60)[0]
                 time.sleep(1.0)  # settled: imports done, threads started
                 rss0, cpu0 = _rss(proc.pid), _cpu_s(proc.pid)
-                info = _push(ctx, ng.endpoints["info"])
+                info = push_socket(ctx, ng.endpoints["info"], linger=5000)
                 n_frames = DECLARED[0] * DECLARED[1]
                 for m in range(4):  # 8 messages, ~900 bytes: expect and end of each sector, nothing sent
                     info.send(ExpectMessage("evil", 50, m, 1, DECLARED, ("ng-0",), {"ng-0": n_frames}).encode())
@@ -128,8 +120,8 @@ def test_an_aggregator_sector_is_not_stalled_by_unknown_members_unknown_scans_or
                 registry = Registry(client)
                 agg = registry.wait_for_members("aggregator", 1, status="ready", timeout=60)[0]
                 registry.wait_for_members("nodegroup", 1, status="ready", timeout=60)
-                info = [_push(ctx, agg.endpoints[f"info_{m}"]) for m in range(4)]
-                data = [_push(ctx, agg.endpoints[f"data_{m}"]) for m in range(4)]
+                info = [push_socket(ctx, agg.endpoints[f"info_{m}"], linger=5000) for m in range(4)]
+                data = [push_socket(ctx, agg.endpoints[f"data_{m}"], linger=5000) for m in range(4)]
 
                 def arrives(n: int, within: float) -> float:
                     t0 = time.monotonic()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,51 +13,18 @@ import numpy as np
 import pytest
 import zmq
 
+from plane_helpers import pull_socket, push_socket
 from stemstream.nodes.consumer import CollectingConsumer
 from stemstream.plane.aggregator import Aggregator
 from stemstream.plane.nodegroup import NodeGroup
 from stemstream.plane.retention import ScanKeeper
 from stemstream.scans.records import ROUTE_STREAM, ProducerScanRecord, ScanPlan
-from stemstream.store import Registry, StoreClient, StoreServer
+from stemstream.store import Registry, StoreClient
 from stemstream.wire.protocol import EndMessage, ExpectMessage, SectorHeader, decode_data_message, decode_info
 from stemstream.wire.rawfile import read_sectors
 
 SECTOR_SHAPE = (144, 576)
 SECTOR_BYTES = 144 * 576 * 2
-RECV_MS = 5000
-
-
-@pytest.fixture
-def client() -> Iterator[StoreClient]:
-    server = StoreServer(host="127.0.0.1", port=None).start()
-    try:
-        with StoreClient(server.address, timeout=5.0) as c:
-            yield c
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context]:
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-def _push(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDTIMEO, RECV_MS)
-    sock.connect(endpoint)
-    return sock
-
-
-def _pull(ctx: zmq.Context) -> tuple[zmq.Socket, str]:
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, RECV_MS)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    return sock, f"tcp://127.0.0.1:{port}"
 
 
 def _sector(value: int) -> np.ndarray:
@@ -91,8 +57,8 @@ def test_a_nodegroup_takes_a_reused_scan_number_as_a_new_scan(client: StoreClien
     consumer = CollectingConsumer()
     ng = NodeGroup(consumer, client, uid="ng-r", expect_timeout=5, scan_timeout_s=30).start()
     try:
-        info = _push(ctx, ng.endpoints["info"])
-        data = [_push(ctx, ng.endpoints[f"data_{m}"]) for m in range(4)]
+        info = push_socket(ctx, ng.endpoints["info"])
+        data = [push_socket(ctx, ng.endpoints[f"data_{m}"]) for m in range(4)]
         _one_frame_scan(info, data, 4, "a1", 10, "ng-r")
         assert ng.wait_scan(4, 10, start="a1").status == "received"
         frame = consumer.wait_scan(4, 5)
@@ -128,8 +94,8 @@ def test_a_new_acquisition_closes_the_open_one_before_it_begins(client: StoreCli
 
     ng = NodeGroup(Recording(), client, uid="ng-s", expect_timeout=5, scan_timeout_s=30).start()
     try:
-        info = _push(ctx, ng.endpoints["info"])
-        data = [_push(ctx, ng.endpoints[f"data_{m}"]) for m in range(4)]
+        info = push_socket(ctx, ng.endpoints["info"])
+        data = [push_socket(ctx, ng.endpoints[f"data_{m}"]) for m in range(4)]
         for m in range(4):  # acquisition x1 of scan 6: two frames announced, one sector arrives
             info.send(ExpectMessage("agg", 6, m, 1, (1, 2), ("ng-s",), {"ng-s": 2}, start="x1").encode())
         data[0].send_multipart([SectorHeader(6, 0, 0, (1, 2), start="x1").encode(), _sector(1)])
@@ -147,13 +113,13 @@ def test_a_new_acquisition_closes_the_open_one_before_it_begins(client: StoreCli
 
 def test_the_aggregator_routes_a_reused_scan_number(client: StoreClient, ctx: zmq.Context):
     registry = Registry(client, ttl=5.0)
-    d, d_ep = _pull(ctx)
-    i, i_ep = _pull(ctx)
+    d, d_ep = pull_socket(ctx)
+    i, i_ep = pull_socket(ctx)
     reg = registry.register("nodegroup", "ng-z", status="ready", endpoints={"data_0": d_ep, "info": i_ep})
     agg = Aggregator(client, n_sectors=1, uid="agg-r", registry=registry).start()
     try:
-        data = _push(ctx, agg.endpoints["data_0"])
-        info = _push(ctx, agg.endpoints["info_0"])
+        data = push_socket(ctx, agg.endpoints["data_0"])
+        info = push_socket(ctx, agg.endpoints["info_0"])
         for start, value in (("s1", 5), ("s2", 7)):
             info.send(ExpectMessage("p/0", 2, 0, 1, (1, 1), ("ng-z",), {"ng-z": 1}, start=start).encode())
             data.send_multipart([SectorHeader(2, 0, 0, (1, 1), start=start).encode(), _sector(value)])

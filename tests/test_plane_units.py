@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import zmq
 
+from plane_helpers import pull_socket, push_socket
 from stemstream.nodes.consumer import CollectingConsumer, NullConsumer, ScanSummary
 from stemstream.plane.aggregator import Aggregator
 from stemstream.plane.nodegroup import NodeGroup
@@ -22,7 +22,7 @@ from stemstream.plane.producer import Producer
 from stemstream.plane.requests import ScanRequests, request_scan
 from stemstream.scans import keys
 from stemstream.scans.plan import ROUTE_DISK, ROUTE_STREAM, ScanPlan, scan_closed_inputs, scan_details, summarize_scan
-from stemstream.store import Registry, StoreClient, StoreServer
+from stemstream.store import Registry, StoreClient
 from stemstream.wire.protocol import (
     EndMessage,
     ExpectMessage,
@@ -32,40 +32,6 @@ from stemstream.wire.protocol import (
 )
 
 SECTOR_BYTES = 144 * 576 * 2
-RECV_MS = 5000
-
-
-@pytest.fixture
-def client() -> Iterator[StoreClient]:
-    server = StoreServer(host="127.0.0.1", port=None).start()
-    try:
-        with StoreClient(server.address, timeout=5.0) as c:
-            yield c
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context]:
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-def _push(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDTIMEO, RECV_MS)
-    sock.connect(endpoint)
-    return sock
-
-
-def _pull(ctx: zmq.Context) -> tuple[zmq.Socket, str]:
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, RECV_MS)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    return sock, f"tcp://127.0.0.1:{port}"
 
 
 def _sector(f: int, m: int) -> np.ndarray:
@@ -94,8 +60,8 @@ def test_nodegroup_assembles_rejects_and_hands_incomplete_frames_over_last(
     consumer = CollectingConsumer()
     ng = NodeGroup(consumer, client, uid="ng-a", expect_timeout=10, scan_timeout_s=30).start()
     try:
-        info = _push(ctx, ng.endpoints["info"])
-        data = [_push(ctx, ng.endpoints[f"data_{m}"]) for m in range(4)]
+        info = push_socket(ctx, ng.endpoints["info"])
+        data = [push_socket(ctx, ng.endpoints[f"data_{m}"]) for m in range(4)]
         scan, shape, members = 5, (4, 4), ("ng-a", "ng-b")  # ng-a is index 0: the even frames
         mine = list(range(0, 16, 2))
         lost = {(2, 1), (4, 3)} | {(6, m) for m in range(4)}  # frame 6 lost entirely
@@ -160,8 +126,8 @@ def test_nodegroup_assembles_rejects_and_hands_incomplete_frames_over_last(
 def test_nodegroup_rejects_data_without_expect_and_late_data(client: StoreClient, ctx: zmq.Context):
     ng = NodeGroup(NullConsumer(), client, uid="ng-t", expect_timeout=0.3, scan_timeout_s=30).start()
     try:
-        info = _push(ctx, ng.endpoints["info"])
-        d0 = _push(ctx, ng.endpoints["data_0"])
+        info = push_socket(ctx, ng.endpoints["info"])
+        d0 = push_socket(ctx, ng.endpoints["data_0"])
         d0.send_multipart(_data(9, 0, 0, (1, 1)))  # scan 9 never gets an expect
         _wait(lambda: ng.counts().get("rejected.no_expect") == 1, 5, "no_expect")
         for m in range(4):
@@ -191,8 +157,8 @@ def test_unknown_scan_numbers_hold_a_nodegroup_socket_once_not_once_each(client:
     # are rejected at once for a while: 50 of them cost no more than one (they took 50 x expect_timeout).
     ng = NodeGroup(NullConsumer(), client, uid="ng-u", expect_timeout=1.0, scan_timeout_s=30).start()
     try:
-        info = _push(ctx, ng.endpoints["info"])
-        d0 = _push(ctx, ng.endpoints["data_0"])
+        info = push_socket(ctx, ng.endpoints["info"])
+        d0 = push_socket(ctx, ng.endpoints["data_0"])
         t0 = time.monotonic()
         for n in range(100, 151):
             d0.send_multipart(_data(n, 0, 0, (1, 1)))
@@ -201,7 +167,7 @@ def test_unknown_scan_numbers_hold_a_nodegroup_socket_once_not_once_each(client:
         for m in range(4):  # an honest scan, its expect first (as the aggregator sends it): it arrives
             info.send(ExpectMessage("agg", 11, m, 1, (1, 1), ("ng-u",), {"ng-u": 1}).encode())
         _wait(lambda: ng.counts()["scans_open"] == 1, 5, "scan 11 open")
-        data = [d0] + [_push(ctx, ng.endpoints[f"data_{m}"]) for m in range(1, 4)]
+        data = [d0] + [push_socket(ctx, ng.endpoints[f"data_{m}"]) for m in range(1, 4)]
         for m in range(4):
             data[m].send_multipart(_data(11, 0, m, (1, 1)))
             info.send(EndMessage("agg", 11, m, {"ng-u": 1}, 0).encode())
@@ -218,7 +184,7 @@ def test_a_nodegroup_caps_its_open_scans(client: StoreClient, ctx: zmq.Context):
 
     ng = NodeGroup(NullConsumer(), client, uid="ng-c", settings=load_settings(max_open_scans=3)).start()
     try:
-        info = _push(ctx, ng.endpoints["info"])
+        info = push_socket(ctx, ng.endpoints["info"])
         for n in range(5):  # sector 0's expect only: the scans stay open
             info.send(ExpectMessage("agg", 20 + n, 0, 1, (1, 1), ("ng-c",), {"ng-c": 1}).encode())
         _wait(lambda: ng.counts().get("rejected.info_too_many_scans") == 2, 5, "too many scans")
@@ -246,8 +212,8 @@ def test_aggregator_combines_expects_holds_early_data_routes_and_rejects(
     groups: dict[str, dict[str, zmq.Socket]] = {}
     regs = []
     for uid in ("ng-x", "ng-y"):
-        d, d_ep = _pull(ctx)
-        i, i_ep = _pull(ctx)
+        d, d_ep = pull_socket(ctx)
+        i, i_ep = pull_socket(ctx)
         groups[uid] = {"data": d, "info": i}
         regs.append(
             registry.register(
@@ -259,8 +225,8 @@ def test_aggregator_combines_expects_holds_early_data_routes_and_rejects(
         )
     agg = Aggregator(client, n_sectors=1, uid="agg-t", registry=registry, pending_limit=4).start()
     try:
-        data = [_push(ctx, agg.endpoints["data_0"]) for _ in range(2)]
-        info = [_push(ctx, agg.endpoints["info_0"]) for _ in range(2)]
+        data = [push_socket(ctx, agg.endpoints["data_0"]) for _ in range(2)]
+        info = [push_socket(ctx, agg.endpoints["info_0"]) for _ in range(2)]
         scan, shape, members = 3, (2, 4), ("ng-x", "ng-y")
         # Thread 0's data arrives before any expect: held (the pending buffer is 4 deep).
         for f in (0, 2):

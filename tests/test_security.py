@@ -63,13 +63,6 @@ def keys(tmp_path_factory) -> Keys:
 
 
 @pytest.fixture
-def ctx() -> Iterator[zmq.Context]:
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
 def curve_env(keys: Keys, monkeypatch) -> Iterator[Keys]:
     """STEMSTREAM_KEYS_DIR in this process's environment (and its children's): CURVE on for everything."""
     monkeypatch.setenv("STEMSTREAM_KEYS_DIR", str(keys.path))

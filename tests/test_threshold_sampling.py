@@ -12,11 +12,9 @@ import math
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from stemstream.config import environment
 from stemstream.counting import compute_thresholds, count_raw_files, read_counted
@@ -29,7 +27,7 @@ from stemstream.nodes.service import CountingService
 from stemstream.scans import keys
 from stemstream.scans.records import PreviewRecord
 from stemstream.sim import FourDCameraSim
-from stemstream.store import StoreClient, StoreServer
+from stemstream.store import StoreClient
 from stemstream.wire.rawfile import RawScanWriter
 
 SCAN = (8, 10)  # 80 frames
@@ -63,16 +61,6 @@ def test_window_equal_to_samples_is_the_first_complete_frames_and_a_wider_one_sp
     # Halves: every other frame of the sample in its drawn order, disjoint, together the sample.
     a, b = sample_halves(chosen)
     assert not set(a) & set(b) and sorted(a + b) == sorted(chosen) and len(a) == len(b) == 20
-
-
-@pytest.fixture
-def client() -> Iterator[StoreClient]:
-    server = StoreServer(host="127.0.0.1", port=None).start()
-    try:
-        with StoreClient(server.address, timeout=5.0) as c:
-            yield c
-    finally:
-        server.stop()
 
 
 def _scan(directory: Path) -> tuple[np.ndarray, set[tuple[int, int]], np.ndarray]:

@@ -2,4 +2,4 @@
 and the ``stemstream.get_task`` response set) and the in-process plane's (``client``: a store server and one
 client of it; ``ctx``: a ZeroMQ context) live in their own modules."""
 
-pytest_plugins = ["sfapi_mock", "globus_mock", "plane_fixtures"]
+pytest_plugins = ["sfapi_mock", "globus_mock", "plane_fixtures", "session_fixtures"]

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from globus_sdk.testing import load_response
 
 from globus_mock import DST_EP, SRC_EP
 from plane_helpers import ProcessTree, free_port_block, start_store, store_client, wait_until
+from session_fixtures import catalog_url, start_in_thread
 from sfapi_mock import CLIENT_ID
 from stemstream.catalog import Catalog
 from stemstream.config import environment, store_overrides
@@ -31,16 +31,8 @@ from stemstream.errors import AllocationError, ArchiveError, ConfigError, StoreU
 from stemstream.scans import keys
 from stemstream.sessions import SessionParams, session_params
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 SHAPE = (12, 12)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 @pytest.fixture
@@ -58,7 +50,7 @@ def plane(tmp_path: Path):
             Registry(client).wait_for_members("producer", 4, status="ready", timeout=60)
         # The fallback directory the producers write to: the flows count raw files only under it (wire.paths).
         fallback = tmp_path / "fallback"
-        with environment(**store_overrides(address), catalog_url=_catalog(tmp_path), fallback_dir=fallback):
+        with environment(**store_overrides(address), catalog_url=catalog_url(tmp_path), fallback_dir=fallback):
             yield address, tree
 
 
@@ -69,10 +61,6 @@ def _session(tmp_path: Path, **kw: Any) -> SessionParams:
         "archive_dir": str(tmp_path / "archive"),
     }
     return session_params(**{**values, **kw})
-
-
-def _catalog(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'catalog.sqlite'}"
 
 
 def test_session_streams_scans_counted_archived_and_catalogued(tmp_path, plane):
@@ -87,7 +75,7 @@ def test_session_streams_scans_counted_archived_and_catalogued(tmp_path, plane):
         timeout_s=240,
     )
     assert [r["status"] for r in table] == ["archived", "archived"]
-    catalog = Catalog(_catalog(tmp_path))
+    catalog = Catalog(catalog_url(tmp_path))
     rows = catalog.list_scans()
     assert [r.scan_number for r in rows] == [1, 2]
     for row in rows:
@@ -102,7 +90,7 @@ def test_session_streams_scans_counted_archived_and_catalogued(tmp_path, plane):
     catalog.close()
 
     # (in a subprocess: Prefect's console log handler keeps the stream it first saw, so no capsys here)
-    cli = [sys.executable, "-m", "stemstream.cli", "catalog", "--url", _catalog(tmp_path), "list"]
+    cli = [sys.executable, "-m", "stemstream.cli", "catalog", "--url", catalog_url(tmp_path), "list"]
     out = subprocess.run(cli, capture_output=True, text=True, check=True, timeout=60).stdout
     for row in rows:
         assert str(row.archive_location) in out or Path(row.archive_location).name in out
@@ -114,17 +102,9 @@ def test_a_killed_nodegroup_is_restarted_and_the_next_scan_is_counted(tmp_path, 
     from stemstream.store import Registry
 
     store, _tree = plane
-    result: dict[str, Any] = {}
     uid = "session-restart-test"
 
-    def run() -> None:
-        try:
-            result.update(streaming_session(_session(tmp_path, minutes=5, uid=uid)))
-        except BaseException as exc:
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, result = start_in_thread(lambda: streaming_session(_session(tmp_path, minutes=5, uid=uid)))
     with store_client(store) as client:
         registry = Registry(client)
         first = registry.wait_for_members("nodegroup", 1, status="ready", timeout=120)[0]
@@ -136,7 +116,7 @@ def test_a_killed_nodegroup_is_restarted_and_the_next_scan_is_counted(tmp_path, 
         wait_until(replaced, 120, "a new NodeGroup after the kill")
         wait_until(lambda: all(r.uid != first.uid for r in registry.members("nodegroup")), 30, "the dead record gone")
         request_scan(client, 5, SHAPE, seed=3)
-        catalog = Catalog(_catalog(tmp_path))
+        catalog = Catalog(catalog_url(tmp_path))
         wait_until(lambda: _status(catalog, 5) == "archived", 180, "scan 5 archived")
         catalog.close()
         client.set(keys.session_stop(uid), True)
@@ -176,20 +156,12 @@ def test_sfapi_session_submit_running_completed(tmp_path, sfapi, rsa_key):
     fake.squeue = [{"jobid": "4242", "state": "PENDING", "reason": "Priority"}]
     options = {"make_output_dir": False}
     with ProcessTree(tmp_path / "logs") as tree, _sfapi_site(tmp_path, start_store(tree), rsa_key) as store:
-        result: dict[str, Any] = {}
         params = _session(
             tmp_path, machine="perlmutter", backend="sfapi", aggregator="external", minutes=0.1,
             allocator_options=options,
         )  # fmt: skip
 
-        def run() -> None:
-            try:
-                result.update(streaming_session(params))
-            except BaseException as exc:
-                result["error"] = exc
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
+        thread, result = start_in_thread(lambda: streaming_session(params))
         wait_until(lambda: router["submit"].called, 60, "the job submitted through the API")
         script = parse_qs(router["submit"].calls.last.request.content.decode())["job"][0]
         assert "stemstream nodegroup" in script and f"--store {store}" in script
@@ -201,7 +173,7 @@ def test_sfapi_session_submit_running_completed(tmp_path, sfapi, rsa_key):
         thread.join(120)
         assert not thread.is_alive() and result["status"] == "ended"
     assert router["cancel"].called  # released at the end of the session
-    catalog = Catalog(_catalog(tmp_path))
+    catalog = Catalog(catalog_url(tmp_path))
     assert catalog.list_sessions()[0].machine == "perlmutter"
     catalog.close()
 
@@ -222,7 +194,7 @@ def test_sfapi_session_with_a_failed_job_says_so(tmp_path, sfapi, rsa_key):
     message = str(info.value)
     assert "\n" not in message, repr(message)
     assert "4242" in message and "FAILED" in message and "log" in message
-    catalog = Catalog(_catalog(tmp_path))
+    catalog = Catalog(catalog_url(tmp_path))
     assert catalog.list_sessions()[0].status == "failed"
     catalog.close()
 
@@ -230,7 +202,7 @@ def test_sfapi_session_with_a_failed_job_says_so(tmp_path, sfapi, rsa_key):
 @contextlib.contextmanager
 def _sfapi_site(tmp_path: Path, store: str, rsa_key: Any) -> Iterator[str]:
     """The settings of a site with the Superfacility API: its store, catalogue and client credentials."""
-    site = {"catalog_url": _catalog(tmp_path), "sfapi_client_id": CLIENT_ID, "sfapi_secret": rsa_key[0]}
+    site = {"catalog_url": catalog_url(tmp_path), "sfapi_client_id": CLIENT_ID, "sfapi_secret": rsa_key[0]}
     with environment(**store_overrides(store), **site):
         yield store
 
@@ -256,7 +228,7 @@ def counted_scan(tmp_path: Path):
         with store_client(store) as client:
             client.set(keys.counted(77), {"status": "counted", "path": str(path), "seconds_after_last_frame": 0.8})
             client.wait_for(lambda items: keys.counted(77) in items, prefix=keys.counted(77), timeout=10)
-        with environment(**store_overrides(store), catalog_url=_catalog(tmp_path), **GLOBUS_CREDENTIALS):
+        with environment(**store_overrides(store), catalog_url=catalog_url(tmp_path), **GLOBUS_CREDENTIALS):
             yield store, path
 
 
@@ -304,7 +276,7 @@ def test_process_scan_with_a_failed_transfer_marks_the_scan_and_keeps_the_file(
         process_scan(77, session=_session(tmp_path, archive="globus", archive_options=_globus_options()))
     assert "\n" not in str(info.value) and "FAILED" in str(info.value) and str(path) in str(info.value)
     assert path.read_bytes() == before
-    catalog = Catalog(_catalog(tmp_path))
+    catalog = Catalog(catalog_url(tmp_path))
     row = catalog.get_scan(77)
     assert row.status == "archive_failed" and "FAILED" in row.error and row.counted_path == str(path)
     catalog.close()
@@ -330,7 +302,7 @@ def test_bad_session_input_is_one_line(tmp_path, kw, error, words):
         kw["counting"] = {"background_n_sigma": kw.pop("background_n_sigma")}
     # A store that does not answer: a free port (the settings refuse port 9).
     store = f"tcp://127.0.0.1:{free_port_block(3)}" if kw.pop("store", None) else None
-    with environment(**store_overrides(store), catalog_url=_catalog(tmp_path)), pytest.raises(error) as info:
+    with environment(**store_overrides(store), catalog_url=catalog_url(tmp_path)), pytest.raises(error) as info:
         streaming_session(_session(tmp_path, **kw))
     message = str(info.value)
     assert "\n" not in message

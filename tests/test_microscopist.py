@@ -6,7 +6,6 @@ on disk gets the same metadata and notes through the fallback counter."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,27 +15,16 @@ import numpy as np
 import pytest
 
 from plane_helpers import ProcessTree, start_store, store_client, wait_until
+from session_fixtures import catalog_url, start_in_thread
 from stemstream.catalog import Catalog
 from stemstream.config import environment, store_overrides
 from stemstream.scans import keys
 from stemstream.sessions import SessionParams, session_params
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 SHAPE = (12, 12)
 METADATA = {"beam_energy_kev": 300.0, "step_size_nm": 0.25, "camera_length_mm": 115, "sample": "SrTiO3 [001]"}
 NOTES = "SrTiO3 [001], 300 kV, 4 px probe"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-def _catalog(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'catalog.sqlite'}"
 
 
 @pytest.fixture
@@ -53,7 +41,7 @@ def plane(tmp_path: Path) -> Iterator[tuple[str, ProcessTree]]:
             Registry(client).wait_for_members("producer", 4, status="ready", timeout=60)
         # dark references must lie under STEMSTREAM_DARK_DIR (the NodeGroups inherit this environment)
         # (and the flows count raw files only under the producers' fallback directory)
-        site = {"catalog_url": _catalog(tmp_path), "dark_dir": tmp_path, "fallback_dir": tmp_path / "fallback"}
+        site = {"catalog_url": catalog_url(tmp_path), "dark_dir": tmp_path, "fallback_dir": tmp_path / "fallback"}
         with environment(**store_overrides(address), **site):
             yield address, tree
 
@@ -119,17 +107,9 @@ def test_a_session_with_a_dark_reference_and_notes_counts_as_stempy_and_lists_th
     dark_path = _dark_file(tmp_path, scan)
     # the site's default engine (auto: the cpu engine here), the microscopist's dark reference
     params = _session(tmp_path, minutes=5, uid=uid, notes=NOTES, counting={"dark": dark_path.name})
-    result: dict[str, Any] = {}
 
-    def run() -> None:
-        try:
-            result.update(streaming_session(params))
-        except BaseException as exc:
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    catalog = Catalog(_catalog(tmp_path))
+    thread, result = start_in_thread(lambda: streaming_session(params))
+    catalog = Catalog(catalog_url(tmp_path))
     with store_client(store) as client:
         from stemstream.store import Registry
 

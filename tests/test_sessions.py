@@ -27,26 +27,15 @@ from globus_sdk.testing import load_response
 
 from globus_mock import DST_EP, SRC_EP
 from plane_helpers import ProcessTree, free_port_block, start_store, wait_until
+from session_fixtures import catalog_url
 from stemstream.catalog import Catalog
 from stemstream.config import environment, store_overrides
 from stemstream.scans import keys
 from stemstream.sessions import SessionParams, session_params
 from test_counting_params import SITE, assert_counted_with_site_settings
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 SHAPE = (12, 12)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-def _catalog(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'catalog.sqlite'}"
 
 
 def _start_producers(tree: ProcessTree, tmp_path: Path, *store: str) -> None:
@@ -64,7 +53,7 @@ def plane(tmp_path: Path) -> Iterator[ProcessTree]:
     """A store and four simulated producers; the settings (store, catalogue) point at them."""
     with ProcessTree(tmp_path / "logs") as tree:
         address = start_store(tree)
-        settings = {"catalog_url": _catalog(tmp_path), "fallback_dir": tmp_path / "fallback"}  # the producers'
+        settings = {"catalog_url": catalog_url(tmp_path), "fallback_dir": tmp_path / "fallback"}  # the producers'
         with environment(**store_overrides(address), **settings):
             _start_producers(tree, tmp_path, "--store", address)
             yield tree
@@ -136,7 +125,7 @@ def test_the_site_counting_settings_reach_the_nodegroups_on_their_command_line(t
     # clean_env: the NodeGroups get nothing of this environment (as on a batch node); only their command line.
     with environment(**SITE):
         params = _session(tmp_path, minutes=5, allocator_options={"clean_env": True})
-    catalog = Catalog(_catalog(tmp_path))
+    catalog = Catalog(catalog_url(tmp_path))
     with Session(params) as session:
         _request(3)
         row = _wait_archived(catalog, 3)
@@ -189,9 +178,9 @@ def _binary_star(tree: ProcessTree) -> tuple[str, str]:
 def test_a_session_carries_on_when_the_store_primary_is_killed(tmp_path):
     with ProcessTree(tmp_path / "logs") as tree:
         primary, backup = _binary_star(tree)
-        with environment(**store_overrides(primary, backup), catalog_url=_catalog(tmp_path)):
+        with environment(**store_overrides(primary, backup), catalog_url=catalog_url(tmp_path)):
             _start_producers(tree, tmp_path, "--store", primary, "--store-backup", backup)
-            catalog = Catalog(_catalog(tmp_path))
+            catalog = Catalog(catalog_url(tmp_path))
             with Session(_session(tmp_path, minutes=5)) as session:
                 _request(1)
                 _wait_archived(catalog, 1)
@@ -261,7 +250,7 @@ def test_a_slow_archive_holds_up_neither_the_preview_nor_supervision(tmp_path, p
     options = {"source_endpoint": SRC_EP, "destination_endpoint": DST_EP, "destination_path": "/ncem", "poll_s": 0.05}
     credentials = {"globus_client_id": "11111111-2222-4333-8444-555555555555", "globus_client_secret": "s3cr3t"}
     params = _session(tmp_path, minutes=5, archive="globus", archive_options=options)
-    catalog = Catalog(_catalog(tmp_path))
+    catalog = Catalog(catalog_url(tmp_path))
     try:
         with (
             environment(**credentials),  # the site's: read where the scans are archived

@@ -23,6 +23,7 @@ import numpy as np
 
 from stemstream.errors import CountingError
 from stemstream.wire.paths import UnsafePath, under_roots
+from stemstream.wire.rawfile import read_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def latest_dark(dark_dir: Path) -> Path:
     """The newest dark ``stemstream dark`` wrote in ``dark_dir`` (by the time in its sidecar)."""
     found: list[tuple[float, str, Path]] = []
     for side in Path(dark_dir).glob("*.json"):
-        info = read_dark_sidecar(side)
+        info = read_sidecar(side, SIDECAR_FORMAT)
         npy = side.with_suffix(".npy")
         if info is not None and npy.is_file():
             found.append((float(info.get("made_at", 0.0)), npy.name, npy))
@@ -58,14 +59,6 @@ def latest_dark(dark_dir: Path) -> Path:
             "or give the dark's path"
         )
     return max(found)[2]
-
-
-def read_dark_sidecar(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) and value.get("format") == SIDECAR_FORMAT else None
 
 
 def file_sha256(path: Path) -> str:

@@ -91,13 +91,14 @@ def acquisition_dir(scan_number: int, start: str) -> str:
     return f"scan_{scan_number}_{start}"
 
 
-def read_sidecar(path: Path) -> dict[str, Any] | None:
-    """A sidecar's content, or None when it is missing or not one."""
+def read_sidecar(path: Path, kind: str = SIDECAR_FORMAT) -> dict[str, Any] | None:
+    """A JSON sidecar's content (a raw file's, or of another ``kind``: its ``format`` field), or None when
+    it is missing or not one."""
     try:
         value = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    return value if isinstance(value, dict) and value.get("format") == SIDECAR_FORMAT else None
+    return value if isinstance(value, dict) and value.get("format") == kind else None
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -28,7 +28,7 @@ from stemstream.plane.producer import Producer
 from stemstream.plane.session import ProducerScanResult
 from stemstream.transport.actor import Worker, run_workers
 from stemstream.wire.protocol import N_SECTORS, SECTOR_SHAPE
-from stemstream.wire.rawfile import HEADER, HEADER_BYTES, find_acquisitions, sector_of_path
+from stemstream.wire.rawfile import find_acquisitions, index_records
 
 logger = logging.getLogger(__name__)
 
@@ -57,28 +57,9 @@ def index_scan(directory: Path | str, scan_number: int, start: str | None = None
     acquisition = chosen[-1]
     sectors: list[dict[int, tuple[Path, int]]] = [{} for _ in range(N_SECTORS)]
     shape: tuple[int, int] | None = None
-    for path in acquisition.paths:
-        m = sector_of_path(path)
-        if m >= N_SECTORS:
-            raise RawFileError(f"{path}: module {m} outside 0..{N_SECTORS - 1}")
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            offset = 0
-            while offset < size:
-                raw = f.read(HEADER_BYTES)
-                if len(raw) < HEADER_BYTES or offset + HEADER_BYTES + _SECTOR_BYTES > size:
-                    raise RawFileError(f"{path}: truncated record at byte {offset}")
-                _scan, _frame, width, height, x, y = HEADER.unpack(raw)
-                if width == 0 or height == 0 or x >= width or y >= height:
-                    raise RawFileError(f"{path} at byte {offset}: position ({x}, {y}) outside a {width}x{height} scan")
-                if shape is None:
-                    shape = (height, width)
-                elif shape != (height, width):
-                    raise RawFileError(f"{path} at byte {offset}: a {width}x{height} scan, earlier records say "
-                                       f"{shape[1]}x{shape[0]}")  # fmt: skip
-                sectors[m].setdefault(y * width + x, (path, offset + HEADER_BYTES))  # stempy keeps the first too
-                offset += HEADER_BYTES + _SECTOR_BYTES
-                f.seek(offset)
+    for rec in index_records(acquisition.paths):  # validated: one scan, one size, whole records
+        shape = rec.scan_shape
+        sectors[rec.sector].setdefault(rec.frame_number, (rec.path, rec.payload_offset))  # stempy keeps the first too
     if shape is None:
         raise RawFileError(f"the raw files of scan {scan_number} in {directory} hold no records")
     return RecordedScan(scan_number, shape, acquisition.start, sectors)

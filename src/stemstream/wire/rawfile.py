@@ -409,14 +409,38 @@ def sector_of_path(path: Path | str) -> int:
     return int(match.group(1))
 
 
+@dataclass(frozen=True, slots=True)
+class RecordAt:
+    """Where one record of a raw file is, and what its header says (its sector's pixels not read)."""
+
+    path: Path
+    payload_offset: int  # the byte of the file where the record's sector starts
+    scan_number: int
+    frame_number: int
+    sector: int
+    scan_shape: tuple[int, int]  # (rows, cols)
+
+
+def index_records(paths: Iterable[Path | str]) -> Iterator[RecordAt]:
+    """Every record of ``paths`` (file by file, in order), its header validated as :func:`read_sectors` does;
+    the sectors are skipped, not read."""
+    for rec, _ in _records(paths, read_payload=False):
+        yield rec
+
+
 def read_sectors(paths: Iterable[Path | str]) -> Iterator[RawSector]:
     """Every record of ``paths`` (file by file, in order), validated as stempy would need it.
 
     Raises :class:`RawFileError` for a truncated record, an impossible header, or files that disagree on the
     scan number or scan size.
     """
-    rows_per_sector = SECTOR_SHAPE[0]
-    n_sectors = FRAME_SHAPE[0] // rows_per_sector
+    for rec, data in _records(paths, read_payload=True):
+        assert data is not None
+        yield RawSector(rec.scan_number, rec.frame_number, rec.sector, rec.scan_shape, data)
+
+
+def _records(paths: Iterable[Path | str], read_payload: bool) -> Iterator[tuple[RecordAt, np.ndarray | None]]:
+    n_sectors = FRAME_SHAPE[0] // SECTOR_SHAPE[0]
     nbytes = SECTOR_SHAPE[0] * SECTOR_SHAPE[1] * 2
     scan: tuple[int, int, int] | None = None  # scan_number, width, height of the first record
     for path in paths:
@@ -429,15 +453,17 @@ def read_sectors(paths: Iterable[Path | str]) -> Iterator[RawSector]:
         except OSError as exc:
             raise RawFileError(f"cannot open {path}: {exc.strerror or exc}") from None
         try:
+            size = os.fstat(f.fileno()).st_size
             offset = 0
-            while True:
+            while offset < size:
                 raw = f.read(HEADER_BYTES)
-                if not raw:
-                    break
-                if len(raw) < HEADER_BYTES:
-                    raise RawFileError(f"{path}: truncated header at byte {offset}")
-                scan_number, _frame, width, height, x, y = HEADER.unpack(raw)
                 where = f"{path} at byte {offset}"
+                if len(raw) < HEADER_BYTES:
+                    raise RawFileError(f"{where}: truncated record (a header of {len(raw)} of {HEADER_BYTES} bytes)")
+                if offset + HEADER_BYTES + nbytes > size:
+                    got = size - offset - HEADER_BYTES
+                    raise RawFileError(f"{where}: truncated record (a sector of {got} of {nbytes} bytes)")
+                scan_number, _frame, width, height, x, y = HEADER.unpack(raw)
                 if width == 0 or height == 0 or x >= width or y >= height:
                     raise RawFileError(f"{where}: position ({x}, {y}) outside a {width}x{height} scan")
                 if scan is None:
@@ -447,12 +473,16 @@ def read_sectors(paths: Iterable[Path | str]) -> Iterator[RawSector]:
                         f"{where}: scan {scan_number} of {width}x{height}, earlier records say "
                         f"scan {scan[0]} of {scan[1]}x{scan[2]}"
                     )
-                data = np.empty(SECTOR_SHAPE, dtype="<u2")
-                got = f.readinto(memoryview(data).cast("B"))
-                if got != nbytes:
-                    raise RawFileError(f"{where}: truncated sector ({got} of {nbytes} bytes)")
-                yield RawSector(scan_number, y * width + x, sector, (height, width), data)
+                data = None
+                if read_payload:
+                    data = np.empty(SECTOR_SHAPE, dtype="<u2")
+                    if f.readinto(memoryview(data).cast("B")) != nbytes:
+                        raise RawFileError(f"{where}: the record was cut short while read")
                 offset += HEADER_BYTES + nbytes
+                if not read_payload:
+                    f.seek(offset)
+                rec = RecordAt(path, offset - nbytes, scan_number, y * width + x, sector, (height, width))
+                yield rec, data
         except OSError as exc:
             raise RawFileError(f"cannot read {path}: {exc.strerror or exc}") from None
         finally:

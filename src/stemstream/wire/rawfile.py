@@ -424,16 +424,12 @@ class RecordAt:
 def index_records(paths: Iterable[Path | str]) -> Iterator[RecordAt]:
     """Every record of ``paths`` (file by file, in order), its header validated as :func:`read_sectors` does;
     the sectors are skipped, not read."""
-    for rec, _ in _records(paths, read_payload=False):
-        yield rec
+    return (rec for rec, _ in _records(paths, read_payload=False))
 
 
 def read_sectors(paths: Iterable[Path | str]) -> Iterator[RawSector]:
-    """Every record of ``paths`` (file by file, in order), validated as stempy would need it.
-
-    Raises :class:`RawFileError` for a truncated record, an impossible header, or files that disagree on the
-    scan number or scan size.
-    """
+    """Every record of ``paths`` (file by file, in order), validated as stempy would need it: RawFileError
+    for a truncated record, an impossible header, or files that disagree on the scan number or scan size."""
     for rec, data in _records(paths, read_payload=True):
         assert data is not None
         yield RawSector(rec.scan_number, rec.frame_number, rec.sector, rec.scan_shape, data)
@@ -469,20 +465,15 @@ def _records(paths: Iterable[Path | str], read_payload: bool) -> Iterator[tuple[
                 if scan is None:
                     scan = (scan_number, width, height)
                 elif scan != (scan_number, width, height):
-                    raise RawFileError(
-                        f"{where}: scan {scan_number} of {width}x{height}, earlier records say "
-                        f"scan {scan[0]} of {scan[1]}x{scan[2]}"
-                    )
-                data = None
-                if read_payload:
-                    data = np.empty(SECTOR_SHAPE, dtype="<u2")
-                    if f.readinto(memoryview(data).cast("B")) != nbytes:
-                        raise RawFileError(f"{where}: the record was cut short while read")
+                    raise RawFileError(f"{where}: scan {scan_number} of {width}x{height}, earlier records say "
+                                       f"scan {scan[0]} of {scan[1]}x{scan[2]}")  # fmt: skip
+                data = np.empty(SECTOR_SHAPE, dtype="<u2") if read_payload else None
+                if data is not None and f.readinto(memoryview(data).cast("B")) != nbytes:
+                    raise RawFileError(f"{where}: the record was cut short while read")
                 offset += HEADER_BYTES + nbytes
-                if not read_payload:
+                if data is None:
                     f.seek(offset)
-                rec = RecordAt(path, offset - nbytes, scan_number, y * width + x, sector, (height, width))
-                yield rec, data
+                yield RecordAt(path, offset - nbytes, scan_number, y * width + x, sector, (height, width)), data
         except OSError as exc:
             raise RawFileError(f"cannot read {path}: {exc.strerror or exc}") from None
         finally:
